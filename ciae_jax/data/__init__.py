@@ -1,0 +1,1 @@
+"""Input pipeline: COCO panoptic layout, TFDS and synthetic data (the only TF user)."""

@@ -1,0 +1,1 @@
+"""ciae_jax.models."""
