@@ -1,0 +1,1 @@
+"""Training: state, optimizer, the data-parallel step, checkpoints, metrics and the loop."""

@@ -1,0 +1,113 @@
+"""Data parallelism: one per-device function, run under `jax.pmap` or `jax.shard_map` + `jax.jit`.
+
+The per-device function `fn(state, batch) -> (state, metrics)` sees one device's batch
+`[per_device_batch, ...]` and uses named-axis collectives over `AXIS_NAME`. Its state and metrics
+must come out identical on every device (pmean/psum-ed).
+
+Layouts on the host side of the switch:
+- "pmap": state replicated with a leading local-device axis; batch `[local_devices, b, ...]`
+  numpy; outputs carry the device axis.
+- "shard_map": state a global array replicated over a 1-D mesh (`P()`); batch a global array
+  `[devices, b, ...]` sharded on its leading axis (`P(AXIS_NAME)`); outputs are single copies.
+"""
+import functools
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS_NAME = "batch"
+PARALLEL_MODES = ("pmap", "shard_map")
+
+
+def _check_mode(parallel: str) -> None:
+  if parallel not in PARALLEL_MODES:
+    raise ValueError(f"config.parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+
+
+def make_mesh(devices: Optional[list] = None) -> Mesh:
+  """1-D mesh over all (global) devices with axis `AXIS_NAME`."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (AXIS_NAME,))
+
+
+def parallelize(fn: Callable[[Any, Any], tuple[Any, Any]], *, parallel: str = "pmap",
+                mesh: Optional[Mesh] = None, devices: Optional[list] = None,
+                donate: bool = True) -> Callable:
+  """Wraps the per-device `fn(state, batch)` for data parallelism (see module docstring).
+
+  `devices` (pmap) or `mesh` (shard_map) restrict the step to some devices (tests use one).
+  """
+  _check_mode(parallel)
+  donate_argnums = (0,) if donate else ()
+  if parallel == "pmap":
+    return jax.pmap(fn, axis_name=AXIS_NAME, devices=devices, donate_argnums=donate_argnums)
+  mesh = make_mesh(devices) if mesh is None else mesh
+
+  def per_block(state, batch):
+    # The block of one device is [1, b, ...]: drop the device axis for `fn`.
+    local = jax.tree.map(lambda x: x[0], batch)  # [b, ...]
+    return fn(state, local)
+
+  mapped = jax.shard_map(per_block, mesh=mesh, in_specs=(P(), P(AXIS_NAME)),
+                         out_specs=(P(), P()))
+  return jax.jit(mapped, donate_argnums=donate_argnums)
+
+
+def replicate(tree: Any, *, parallel: str = "pmap", mesh: Optional[Mesh] = None,
+              devices: Optional[list] = None) -> Any:
+  """Puts a host (or single-device) tree on every device in the layout `parallel` expects."""
+  _check_mode(parallel)
+  if parallel == "pmap":
+    return flax.jax_utils.replicate(tree, devices=devices or jax.local_devices())
+  mesh = make_mesh(devices) if mesh is None else mesh
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+
+
+def unreplicate(tree: Any, *, parallel: str = "pmap") -> Any:
+  """One copy of a replicated tree, fetched to host numpy."""
+  _check_mode(parallel)
+  if parallel == "pmap":
+    tree = jax.tree.map(lambda x: x[0], tree)
+  return jax.device_get(tree)
+
+
+def shard_batch(batch: Any, *, parallel: str = "pmap", mesh: Optional[Mesh] = None) -> Any:
+  """Host batch `[local_devices, b, ...]` -> what the parallel step takes.
+
+  Under "pmap" numpy goes in as is. Under "shard_map" each process's local rows become its
+  devices' shards of a global array `[global_devices, b, ...]`.
+  """
+  _check_mode(parallel)
+  if parallel == "pmap":
+    return batch
+  mesh = make_mesh() if mesh is None else mesh
+  sharding = NamedSharding(mesh, P(AXIS_NAME))
+  return jax.tree.map(functools.partial(jax.make_array_from_process_local_data, sharding), batch)
+
+
+def to_varying(tree: Any) -> Any:
+  """Marks replicated values as per-device before differentiating through them.
+
+  Under `shard_map` (with `check_vma`), the gradient with respect to a replicated (`P()`) input
+  comes out already summed over devices. Casting the parameters to "varying" first gives each
+  device its own local gradient, as under `pmap`, so the same `pmean` follows in both modes.
+  Under `pmap` every value is per-device already and this is the identity.
+  """
+  def cast(x):
+    mat = getattr(jax.typeof(x), "mat", None)
+    if mat is None or AXIS_NAME in mat.varying:
+      return x
+    return jax.lax.pcast(x, AXIS_NAME, to="varying")
+  return jax.tree.map(cast, tree)
+
+
+def first_copy(tree: Any, *, parallel: str = "pmap") -> Any:
+  """Metrics (or any output) of the parallel step as one copy, still on device."""
+  _check_mode(parallel)
+  if parallel == "pmap":
+    return jax.tree.map(lambda x: x[0], tree)
+  return tree
