@@ -1,0 +1,50 @@
+"""Checkpoints of the whole TrainState with orbax: save every N steps, keep the last K, resume.
+
+The state is saved as a host copy (one replica, numpy) of its flax state dict, so a run saved
+under "pmap" resumes under "shard_map" (or on another device count) and vice versa.
+"""
+import os
+from typing import Any, Optional
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def create_manager(workdir: str, *, checkpoint_every_steps: int = 5000,
+                   keep_checkpoints: int = 3) -> ocp.CheckpointManager:
+  """Orbax manager over `workdir/checkpoints` that saves every N steps and keeps the last K."""
+  if checkpoint_every_steps <= 0:
+    raise ValueError(f"checkpoint_every_steps must be > 0, got {checkpoint_every_steps}")
+  if keep_checkpoints <= 0:
+    raise ValueError(f"keep_checkpoints must be > 0, got {keep_checkpoints}")
+  options = ocp.CheckpointManagerOptions(save_interval_steps=checkpoint_every_steps,
+                                         max_to_keep=keep_checkpoints, create=True)
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def _host_state_dict(state: Any) -> dict:
+  return flax.serialization.to_state_dict(jax.tree.map(np.asarray, jax.device_get(state)))
+
+
+def save(manager: ocp.CheckpointManager, step: int, host_state: Any, *,
+         force: bool = False) -> bool:
+  """Saves one host copy of the state at `step` if the interval says so (or `force`)."""
+  return manager.save(int(step), args=ocp.args.StandardSave(_host_state_dict(host_state)),
+                      force=force)
+
+
+def restore_latest(manager: ocp.CheckpointManager, template: Any) -> Optional[Any]:
+  """The latest checkpoint as a host state shaped like `template`, or None if there is none."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  target = _host_state_dict(template)
+  try:
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  except (ValueError, KeyError) as error:
+    raise ValueError(f"checkpoint {manager.directory}/{step} does not match the state of this "
+                     f"config (model or optimizer changed?): {error}") from error
+  return flax.serialization.from_state_dict(template, restored)
