@@ -1,0 +1,144 @@
+"""Category-aware memory embeddings and their momentum update (paper III-C, Eq. 13-14).
+
+The memory is a `[num_memory, D]` array of unit rows carried in the train state (no gradient).
+Row `c` is the query of stuff class `c` (`0..num_stuff-1`); the thing classes follow, either all
+merged into the single row `num_stuff` (`merge_things=True`, the paper's default, Table IV) or one
+row per thing class (`num_stuff + j`, i.e. the contiguous class index).
+
+Each training step the caller
+  1. computes the loss with the current memory `M_{t-1}`,
+  2. sums `class_sums(...)` over the batch and `psum`s them over devices,
+  3. calls `update_memory(memory, sums, counts, step, total_steps)` to get `M_t`.
+"""
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Norms below this are treated as zero when normalising (empty sums stay zero, no NaN).
+_NORM_EPS = 1e-12
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = _NORM_EPS) -> Array:
+  """Scales `x` to unit L2 norm along `axis`; all-zero vectors stay zero (no NaN)."""
+  x = jnp.asarray(x, jnp.float32)
+  sq_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  # rsqrt of the clamped squared norm keeps the gradient finite at zero vectors.
+  return x * jax.lax.rsqrt(jnp.maximum(sq_norm, eps * eps))
+
+
+def num_memory(num_stuff: int, num_things: int, merge_things: bool = True) -> int:
+  """Number of memory rows: `num_stuff + 1` when things are merged, else `num_stuff + num_things`."""
+  if num_stuff < 0 or num_things < 0:
+    raise ValueError(f"num_stuff ({num_stuff}) and num_things ({num_things}) must be >= 0")
+  return num_stuff + 1 if merge_things else num_stuff + num_things
+
+
+def memory_index(seg_class: Array, num_stuff: int, merge_things: bool = True) -> Array:
+  """Maps contiguous classes to memory rows (same shape as `seg_class`, int32).
+
+  Stuff class `c < num_stuff` -> row `c`. A thing class -> row `num_stuff` when
+  `merge_things`, else its own contiguous index.
+  """
+  seg_class = jnp.asarray(seg_class, jnp.int32)
+  if not merge_things:
+    return seg_class
+  return jnp.where(seg_class < num_stuff, seg_class, num_stuff).astype(jnp.int32)
+
+
+def init_memory(rng: Array, num: int, dim: int) -> Array:
+  """Random unit rows `[num, dim]` float32 (M_0 of the paper): normalised Gaussian draws."""
+  rows = jax.random.normal(rng, (num, dim), jnp.float32)  # [M, D]
+  return l2_normalize(rows)  # [M, D]
+
+
+def class_sums(embedding_prenorm: Array,
+               segment_map: Array,
+               seg_class: Array,
+               seg_valid: Array,
+               seg_is_crowd: Array,
+               *,
+               num_stuff: int,
+               merge_things: bool = True,
+               num_memory: int) -> Tuple[Array, Array]:  # pylint: disable=redefined-outer-name
+  """Per-memory-row sums of pre-norm pixel embeddings and pixel counts, for one image.
+
+  Void pixels (0), pixels of padding rows and pixels of crowd segments are left out. The caller
+  sums both outputs over the batch and `psum`s them over devices before `update_memory`.
+
+  Args:
+    embedding_prenorm: `[H, W, D]` embeddings before the final L2 norm.
+    segment_map: `[H, W]` int, 0 = void, `k` = segment row `k - 1`.
+    seg_class: `[S]` contiguous class of each segment row.
+    seg_valid: `[S]` bool, False for padding rows.
+    seg_is_crowd: `[S]` bool.
+    num_stuff: number of stuff classes.
+    merge_things: whether all thing classes share one memory row.
+    num_memory: number of memory rows M (see `num_memory()`).
+
+  Returns:
+    `(sums [M, D] float32, counts [M] int32)`.
+  """
+  height, width, dim = embedding_prenorm.shape
+  if segment_map.shape != (height, width):
+    raise ValueError(f"segment_map shape {segment_map.shape} does not match embedding_prenorm "
+                     f"shape {embedding_prenorm.shape}")
+  flat_emb = jnp.reshape(embedding_prenorm, (height * width, dim)).astype(jnp.float32)  # [HW, D]
+  seg_id = jnp.reshape(segment_map, (-1,)).astype(jnp.int32)  # [HW]
+  row = jnp.maximum(seg_id - 1, 0)  # [HW] segment row (garbage where void, masked below)
+  keep = (seg_id > 0) & seg_valid[row] & ~seg_is_crowd[row]  # [HW]
+  mem_row = memory_index(seg_class[row], num_stuff, merge_things)  # [HW]
+  # Dropped pixels go to an extra bucket M that is cut off afterwards.
+  bucket = jnp.where(keep, mem_row, num_memory)  # [HW]
+  sums = jax.ops.segment_sum(flat_emb, bucket, num_segments=num_memory + 1)  # [M + 1, D]
+  counts = jax.ops.segment_sum(keep.astype(jnp.int32), bucket,
+                               num_segments=num_memory + 1)  # [M + 1]
+  return sums[:num_memory], counts[:num_memory]
+
+
+def momentum(step: Array, total_steps: int, coeff: float = 1e-4, power: float = 3.0) -> Array:
+  """Memory momentum `lam_t = 1 - coeff * (1 - t / T)^power` (Eq. 13), t/T clipped to [0, 1]."""
+  if total_steps <= 0:
+    raise ValueError(f"total_steps must be > 0, got {total_steps}")
+  # Clipping keeps lam_t in [1 - coeff, 1] if training runs past T (odd powers would exceed 1).
+  progress = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)  # []
+  return 1.0 - coeff * (1.0 - progress) ** power  # []
+
+
+def update_memory(memory: Array,
+                  sums: Array,
+                  counts: Array,
+                  step: Array,
+                  total_steps: int,
+                  *,
+                  coeff: float = 1e-4,
+                  power: float = 3.0) -> Array:
+  """One momentum update of the memory (Eq. 14), for the rows with `counts > 0`.
+
+  `M_c = L2norm(sums)`, `M_t = L2norm(lam_t * M_{t-1} + (1 - lam_t) * M_c)`; rows of classes absent
+  from the (global) batch are returned bit-identical. No gradient flows through the memory.
+
+  Args:
+    memory: `[M, D]` float32 memory `M_{t-1}`.
+    sums: `[M, D]` class sums of pre-norm embeddings, summed over batch and devices.
+    counts: `[M]` pixel counts matching `sums`.
+    step: current step `t` (scalar).
+    total_steps: total number of steps `T`.
+    coeff: `1e-4` in Eq. 13.
+    power: `3` in Eq. 13.
+
+  Returns:
+    `[M, D]` float32 memory `M_t`.
+  """
+  if memory.shape != sums.shape or counts.shape != memory.shape[:1]:
+    raise ValueError(f"memory {memory.shape}, sums {sums.shape} and counts {counts.shape} "
+                     "do not match")
+  memory = jax.lax.stop_gradient(jnp.asarray(memory, jnp.float32))  # [M, D]
+  sums = jax.lax.stop_gradient(jnp.asarray(sums, jnp.float32))  # [M, D]
+  lam = momentum(step, total_steps, coeff=coeff, power=power)  # []
+  batch_means = l2_normalize(sums)  # [M, D]
+  updated = l2_normalize(lam * memory + (1.0 - lam) * batch_means)  # [M, D]
+  present = (counts > 0)[:, None]  # [M, 1]
+  return jnp.where(present, updated, memory)  # [M, D]
