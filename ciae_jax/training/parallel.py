@@ -13,7 +13,6 @@ Layouts on the host side of the switch:
 import functools
 from typing import Any, Callable, Optional
 
-import flax
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -61,10 +60,18 @@ def replicate(tree: Any, *, parallel: str = "pmap", mesh: Optional[Mesh] = None,
   """Puts a host (or single-device) tree on every device in the layout `parallel` expects."""
   _check_mode(parallel)
   if parallel == "pmap":
-    return flax.jax_utils.replicate(tree, devices=devices or jax.local_devices())
+    # The sharding pmap gives its outputs: a stacked copy per local device on a mesh whose axis
+    # is named AXIS_NAME. Matching it exactly avoids a second compilation on the second step.
+    devices = jax.local_devices() if devices is None else devices
+    sharding = NamedSharding(Mesh(np.asarray(devices), (AXIS_NAME,)), P(AXIS_NAME))
+
+    def stack(x):
+      x = np.asarray(jax.device_get(x))
+      return jax.device_put(np.broadcast_to(x[None], (len(devices),) + x.shape), sharding)
+    return jax.tree.map(stack, tree)
   mesh = make_mesh(devices) if mesh is None else mesh
   sharding = NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(jax.device_get(x)), sharding), tree)
 
 
 def unreplicate(tree: Any, *, parallel: str = "pmap") -> Any:
