@@ -85,6 +85,8 @@ def class_sums(embedding_prenorm: Array,
   if segment_map.shape != (height, width):
     raise ValueError(f"segment_map shape {segment_map.shape} does not match embedding_prenorm "
                      f"shape {embedding_prenorm.shape}")
+  seg_class, seg_valid, seg_is_crowd = (jnp.asarray(a) for a in (seg_class, seg_valid,
+                                                                  seg_is_crowd))
   flat_emb = jnp.reshape(embedding_prenorm, (height * width, dim)).astype(jnp.float32)  # [HW, D]
   seg_id = jnp.reshape(segment_map, (-1,)).astype(jnp.int32)  # [HW]
   row = jnp.maximum(seg_id - 1, 0)  # [HW] segment row (garbage where void, masked below)

@@ -120,7 +120,8 @@ def fcos_targets(segment_map: Array,
       raise ValueError(f"{name} has shape {value.shape}, expected ({num_segments},)")
   if seg_box.shape != (num_segments, 4):
     raise ValueError(f"seg_box has shape {seg_box.shape}, expected ({num_segments}, 4)")
-  segment_map = jnp.asarray(segment_map)
+  segment_map, seg_class, seg_is_thing, seg_is_crowd, seg_valid = (
+      jnp.asarray(a) for a in (segment_map, seg_class, seg_is_thing, seg_is_crowd, seg_valid))
   height, width = segment_map.shape
   if level_shapes is None:
     level_shapes = level_shapes_for((height, width), strides)

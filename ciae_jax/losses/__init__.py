@@ -1,1 +1,8 @@
-"""ciae_jax.losses."""
+"""ciae_jax.losses: pure loss functions of arrays (no TensorFlow, no side effects at import).
+
+focal.py       sigmoid focal loss (FCOS classification)
+iou.py         IoU / GIoU loss on l, t, r, b distances (FCOS regression)
+centerness.py  centerness BCE with logits
+fcos.py        the three FCOS losses normalised by global positive counts
+ciae.py        the CIAE loss: L_CAE, L_IAE and their triplet building block
+"""
