@@ -30,7 +30,7 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = _NORM_EPS) -> Array:
 
 
 def num_memory(num_stuff: int, num_things: int, merge_things: bool = True) -> int:
-  """Number of memory rows: `num_stuff + 1` when things are merged, else `num_stuff + num_things`."""
+  """Memory rows: `num_stuff + 1` when things are merged, else `num_stuff + num_things`."""
   if num_stuff < 0 or num_things < 0:
     raise ValueError(f"num_stuff ({num_stuff}) and num_things ({num_things}) must be >= 0")
   return num_stuff + 1 if merge_things else num_stuff + num_things

@@ -43,7 +43,8 @@ def fcos_locations(level_shapes: Sequence[Tuple[int, int]],
   """Static location points and level index of every flattened location.
 
   Returns:
-    `(points [N, 2] int32 as (x, y) in input pixels, level [N] int32)`, NumPy (trace-time constants).
+    `(points [N, 2] int32 as (x, y) in input pixels, level [N] int32)`, NumPy arrays
+    (constants at trace time).
   """
   if len(level_shapes) != len(strides):
     raise ValueError(f"{len(level_shapes)} level_shapes but {len(strides)} strides")

@@ -354,3 +354,13 @@ def test_own_instance_is_never_filtered():
   got = _run(case, memory, box_expand=1.0)
   np.testing.assert_allclose(got["loss_iae_sum"], _reference(case, memory, box_expand=1.0)[1],
                              rtol=2e-5)
+
+
+def test_bad_arguments_raise():
+  rng = np.random.default_rng(12)
+  case = _random_case(rng)
+  with pytest.raises(ValueError, match="memory has 6 rows"):
+    ciae_lib.ciae_loss(**case, memory=_random_memory(rng, False), num_stuff=NUM_STUFF)
+  with pytest.raises(ValueError, match="segment_map"):
+    ciae_lib.ciae_loss(**dict(case, segment_map=case["segment_map"][:8]),
+                       memory=_random_memory(rng, True), num_stuff=NUM_STUFF)

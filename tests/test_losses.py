@@ -96,8 +96,9 @@ def _random_fcos_case(rng, n=60, c=4):
   cls_target = np.where(positive, rng.integers(0, c, n), -1).astype(np.int32)
   box_target = np.where(positive[:, None], rng.uniform(1, 40, (n, 4)), 0).astype(np.float32)
   ltrb = box_target.astype(np.float64)
-  ctr = np.sqrt(np.minimum(ltrb[:, 0], ltrb[:, 2]) / np.maximum(ltrb[:, 0], ltrb[:, 2]).clip(1e-9)
-                * np.minimum(ltrb[:, 1], ltrb[:, 3]) / np.maximum(ltrb[:, 1], ltrb[:, 3]).clip(1e-9))
+  left, top, right, bottom = ltrb.T
+  ctr = np.sqrt(np.minimum(left, right) / np.maximum(left, right).clip(1e-9)
+                * np.minimum(top, bottom) / np.maximum(top, bottom).clip(1e-9))
   targets = dict(cls_target=cls_target, box_target=box_target,
                  centerness_target=ctr.astype(np.float32), positive=positive)
   cls_logits = rng.normal(size=(n, c)).astype(np.float32) * 3

@@ -1,4 +1,4 @@
-"""FCOS targets (ciae_jax/targets.py) against a plain NumPy loop over levels, locations, segments."""
+"""FCOS targets (ciae_jax/targets.py) vs a plain NumPy loop over levels, locations, segments."""
 import functools
 import math
 

@@ -185,6 +185,10 @@ def ciae_loss(embedding: Array,
                      f"{embedding.shape}")
   if memory.ndim != 2 or memory.shape[1] != dim:
     raise ValueError(f"memory shape {memory.shape} does not match embedding dim {dim}")
+  rows_fit = (memory.shape[0] == num_stuff + 1) if merge_things else (memory.shape[0] > num_stuff)
+  if not rows_fit:
+    raise ValueError(f"memory has {memory.shape[0]} rows, which does not fit num_stuff="
+                     f"{num_stuff} with merge_things={merge_things} (see memory.num_memory)")
   if loss_stride < 1:
     raise ValueError(f"loss_stride must be >= 1, got {loss_stride}")
   num_segments = seg_class.shape[0]
