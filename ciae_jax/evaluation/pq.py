@@ -525,4 +525,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except (PanopticFormatError, FileNotFoundError) as error:
+    sys.exit(f"pq: error: {error}")
