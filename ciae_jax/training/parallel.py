@@ -78,8 +78,9 @@ def unreplicate(tree: Any, *, parallel: str = "pmap") -> Any:
   """One copy of a replicated tree, fetched to host numpy."""
   _check_mode(parallel)
   if parallel == "pmap":
-    tree = jax.tree.map(lambda x: x[0], tree)
-  return jax.device_get(tree)
+    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+  # A replicated global array may span hosts: read this process's first copy.
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
 def shard_batch(batch: Any, *, parallel: str = "pmap", mesh: Optional[Mesh] = None) -> Any:
