@@ -285,18 +285,22 @@ def _assign_pixels(
   boxes = expand_boxes(thing_boxes, box_expand)  # [K, 4]
   pixel_y = jnp.arange(num_rows, dtype=jnp.float32) + 0.5  # [H]
   pixel_x = jnp.arange(num_cols, dtype=jnp.float32) + 0.5  # [W]
+  # Stuff queries pass the box filter everywhere: one mask over all queries, so that XLA fuses
+  # the filter into the argmax instead of materialising the thing part separately.
+  stuff_true = jnp.ones((num_stuff,), bool)
   row_in = ((pixel_y[:, None] >= boxes[None, :, 1])
             & (pixel_y[:, None] <= boxes[None, :, 3]))  # [H, K]
   col_in = ((pixel_x[:, None] >= boxes[None, :, 0])
             & (pixel_x[:, None] <= boxes[None, :, 2]))  # [W, K]
-  in_box = row_in[:, None, :] & col_in[None, :, :]  # [H, W, K]
+  row_in = jnp.concatenate([jnp.broadcast_to(stuff_true, (num_rows, num_stuff)), row_in],
+                           axis=1)  # [H, Q]
+  col_in = jnp.concatenate([jnp.broadcast_to(stuff_true, (num_cols, num_stuff)), col_in],
+                           axis=1)  # [W, Q]
+  usable = jnp.concatenate([stuff_true, thing_usable])  # [Q]
+  in_box = row_in[:, None, :] & col_in[None, :, :]  # [H, W, Q]
   # Paper IV-B: outside its box, a pixel's similarity to an instance is 0 (not -inf).
-  thing_similarity = jnp.where(in_box, similarity[..., num_stuff:],
-                               outside_box_similarity)  # [H, W, K]
-  thing_similarity = jnp.where(thing_usable[None, None, :], thing_similarity,
-                               -jnp.inf)  # [H, W, K]
-  similarity = jnp.concatenate([similarity[..., :num_stuff], thing_similarity],
-                               axis=-1)  # [H, W, Q]
+  similarity = jnp.where(in_box, similarity, outside_box_similarity)  # [H, W, Q]
+  similarity = jnp.where(usable, similarity, -jnp.inf)  # [H, W, Q]
   assignment = jnp.argmax(similarity, axis=-1).astype(jnp.int32)  # [H, W]
   inside = (jnp.arange(num_rows)[:, None] < height) & (jnp.arange(num_cols)[None, :] < width)
   return assignment, inside  # [H, W], [H, W]

@@ -398,6 +398,10 @@ def oracle_scene(rng: np.random.Generator):
   embedding = np.tile(unit(np.ones(EMBED_DIM)), (SIZE, SIZE, 1))
   for segment_id, direction in directions.items():
     embedding[segment_map == segment_id] = direction
+  # Void pixels inside row 4's box, nearer stuff 0 (0.8) than row 4 (0.6): they show that the
+  # instance query is a unit vector (an unnormalised sum of ~80 pixels would win them).
+  segment_map[20:22, 22:26] = 0
+  embedding[20:22, 22:26] = unit(0.8 * BASIS[0] + 0.6 * BASIS[4])
   prenorm = embedding * rng.uniform(0.5, 3.0, size=(SIZE, SIZE, 1)).astype(np.float32)
   outputs = {"embedding": embedding, "embedding_prenorm": prenorm}
   gt = (segment_map, seg_class, seg_is_thing, seg_is_crowd, seg_box, seg_valid)
@@ -425,6 +429,7 @@ def test_oracle_reproduces_ground_truth_with_perfect_embeddings(include_crowd):
   labelled = segment_map > 0
   np.testing.assert_array_equal(result["panoptic"][labelled], expected[labelled])
   assert (result["panoptic"][28:] == 0).all()
+  assert (result["panoptic"][20:22, 22:26] == 1).all()
   # Instance queries of the stuff rows 0, 1 and the padding row 5 are invalid.
   np.testing.assert_array_equal(result["query_class"][NUM_STUFF + 2:NUM_STUFF + 5], [2, 4, 3])
   np.testing.assert_array_equal(result["query_valid"],
