@@ -62,8 +62,8 @@ def rgb_to_id_map(rgb: np.ndarray) -> np.ndarray:
 def read_panoptic_png(path: str | os.PathLike[str]) -> np.ndarray:
   """Reads a COCO panoptic PNG as segment ids, like panopticapi does.
 
-  RGB(A) images give `R + 256 G + 256^2 B`; single-channel images (L, P, I)
-  give their raw values, as `rgb2id` leaves 2-D arrays unchanged.
+  RGB(A) images give `R + 256 G + 256^2 B` (alpha ignored); other modes
+  (grayscale, palette), which pq_compute cannot read either, are an error.
 
   Args:
     path: the PNG file.
@@ -77,9 +77,10 @@ def read_panoptic_png(path: str | os.PathLike[str]) -> np.ndarray:
       return _rgb_bytes_to_ids(image.tobytes(), height * width).reshape(
           height, width)  # [H, W]
     pixels = np.asarray(image)
-  if pixels.ndim == 3:
-    return rgb_to_id_map(pixels).astype(np.int64)  # [H, W]
-  return pixels.astype(np.int64)  # [H, W]
+    if pixels.ndim != 3 or pixels.shape[-1] < 3:
+      raise ValueError(f"{os.fspath(path)}: a panoptic PNG must be RGB, got "
+                       f"mode {image.mode}")
+  return rgb_to_id_map(pixels).astype(np.int64)  # [H, W]
 
 
 def _rgb_bytes_to_ids(packed: bytes, num_pixels: int) -> np.ndarray:
