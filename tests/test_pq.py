@@ -359,7 +359,7 @@ def random_pair(rng, height, width, categories):
   labels = np.kron(grid, np.ones((cell, cell), int))[:height, :width]
   labels[rng.random((height, width)) < 0.03] = -1  # scattered VOID
   num = labels.max() + 1
-  ids = rng.choice(np.arange(1, 256**3), num + 40, replace=False)
+  ids = 1 + rng.choice(256**3 - 1, num + 40, replace=False)
   cats = rng.choice(cat_ids, num)
   crowd = rng.random(num) < 0.15
   gt_map = np.where(labels >= 0, ids[np.maximum(labels, 0)], 0)
@@ -415,11 +415,13 @@ def test_ids_beyond_24_bits_and_many_segments(tmp_path):
   """The sorted-search label path and the sparse (np.unique) histogram path."""
   rng = np.random.default_rng(5)
   categories = synthetic_categories()
-  height, width = 48, 64
-  # Every pixel its own segment in both maps: ~3000^2 cells, sparse path.
+  height, width = 216, 216
+  # Every pixel its own segment in both maps: over 2^31 [gt, pred] cells, so
+  # the sparse histogram and the int64 key path.
   gt_map = rng.permutation(height * width).reshape(height, width) + 1
   pred_map = gt_map.copy()
-  pred_map[rng.random((height, width)) < 0.3] = 0
+  moved = rng.random((height, width)) < 0.2
+  pred_map[moved] = rng.permutation(pred_map[moved])
   cats = rng.choice([c["id"] for c in categories], height * width + 1)
   gt_segs = [{"id": int(i), "category_id": int(cats[i]), "iscrowd": 0,
               "area": 1} for i in range(1, height * width + 1)]

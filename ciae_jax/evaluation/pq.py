@@ -60,14 +60,14 @@ _thread_state = threading.local()
 
 
 def _lookup_table() -> np.ndarray:
-  """A per-thread [2^24] int64 table of zeros, created on first use.
+  """A per-thread [2^24] int32 table of zeros, created on first use.
 
   np.zeros uses calloc, so only the pages an image touches are ever mapped;
   entries are set for one image's ids and reset right after.
   """
   table = getattr(_thread_state, "table", None)
   if table is None:
-    table = np.zeros(_LUT_SIZE, np.int64)
+    table = np.zeros(_LUT_SIZE, np.int32)
     _thread_state.table = table
   return table
 
@@ -81,10 +81,10 @@ def _compact_labels(ids: np.ndarray, segment_ids: np.ndarray,
     segment_ids: [S] distinct listed ids, none equal to VOID.
     ids_fit_table: whether every pixel id is known to be < 2^24.
     scale: labels come out multiplied by it (saves a pass when building the
-      joint gt * num_pred + pred key).
+      joint gt * num_pred + pred key); `(S + 2) * scale` must fit in int32.
 
   Returns:
-    [N] int64 labels times `scale`.
+    [N] int32 (table) or int64 (search) labels times `scale`.
   """
   num = segment_ids.size
   if not ids_fit_table and ids.size:
@@ -215,9 +215,15 @@ class PQAccumulator:
     pred_flat = pred_ids.reshape(-1)  # [N]
     pred_labels = _compact_labels(pred_flat, pred_seg_ids,
                                   ids_fit_24_bits)  # [N]
-    key = _compact_labels(gt_ids.reshape(-1), gt_seg_ids, ids_fit_24_bits,
-                          scale=num_pred)  # [N]
-    key += pred_labels  # [N] gt_label * num_pred + pred_label
+    # Joint key gt_label * num_pred + pred_label, int64 for np.bincount.
+    if num_gt * num_pred < 2**31:
+      gt_scaled = _compact_labels(gt_ids.reshape(-1), gt_seg_ids,
+                                  ids_fit_24_bits, scale=num_pred)  # [N]
+      key = np.add(gt_scaled, pred_labels, dtype=np.int64)  # [N]
+    else:
+      gt_labels = _compact_labels(gt_ids.reshape(-1), gt_seg_ids,
+                                  ids_fit_24_bits)  # [N]
+      key = gt_labels.astype(np.int64) * num_pred + pred_labels  # [N]
     gi, pj, inter = _intersections(key, num_gt, num_pred)
 
     pred_area = np.bincount(pj, weights=inter, minlength=num_pred)  # [P]
@@ -474,6 +480,8 @@ def pq_compute_files(
     with _default_context().Pool(num_workers, _init_worker,
                                  (categories, gt_folder, pred_folder)) as pool:
       chunk_counts = pool.map(_evaluate_chunk, chunks, chunksize=1)
+      pool.close()
+      pool.join()
   for iou, tp, fp, fn, num_images in chunk_counts:
     accumulator.iou += iou
     accumulator.tp += tp
