@@ -1,12 +1,14 @@
 """Speed of PQ evaluation: panopticapi's pq_compute vs hotcoco vs ours.
 
 Writes ~300 synthetic 512 x 512 images in COCO panoptic layout (ground truth:
-Voronoi cells with random categories, VOID borders and crowd regions; the
-prediction: the same scene shifted, with cells dropped, merged, split,
-relabelled and extra blobs) to a temporary folder, checks that the three
+Voronoi cells with random categories, VOID borders and crowd regions, saved by
+PIL like COCO's PNGs; the prediction: the same scene shifted, with cells
+dropped, merged, split, relabelled and extra blobs, saved by our exporter or,
+with --pred_writer pil, by PIL) to a temporary folder, checks that the three
 evaluators agree, then times each on the same files and cores.
 
   python benchmarks/pq_speed.py [--images 300] [--size 512] [--repeats 5]
+      [--pred_writer ours|pil] [--data_dir DIR]
 
 Each timing is wall-clock of one full call (JSON load, PNG decode, matching,
 all worker processes); the median over the repeats is reported.
@@ -31,6 +33,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 from ciae_jax.evaluation import pq as ours  # noqa: E402
+from ciae_jax.evaluation.export import encode_panoptic_png  # noqa: E402
 from ciae_jax.evaluation.export import id_map_to_rgb  # noqa: E402
 
 NUM_THING_CATEGORIES = 80
@@ -115,9 +118,14 @@ def make_pair(rng: np.random.Generator, size: int, categories: list[dict]
   return gt, gt_segments, pred, pred_segments
 
 
-def write_dataset(root: str, num_images: int, size: int, seed: int = 0
-                  ) -> dict[str, str]:
-  """Writes gt and prediction JSON + PNG folders; returns their paths."""
+def write_dataset(root: str, num_images: int, size: int, seed: int = 0,
+                  pred_writer: str = "ours") -> dict[str, str]:
+  """Writes gt and prediction JSON + PNG folders; returns their paths.
+
+  Ground-truth PNGs are saved by PIL, as COCO's are (adaptive filters);
+  predictions by our exporter (`pred_writer="ours"`, filter type 0) or by
+  PIL (`"pil"`).
+  """
   rng = np.random.default_rng(seed)
   categories = make_categories()
   paths = {"gt_json": os.path.join(root, "gt.json"),
@@ -131,8 +139,12 @@ def write_dataset(root: str, num_images: int, size: int, seed: int = 0
     gt, gt_segments, pred, pred_segments = make_pair(rng, size, categories)
     name = f"{image_id:012d}.png"
     Image.fromarray(id_map_to_rgb(gt)).save(os.path.join(paths["gt_folder"], name))
-    Image.fromarray(id_map_to_rgb(pred)).save(
-        os.path.join(paths["pred_folder"], name))
+    if pred_writer == "ours":
+      with open(os.path.join(paths["pred_folder"], name), "wb") as f:
+        f.write(encode_panoptic_png(pred))
+    else:
+      Image.fromarray(id_map_to_rgb(pred)).save(
+          os.path.join(paths["pred_folder"], name))
     images.append({"id": image_id, "file_name": name.replace(".png", ".jpg"),
                    "height": size, "width": size})
     gt_anns.append({"image_id": image_id, "file_name": name,
@@ -176,6 +188,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--workers", type=int, default=None,
                       help="our worker processes (default: usable CPUs)")
+  parser.add_argument("--pred_writer", choices=("ours", "pil"), default="ours",
+                      help="who writes the prediction PNGs: our exporter "
+                      "(filter type 0) or PIL (adaptive filters, like COCO gt)")
   parser.add_argument("--data_dir", default=None,
                       help="keep the generated data here and reuse it when "
                       "present (default: a temporary folder)")
@@ -194,7 +209,8 @@ def main() -> None:
     if not os.path.exists(p["pred_json"]):
       os.makedirs(root, exist_ok=True)
       start = time.perf_counter()
-      p = write_dataset(root, args.images, args.size)
+      p = write_dataset(root, args.images, args.size,
+                        pred_writer=args.pred_writer)
       print(f"wrote {args.images} image pairs of {args.size}x{args.size} in "
             f"{time.perf_counter() - start:.1f} s")
     with open(p["gt_json"]) as f:

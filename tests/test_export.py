@@ -58,6 +58,12 @@ def test_png_codec_round_trip(tmp_path):
   Image.fromarray(gray).save(tmp_path / "c.png")
   with pytest.raises(ValueError, match="c.png.*mode L"):
     export.read_panoptic_png(tmp_path / "c.png")
+  # Our own encoder (filter type 0): PIL and rgb2id read back the same ids.
+  (tmp_path / "d.png").write_bytes(export.encode_panoptic_png(id_map))
+  with Image.open(tmp_path / "d.png") as image:
+    assert image.mode == "RGB" and image.size == (17, 13)
+    np.testing.assert_array_equal(
+        rgb2id(np.array(image, dtype=np.uint32)), id_map)
   with pytest.raises(ValueError, match="16777216"):
     export.id_map_to_rgb(np.array([[256**3]]))
   with pytest.raises(ValueError):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import sys
+import zlib
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -41,6 +43,44 @@ def id_map_to_rgb(id_map: np.ndarray) -> np.ndarray:
   ids = id_map.astype(np.uint32)  # [H, W]
   return np.stack([ids & 255, (ids >> 8) & 255, ids >> 16], axis=-1).astype(
       np.uint8)  # [H, W, 3]
+
+
+def encode_panoptic_png(id_map: np.ndarray, *, compress_level: int = 6
+                        ) -> bytes:
+  """A COCO panoptic PNG (8-bit RGB) of segment ids, as bytes.
+
+  Every scanline uses PNG filter type 0 (None). Piecewise-constant id maps
+  compress as well that way as with PIL's adaptive filters (the repeats are
+  3 and 3W bytes back, inside deflate's window), and decoding skips the
+  Paeth/Sub/Up reconstruction that dominates PIL's PNG reading: any reader
+  (pq_compute too) decodes these files several times faster.
+
+  Args:
+    id_map: [H, W] segment ids in [0, 256**3).
+    compress_level: zlib level.
+
+  Returns:
+    The PNG file content.
+  """
+  rgb = id_map_to_rgb(id_map)  # [H, W, 3]
+  height, width = rgb.shape[:2]
+  if not height or not width:
+    raise ValueError(f"cannot encode an empty id map of shape {rgb.shape}")
+  rows = np.zeros((height, 1 + 3 * width), np.uint8)  # [H, 1 + 3W]
+  rows[:, 1:] = rgb.reshape(height, 3 * width)  # column 0: filter type 0
+  header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+  return b"".join([
+      b"\x89PNG\r\n\x1a\n",
+      _png_chunk(b"IHDR", header),
+      _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), compress_level)),
+      _png_chunk(b"IEND", b""),
+  ])
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+  """One PNG chunk: length, type, data, CRC-32 of type + data."""
+  return (struct.pack(">I", len(data)) + kind + data
+          + struct.pack(">I", zlib.crc32(kind + data)))
 
 
 def rgb_to_id_map(rgb: np.ndarray) -> np.ndarray:
@@ -236,7 +276,7 @@ def write_panoptic_prediction(
   if (ids <= 0).any():
     raise ValueError(f"image {image_id}: segment ids must be > 0 (0 is VOID), "
                      f"got {ids[ids <= 0].tolist()}")
-  rgb = id_map_to_rgb(panoptic)  # [H, W, 3]
+  png = encode_panoptic_png(panoptic)
   present = np.unique(panoptic)  # [U]
   unlisted = np.setdiff1d(present[present != 0], ids)
   if unlisted.size:
@@ -245,7 +285,8 @@ def write_panoptic_prediction(
   areas, boxes = segment_areas_and_boxes(panoptic, ids)
   png_name = os.path.splitext(os.path.basename(file_name))[0] + ".png"
   os.makedirs(out_folder, exist_ok=True)
-  Image.fromarray(rgb).save(os.path.join(out_folder, png_name))
+  with open(os.path.join(out_folder, png_name), "wb") as f:
+    f.write(png)
   out_segments = []
   for segment, area, box in zip(segments_info, areas, boxes):
     if area == 0:
