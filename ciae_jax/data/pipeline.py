@@ -246,8 +246,7 @@ class CocoSource:
 
     def load(index):
       start, end = t["offsets"][index], t["offsets"][index + 1]
-      image = tf.io.decode_image(tf.io.read_file(t["image_path"][index]),
-                                 channels=3, expand_animations=False)
+      image = transforms.decode_rgb(tf.io.read_file(t["image_path"][index]))
       pan = tf.io.decode_png(tf.io.read_file(t["png_path"][index]), channels=3)
       return {
           "image": image,  # [h, w, 3]
@@ -259,7 +258,8 @@ class CocoSource:
           "seg_area": t["seg_area"][start:end],  # [n]
           "image_id": t["image_id"][index],
           "expect_size": t["size"][index],  # [2]
-          "where": t["image_path"][index],
+          "where": tf.strings.join(["image ", t["image_path"][index],
+                                    ", PNG ", t["png_path"][index]]),
       }
 
     return load
@@ -377,8 +377,7 @@ def _as_value_error(error: Exception, source: Any, positions: list[int],
   message = getattr(error, "message", str(error))
   match = _ASSERT_RE.search(message)
   if match:  # An in-graph check: its message names the file and image id.
-    return ValueError(transforms.ERROR_TAG + " " +
-                      match.group(1).replace("] [", " ").strip("[] "))
+    return ValueError(transforms.ERROR_TAG + " " + match.group(1).strip("[] "))
   if hasattr(source, "diagnose"):  # Decode errors: find the file with NumPy.
     n = len(source)
     if train:

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from ciae_jax.data import categories as categories_lib
+from ciae_jax.data import transforms
 
 COCO_CATEGORIES_FILE = os.path.join(os.path.dirname(__file__),
                                     "coco_panoptic_categories.json")
@@ -114,8 +115,10 @@ class TfdsSource:
     buffer = self.shuffle_buffer
 
     def epoch_dataset(epoch):
-      # A graph-local seed: a global tf.random.set_seed cannot change order.
-      tf.compat.v1.get_default_graph().seed = 0
+      # A fixed seed for this function's graph only: a global
+      # tf.random.set_seed cannot change the order (nonzero: TF would read a
+      # (0, tensor) seed pair as a request for nondeterminism).
+      tf.compat.v1.get_default_graph().seed = 1
       return non_empty.shuffle(buffer, seed=seed * 1_000_003 + epoch,
                                reshuffle_each_iteration=False)
 
@@ -156,8 +159,7 @@ class TfdsSource:
       with tf.control_dependencies([warn]):
         seg_ids = tf.cast(objects["id"], tf.int32)  # [n]
       return {
-          "image": tf.io.decode_image(ex["image"], channels=3,
-                                      expand_animations=False),  # [h, w, 3]
+          "image": transforms.decode_rgb(ex["image"]),  # [h, w, 3]
           "pan": tf.io.decode_png(ex["panoptic_image"], channels=3),
           "seg_ids": seg_ids,
           "seg_class": seg_class,

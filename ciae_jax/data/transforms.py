@@ -15,7 +15,7 @@ Raw example (per image, unbatched):
   seg_area     float32 [n]        JSON area (ranks segments for truncation)
   image_id     int32  []
   expect_size  int32  [2]         (h, w) from the annotations, or (-1, -1)
-  where        string []          file path or TFDS key, for error messages
+  where        string []          files or TFDS key, for error messages
 """
 from __future__ import annotations
 
@@ -61,12 +61,27 @@ def _tf():
   return tf
 
 
-def check(cond, raw: dict[str, Any], message: str):
-  """An assert op whose error names the file/key and the image id."""
+def check(cond, raw: dict[str, Any], message):
+  """An assert op whose error names the image id and the files (or key)."""
   tf = _tf()
-  return tf.debugging.Assert(
-      cond, [ERROR_TAG, raw["where"], "image id", raw["image_id"], message],
-      summarize=8)
+  text = tf.strings.join(["image id ", tf.strings.as_string(raw["image_id"]),
+                          " (", raw["where"], "): ", message])
+  return tf.debugging.Assert(cond, [ERROR_TAG, text])
+
+
+def decode_rgb(contents):
+  """Encoded image -> uint8 RGB [h, w, 3]; JPEG with the accurate DCT.
+
+  The accurate integer DCT decodes exactly as PIL/libjpeg do by default (the
+  demo and evaluation read images with PIL) and costs no more time.
+  """
+  tf = _tf()
+  return tf.cond(
+      tf.io.is_jpeg(contents),
+      lambda: tf.io.decode_jpeg(contents, channels=3,
+                                dct_method="INTEGER_ACCURATE"),
+      lambda: tf.io.decode_image(contents, channels=3,
+                                 expand_animations=False))
 
 
 def resized_shape_tf(height, width, min_size, max_size, pad_size):
