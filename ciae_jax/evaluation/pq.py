@@ -116,7 +116,7 @@ def _intersections(key: np.ndarray, num_gt: int, num_pred: int
   """Non-zero entries of the [num_gt, num_pred] pixel co-occurrence matrix.
 
   Args:
-    key: [N] int64 `gt_label * num_pred + pred_label` per pixel.
+    key: [N] non-negative int `gt_label * num_pred + pred_label` per pixel.
 
   Returns:
     gt label [K], pred label [K], pixel count [K] (int64), row-major order.
@@ -215,11 +215,11 @@ class PQAccumulator:
     pred_flat = pred_ids.reshape(-1)  # [N]
     pred_labels = _compact_labels(pred_flat, pred_seg_ids,
                                   ids_fit_24_bits)  # [N]
-    # Joint key gt_label * num_pred + pred_label, int64 for np.bincount.
+    # Joint key gt_label * num_pred + pred_label.
     if num_gt * num_pred < 2**31:
       gt_scaled = _compact_labels(gt_ids.reshape(-1), gt_seg_ids,
                                   ids_fit_24_bits, scale=num_pred)  # [N]
-      key = np.add(gt_scaled, pred_labels, dtype=np.int64)  # [N]
+      key = gt_scaled + pred_labels  # [N] int32 (int64 on the search path)
     else:
       gt_labels = _compact_labels(gt_ids.reshape(-1), gt_seg_ids,
                                   ids_fit_24_bits)  # [N]
