@@ -96,7 +96,11 @@ def default_dataset_config() -> ml_collections.ConfigDict:
 def _tf():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   # The input pipeline must never grab an accelerator from JAX.
-  tf.config.set_visible_devices([], "GPU")
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already initialised with GPUs by someone else.
+    logging.warning("TensorFlow was initialised before the input pipeline; "
+                    "it may hold GPU memory")
   return tf
 
 

@@ -1,0 +1,148 @@
+"""Synthetic dataset: valid COCO panoptic, deterministic, idempotent, learnable."""
+import json
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from ciae_jax.data import categories as categories_lib
+from ciae_jax.data import coco
+from ciae_jax.data import pipeline
+from ciae_jax.data import synthetic
+
+PARAMS = dict(num_train=24, num_val=6, image_size=(64, 80), seed=0)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  out = tmp_path_factory.mktemp("synthetic") / "data"
+  synthetic.generate_synthetic_dataset(out, **PARAMS)
+  return out
+
+
+def test_ground_truth_against_itself_gives_pq_100(root, tmp_path,
+                                                  monkeypatch):
+  from panopticapi.evaluation import pq_compute  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)  # pq_compute may write next to the cwd.
+  for split in synthetic.SPLITS:
+    gt = coco.ground_truth(root, split)
+    results = pq_compute(gt.gt_json, gt.gt_json, gt.gt_folder, gt.gt_folder)
+    for group in ("All", "Things", "Stuff"):
+      assert results[group]["pq"] == pytest.approx(1.0), (split, group)
+
+
+def test_layout_json_and_pixels_agree(root):
+  cats = categories_lib.load_categories(
+      root / "annotations" / "panoptic_train2017.json")
+  data = json.loads((root / "annotations" /
+                     "panoptic_train2017.json").read_text())
+  assert {"images", "annotations", "categories"} <= set(data)
+  records = coco.load_records(root, "train2017")
+  assert len(records) == PARAMS["num_train"]
+  assert len(coco.load_records(root, "val2017")) == PARAMS["num_val"]
+  for record in records:
+    assert record.image_path.endswith(".jpg")
+    assert (record.height, record.width) == PARAMS["image_size"]
+    ex = coco.decode_example(record, cats)  # Validates PNG <-> JSON.
+    for row, seg in enumerate(record.segments):
+      ys, xs = np.nonzero(ex["segment_map"] == row + 1)
+      assert ys.size == seg.area
+      x, y, w, h = seg.bbox
+      assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (
+          x, y, x + w, y + h)
+    stuff_classes = [s.category_id for s in record.segments
+                     if not cats.isthing[cats.contiguous_index(s.category_id)]]
+    assert len(stuff_classes) == len(set(stuff_classes))  # One per class.
+
+
+def test_content_is_varied_and_non_contiguous(root):
+  data = json.loads((root / "annotations" /
+                     "panoptic_train2017.json").read_text())
+  cats = data["categories"]
+  thing_ids = sorted(c["id"] for c in cats if c["isthing"])
+  stuff_ids = sorted(c["id"] for c in cats if not c["isthing"])
+  assert len(thing_ids) >= 4 and len(stuff_ids) >= 3
+  assert thing_ids != list(range(thing_ids[0], thing_ids[0] + len(thing_ids)))
+  assert all("color" in c for c in cats)
+  segments = [s for a in data["annotations"] for s in a["segments_info"]]
+  assert any(s["iscrowd"] for s in segments)
+  things = [s for s in segments if s["category_id"] in thing_ids]
+  sides = [max(s["bbox"][2:]) for s in things]
+  assert min(sides) <= 16 and max(sides) >= 40  # Several FCOS levels.
+  assert {s["category_id"] for s in things} == set(thing_ids)
+  void = 0
+  for ann in data["annotations"]:
+    png = np.asarray(Image.open(root / "annotations" / "panoptic_train2017" /
+                                ann["file_name"]))
+    void += int((png.sum(-1) == 0).sum())
+  assert void > 0
+
+
+def test_classes_differ_in_local_appearance(root):
+  """Learnability: the mean colour of each class is far from the others."""
+  cats = categories_lib.load_categories(
+      root / "annotations" / "panoptic_train2017.json")
+  sums = np.zeros((cats.num_classes, 3))
+  counts = np.zeros(cats.num_classes)
+  for record in coco.load_records(root, "train2017"):
+    ex = coco.decode_example(record, cats)
+    for row, c in enumerate(ex["seg_class"]):
+      pixels = ex["image"][ex["segment_map"] == row + 1].astype(np.float64)
+      sums[c] += pixels.sum(0)
+      counts[c] += len(pixels)
+  means = sums / counts[:, None]
+  dist = np.linalg.norm(means[:, None] - means[None], axis=-1)
+  assert dist[~np.eye(cats.num_classes, dtype=bool)].min() > 40
+
+
+def test_deterministic_and_idempotent(root, tmp_path):
+  other = tmp_path / "again"
+  synthetic.generate_synthetic_dataset(other, **PARAMS)
+  for path in sorted(root.rglob("*")):
+    if path.is_file():
+      assert path.read_bytes() == (other / path.relative_to(root)).read_bytes()
+  manifest = other / synthetic.MANIFEST
+  stamp = manifest.stat().st_mtime_ns
+  some_png = next((other / "annotations" / "panoptic_val2017").iterdir())
+  png_stamp = some_png.stat().st_mtime_ns
+  synthetic.generate_synthetic_dataset(other, **PARAMS)  # Nothing rewritten.
+  assert manifest.stat().st_mtime_ns == stamp
+  assert some_png.stat().st_mtime_ns == png_stamp
+  with pytest.raises(ValueError, match="other parameters"):
+    synthetic.generate_synthetic_dataset(other, **dict(PARAMS, seed=1))
+  third = tmp_path / "seed1"
+  synthetic.generate_synthetic_dataset(third, **dict(PARAMS, seed=1))
+  assert ((third / "annotations" / "panoptic_val2017.json").read_bytes() !=
+          (root / "annotations" / "panoptic_val2017.json").read_bytes())
+
+
+def test_command_line(tmp_path, capsys):
+  synthetic.main(["--root", str(tmp_path / "cli"), "--num_train", "2",
+                  "--num_val", "1", "--height", "48", "--width", "48"])
+  assert "synthetic panoptic dataset at" in capsys.readouterr().out
+  assert len(coco.load_records(tmp_path / "cli", "val2017")) == 1
+
+
+def test_synthetic_source_through_the_pipeline(tmp_path):
+  cfg = pipeline.default_dataset_config()
+  cfg.source = "synthetic"
+  cfg.root = str(tmp_path / "syn")
+  cfg.synthetic.num_train, cfg.synthetic.num_val = 8, 3
+  cfg.synthetic.image_size = (96, 96)
+  cfg.image_size = (128, 128)
+  cfg.train_min_size_range = (96, 128)
+  cfg.max_size = 128
+  cfg.eval_min_size = cfg.eval_max_size = 128
+  cfg.max_segments = 16
+  batch = next(pipeline.build_input(cfg, cfg.train_split, train=True,
+                                    global_batch_size=8, seed=0))
+  assert batch["image"].shape == (8, 1, 128, 128, 3)
+  assert batch["seg_valid"].any(-1).all()
+  evals = list(pipeline.build_input(cfg, cfg.val_split, train=False,
+                                    global_batch_size=8, seed=0))
+  valid = evals[0]["example_valid"].ravel()
+  assert valid.sum() == 3
+  assert (evals[0]["image_size"].reshape(-1, 2)[valid] == 128).all()
+  gt = pipeline.eval_ground_truth(cfg)
+  assert gt.gt_json.endswith("panoptic_val2017.json")
+  assert gt.categories.num_things == len(synthetic.THINGS)
