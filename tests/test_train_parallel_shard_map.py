@@ -1,0 +1,51 @@
+"""shard_map + jit over a 1-D mesh of 8 devices vs one device with the same global batch.
+
+The same per-device step as under pmap (`parallel.parallelize`): state replicated `P()`,
+batch sharded on its device axis. After 3 steps it must match one device that sees all 8
+images; the replicated outputs must be the same on every device.
+"""
+import jax
+import numpy as np
+import pytest
+
+from ciae_jax.training import parallel
+import test_train_helpers as helpers
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+NUM_STEPS = 3
+NUM_DEVICES = 8
+TOL = 5e-3  # See tests/test_train_parallel_pmap.py.
+
+
+@pytest.fixture(scope="module")
+def runs():
+  if jax.device_count() < NUM_DEVICES:
+    pytest.fail(f"needs {NUM_DEVICES} devices (tests/conftest.py sets XLA_FLAGS)")
+  return {"one": helpers.run_parallel("pmap", 1, NUM_DEVICES, NUM_STEPS),
+          "shard_map": helpers.run_parallel("shard_map", NUM_DEVICES, 1, NUM_STEPS)}
+
+
+def test_shard_map_matches_one_device(runs):
+  reference = parallel.unreplicate(runs["one"][0], parallel="pmap")
+  state = parallel.unreplicate(runs["shard_map"][0], parallel="shard_map")
+  assert int(state.step) == int(reference.step) == NUM_STEPS
+  np.testing.assert_array_equal(state.rng, reference.rng)
+  helpers.assert_trees_close(state.params, reference.params, "params", tol=TOL)
+  helpers.assert_trees_close(state.opt_state, reference.opt_state, "opt_state", tol=TOL)
+  helpers.assert_trees_close(state.memory, reference.memory, "memory", tol=TOL)
+  for step, (got, want) in enumerate(zip(runs["shard_map"][1], runs["one"][1]), start=1):
+    assert got.keys() == want.keys()
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], rtol=TOL, atol=1e-6,
+                                 err_msg=f"metric {key} at step {step}")
+
+
+def test_replicated_outputs_identical_on_every_device(runs):
+  state = runs["shard_map"][0]
+  for name in ("memory", "params", "opt_state"):
+    for leaf in jax.tree.leaves(getattr(state, name)):
+      shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+      assert len(shards) == NUM_DEVICES
+      for shard in shards[1:]:
+        np.testing.assert_array_equal(shard, shards[0], err_msg=f"{name} differs")
