@@ -28,6 +28,7 @@ Command line (a drop-in for the COCO panoptic API):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -72,8 +73,25 @@ def _lookup_table() -> np.ndarray:
   return table
 
 
+def _scratch(name: str, size: int, dtype: Any) -> np.ndarray:
+  """A per-thread reusable [size] buffer.
+
+  Fresh multi-megabyte arrays per image would each be handed back to the OS
+  when freed (glibc trims the heap) and page-faulted in again on the next
+  image, which costs more than the arithmetic done on them.
+  """
+  buffers = getattr(_thread_state, "buffers", None)
+  if buffers is None:
+    buffers = _thread_state.buffers = {}
+  buffer = buffers.get(name)
+  if buffer is None or buffer.size < size or buffer.dtype != dtype:
+    buffer = buffers[name] = np.empty(size, dtype)
+  return buffer[:size]
+
+
 def _compact_labels(ids: np.ndarray, segment_ids: np.ndarray,
-                    ids_fit_table: bool, scale: int = 1) -> np.ndarray:
+                    ids_fit_table: bool, scale: int = 1,
+                    buffer_name: str = "labels") -> np.ndarray:
   """Maps pixel ids to compact labels (0 unlisted, 1 VOID, 2 + k segment k).
 
   Args:
@@ -82,6 +100,8 @@ def _compact_labels(ids: np.ndarray, segment_ids: np.ndarray,
     ids_fit_table: whether every pixel id is known to be < 2^24.
     scale: labels come out multiplied by it (saves a pass when building the
       joint gt * num_pred + pred key); `(S + 2) * scale` must fit in int32.
+    buffer_name: the per-thread scratch buffer the table path writes into
+      (valid until the next call with the same name).
 
   Returns:
     [N] int32 (table) or int64 (search) labels times `scale`.
@@ -97,7 +117,10 @@ def _compact_labels(ids: np.ndarray, segment_ids: np.ndarray,
     table[VOID] = _VOID_LABEL * scale
     table[listed] = (np.nonzero(in_table)[0] + _FIRST_SEGMENT) * scale
     try:
-      return np.take(table, ids.astype(np.int64, copy=False))  # [N]
+      # mode="clip" is a no-op here (ids < 2^24) and lets `out` be written
+      # directly; the default mode buffers `out`.
+      return np.take(table, ids, mode="clip",
+                     out=_scratch(buffer_name, ids.size, np.int32))  # [N]
     finally:
       table[VOID] = 0
       table[listed] = 0
@@ -213,13 +236,18 @@ class PQAccumulator:
     num_gt = gt_seg_ids.size + _FIRST_SEGMENT
     num_pred = pred_seg_ids.size + _FIRST_SEGMENT
     pred_flat = pred_ids.reshape(-1)  # [N]
-    pred_labels = _compact_labels(pred_flat, pred_seg_ids,
-                                  ids_fit_24_bits)  # [N]
+    pred_labels = _compact_labels(pred_flat, pred_seg_ids, ids_fit_24_bits,
+                                  buffer_name="pred_labels")  # [N]
     # Joint key gt_label * num_pred + pred_label.
     if num_gt * num_pred < 2**31:
       gt_scaled = _compact_labels(gt_ids.reshape(-1), gt_seg_ids,
-                                  ids_fit_24_bits, scale=num_pred)  # [N]
-      key = gt_scaled + pred_labels  # [N] int32 (int64 on the search path)
+                                  ids_fit_24_bits, scale=num_pred,
+                                  buffer_name="gt_labels")  # [N]
+      if gt_scaled.dtype == pred_labels.dtype == np.int32:
+        key = np.add(gt_scaled, pred_labels,
+                     out=_scratch("key", pred_labels.size, np.int32))  # [N]
+      else:  # the search path (ids beyond 24 bits) gives int64
+        key = gt_scaled + pred_labels  # [N]
     else:
       gt_labels = _compact_labels(gt_ids.reshape(-1), gt_seg_ids,
                                   ids_fit_24_bits)  # [N]
@@ -392,8 +420,10 @@ def _evaluate_chunk(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
     gt_path = os.path.join(_worker_state["gt_folder"], gt_ann["file_name"])
     pred_path = os.path.join(_worker_state["pred_folder"],
                              pred_ann["file_name"])
-    gt_ids = read_panoptic_png(gt_path)  # [H, W]
-    pred_ids = read_panoptic_png(pred_path)  # [H, W]
+    gt_ids = read_panoptic_png(gt_path, allocate=functools.partial(
+        _scratch, "gt_ids", dtype=np.int64))  # [H, W]
+    pred_ids = read_panoptic_png(pred_path, allocate=functools.partial(
+        _scratch, "pred_ids", dtype=np.int64))  # [H, W]
     if gt_ids.shape != pred_ids.shape:
       raise PanopticFormatError(
           f"In the image with ID {image_id} the ground truth {gt_path} "
