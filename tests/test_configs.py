@@ -1,0 +1,128 @@
+"""Configs: load, lock, `--config.x=...` overrides, paper defaults, every field consumed.
+
+Fields are checked against the signatures of the functions they feed (inspect), so a renamed
+keyword in a module or a typo in a config fails here rather than at the first training step.
+"""
+import inspect
+import pathlib
+
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+import pytest
+
+from ciae_jax import inference
+from ciae_jax import targets as targets_lib
+from ciae_jax.losses import ciae as ciae_losses
+from ciae_jax.losses import fcos as fcos_lib
+from ciae_jax.models import ciae as ciae_model
+from ciae_jax.training import step as step_lib
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ["coco_r50.py", "coco_r50.py:r101", "coco_r50.py:long", "coco_r50.py:r101,long",
+           "synthetic.py", "synthetic.py:small"]
+ABLATION_FIELDS = ["model.embed_dim", "loss.margin", "memory.momentum_coeff",
+                   "memory.momentum_power", "loss.box_expand", "loss.top_k", "loss.alpha",
+                   "loss.thing_weight", "loss.merge_things", "model.use_box_embedding",
+                   "model.use_coordconv", "loss.loss_stride", "loss.use_box_filter",
+                   "loss.include_own", "fcos.strides", "fcos.sizes", "fcos.positive_region",
+                   "inference.category_from", "optimizer.lr", "optimizer.base_lr",
+                   "optimizer.grad_clip_norm", "parallel", "total_steps", "batch_size",
+                   "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                   "eval_every_steps", "seed", "init_backbone", "dataset.root"]
+
+
+def _parse(*argv: str) -> ml_collections.ConfigDict:
+  """What train.py's flags give for `argv` (a fresh FlagValues per call)."""
+  flag_values = flags.FlagValues()
+  argv = ["train.py", *argv]
+  # sys_argv: the override flags are defined from the config file named on the command line.
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def _get(config, dotted):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_locked_with_every_ablation_field(name):
+  config = _parse(f"--config={REPO_ROOT / 'configs' / name}")
+  assert config.is_locked
+  for field in ABLATION_FIELDS:
+    _get(config, field)  # KeyError if missing.
+  with pytest.raises(AttributeError):
+    config.new_field = 1  # Locked: typos cannot add fields.
+  assert config.parallel in ("pmap", "shard_map")
+  height, width = config.dataset.image_size
+  assert height % 128 == 0 and width % 128 == 0
+
+
+def test_overrides_from_the_command_line():
+  config = _parse(f"--config={REPO_ROOT / 'configs' / 'coco_r50.py'}:long",
+                  "--config.optimizer.lr=0.02", "--config.loss.margin=0.3",
+                  "--config.dataset.root=/data/coco", "--config.parallel=shard_map",
+                  "--config.optimizer.grad_clip_norm=5.0", "--config.fcos.strides=(8,16,32,64,128)",
+                  "--config.total_steps=7")
+  assert config.optimizer.lr == 0.02 and config.loss.margin == 0.3
+  assert config.dataset.root == "/data/coco" and config.parallel == "shard_map"
+  assert config.optimizer.grad_clip_norm == 5.0 and config.total_steps == 7
+  assert config.dataset.train_min_size_range == (640, 800)  # from the variant
+  with pytest.raises(Exception, match="nonexistent"):
+    _parse(f"--config={REPO_ROOT / 'configs' / 'synthetic.py'}", "--config.loss.nonexistent=1")
+
+
+def test_unknown_variant_is_an_error():
+  with pytest.raises(Exception, match="unknown config variant"):
+    _parse(f"--config={REPO_ROOT / 'configs' / 'coco_r50.py'}:r152")
+
+
+def test_coco_r50_paper_defaults():
+  config = _parse(f"--config={REPO_ROOT / 'configs' / 'coco_r50.py'}")
+  assert (config.total_steps, config.batch_size) == (90_000, 16)
+  assert config.optimizer.base_lr == 0.01 and config.optimizer.lr is None
+  assert tuple(config.optimizer.decay_steps) == (60_000, 80_000)
+  assert (config.optimizer.momentum, config.optimizer.weight_decay) == (0.9, 1e-4)
+  assert (config.model.backbone, config.model.norm) == ("resnet50", "frozen_bn")
+  assert config.model.embed_dim == 32
+  assert (config.loss.margin, config.loss.top_k, config.loss.alpha) == (0.15, 5, 2.0)
+  assert (config.loss.thing_weight, config.loss.box_expand) == (5.0, 1.5)
+  assert config.loss.merge_things and config.loss.use_box_filter
+  assert (config.memory.momentum_coeff, config.memory.momentum_power) == (1e-4, 3.0)
+  assert config.dataset.train_min_size_range == (800, 800)
+  assert (config.dataset.max_size, config.dataset.eval_min_size) == (1333, 800)
+  long = _parse(f"--config={REPO_ROOT / 'configs' / 'coco_r50.py'}:r101,long")
+  assert long.total_steps == 180_000 and long.model.backbone == "resnet101"
+  assert tuple(long.optimizer.decay_steps) == (120_000, 160_000)
+
+
+def _keywords(function):
+  return {name for name, p in inspect.signature(function).parameters.items()
+          if p.kind == p.KEYWORD_ONLY}
+
+
+@pytest.mark.parametrize("name", ["coco_r50.py", "synthetic.py:small"])
+def test_fields_match_the_functions_they_feed(name):
+  config = _parse(f"--config={REPO_ROOT / 'configs' / name}")
+  ciae_model.build_model(config.model, num_thing_classes=3)  # Rejects unknown model fields.
+  step_keywords = _keywords(step_lib.train_step)
+  loss_keywords = _keywords(ciae_losses.ciae_loss) - {"num_stuff"}
+  assert set(config.loss) == loss_keywords, "config.loss vs ciae_loss keywords"
+  assert set(config.loss) <= step_keywords
+  target_fields = {"strides", "sizes", "positive_region"}
+  assert target_fields <= _keywords(targets_lib.fcos_targets)
+  assert set(config.fcos) - target_fields == _keywords(fcos_lib.fcos_losses)
+  assert set(config.fcos) <= step_keywords
+  assert {"momentum_coeff", "momentum_power"} <= step_keywords
+  inference_keywords = _keywords(inference.panoptic_inference)
+  assert set(config.inference) <= inference_keywords, set(config.inference) - inference_keywords
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").glob("*.py")))
+def test_docstring_carries_the_launch_command(path):
+  text = path.read_text()
+  assert f"python train.py --config configs/{path.name}" in text
