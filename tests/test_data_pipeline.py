@@ -5,7 +5,10 @@ PIL-decoded files: the resize rule, nearest-neighbour maps, half-pixel
 bilinear images, boxes as pixel extents, truncation to the largest segments.
 """
 import json
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -15,6 +18,7 @@ import pytest
 from ciae_jax.data import categories as categories_lib
 from ciae_jax.data import coco
 from ciae_jax.data import pipeline
+from ciae_jax.data import transforms
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -336,6 +340,9 @@ def test_eval_yields_every_image_once_with_padding(data_root):
     assert not rows[key][~valid].any()
   for size, orig in zip(rows["image_size"][valid], rows["orig_size"][valid]):
     assert tuple(size) == ref_shape(*orig, 192, 320, (256, 384))
+    # The host-side helper (demo, evaluation) agrees with the graph.
+    assert tuple(size) == transforms.resized_shape(
+        *orig, min_size=192, max_size=320, pad_size=(256, 384))
 
 
 def test_hosts_split_each_global_batch(data_root, monkeypatch):
@@ -393,3 +400,15 @@ def test_default_config_fields():
   assert (cfg.num_parallel_calls, cfg.prefetch) == (-1, 2)
   assert {"num_train", "num_val", "image_size", "seed"} <= set(cfg.synthetic)
   assert all(v % 128 == 0 for v in cfg.image_size)
+
+
+def test_importing_the_data_modules_does_not_import_tensorflow():
+  code = ("import sys\n"
+          "from ciae_jax.data import categories, coco, pipeline, synthetic\n"
+          "from ciae_jax.data import tfds_source, transforms\n"
+          "pipeline.default_dataset_config()\n"
+          "assert 'tensorflow' not in sys.modules, 'TF imported'\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, cwd=pathlib.Path(__file__).parents[1],
+                          check=False)
+  assert result.returncode == 0, result.stderr[-2000:]

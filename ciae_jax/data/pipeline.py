@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TYPE_CHECKING
 
 from absl import logging
 import jax
@@ -58,6 +58,9 @@ import numpy as np
 from ciae_jax.data import categories as categories_lib
 from ciae_jax.data import coco
 from ciae_jax.data import transforms
+
+if TYPE_CHECKING:  # Annotations only: no TF import at run time.
+  import tensorflow as tf  # pylint: disable=g-bad-import-order
 
 EXAMPLE_KEYS = ("image", "segment_map", "seg_class", "seg_is_thing",
                 "seg_is_crowd", "seg_box", "seg_valid", "image_id",
@@ -93,7 +96,7 @@ def default_dataset_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def _tf():
+def _tf() -> Any:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   # The input pipeline must never grab an accelerator from JAX.
   try:
@@ -221,7 +224,7 @@ class CocoSource:
                                            np.float32)),
     }
 
-  def train_tokens(self, seed: int, start_position: int):
+  def train_tokens(self, seed: int, start_position: int) -> tf.data.Dataset:
     """(position, record index) from `start_position` on, infinite."""
     tf = _tf()
     n = len(self.records)
@@ -237,13 +240,13 @@ class CocoSource:
     tokens = tf.data.Dataset.counter(first_epoch).flat_map(epoch_dataset)
     return tokens.skip(offset)
 
-  def eval_tokens(self):
+  def eval_tokens(self) -> tf.data.Dataset:
     """(position, record index) over every record once, in order."""
     tf = _tf()
     n = len(self.records)
     return tf.data.Dataset.range(n).map(lambda i: (i, i))
 
-  def loader(self):
+  def loader(self) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
     """A TF function: record index -> raw example (transforms module)."""
     tf = _tf()
     t = self._tables()
@@ -296,7 +299,8 @@ def _host_slice(global_batch_size: int) -> tuple[int, int]:
 
 def build_tf_dataset(cfg: ml_collections.ConfigDict, split: str, *,
                      train: bool, global_batch_size: int, seed: int,
-                     start_step: int = 0, num_threads: int | None = None):
+                     start_step: int = 0, num_threads: int | None = None
+                     ) -> tuple[tf.data.Dataset, Any]:
   """The host's tf.data pipeline: flat batches `[per_host_batch, ...]`.
 
   Args:
@@ -426,8 +430,9 @@ def build_input(dataset_cfg: ml_collections.ConfigDict, split: str, *,
                   global_batch_size=global_batch_size, start_step=start_step)
 
 
-def _iterate(ds, source, *, train: bool, seed: int, global_batch_size: int,
-             start_step: int) -> Iterator[dict[str, np.ndarray]]:
+def _iterate(ds: tf.data.Dataset, source: Any, *, train: bool, seed: int,
+             global_batch_size: int, start_step: int
+             ) -> Iterator[dict[str, np.ndarray]]:
   """Reshapes host batches per device; turns TF errors into ValueErrors."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   devices = jax.local_device_count()

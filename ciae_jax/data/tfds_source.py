@@ -20,13 +20,16 @@ per image.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, TYPE_CHECKING
 
 import ml_collections
 import numpy as np
 
 from ciae_jax.data import categories as categories_lib
 from ciae_jax.data import transforms
+
+if TYPE_CHECKING:  # Annotations only: no TF import at run time.
+  import tensorflow as tf  # pylint: disable=g-bad-import-order
 
 COCO_CATEGORIES_FILE = os.path.join(os.path.dirname(__file__),
                                     "coco_panoptic_categories.json")
@@ -86,7 +89,7 @@ class TfdsSource:
     self.train = train
     self._len = None
 
-  def base(self):
+  def base(self) -> tf.data.Dataset:
     """The split in stored order, images still encoded."""
     skip = self._tfds.decode.SkipDecoding()
     return self.builder.as_dataset(
@@ -95,20 +98,18 @@ class TfdsSource:
 
   def __len__(self) -> int:
     if self._len is None:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
       n = int(self.base().cardinality())
-      if n < 0:
+      if n < 0:  # Unknown cardinality: count once.
         n = int(self.base().reduce(np.int64(0), lambda c, _: c + 1))
       self._len = n
-      del tf
     return self._len
 
-  def _non_empty(self):
+  def _non_empty(self) -> tf.data.Dataset:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return self.base().filter(
         lambda ex: tf.size(ex["panoptic_objects"]["id"]) > 0)
 
-  def train_tokens(self, seed: int, start_position: int):
+  def train_tokens(self, seed: int, start_position: int) -> tf.data.Dataset:
     """(position, example) from `start_position` on, infinite."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     non_empty = self._non_empty()
@@ -134,11 +135,11 @@ class TfdsSource:
     return tf.data.Dataset.zip(tf.data.Dataset.counter(start_position),
                                tokens)
 
-  def eval_tokens(self):
+  def eval_tokens(self) -> tf.data.Dataset:
     """(position, example) over every example once, in stored order."""
     return self.base().enumerate()
 
-  def loader(self):
+  def loader(self) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
     """A TF function: encoded TFDS example -> raw example (transforms)."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     label_to_class = tf.constant(self.label_to_class)  # [num_labels]

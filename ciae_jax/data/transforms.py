@@ -20,7 +20,10 @@ Raw example (per image, unbatched):
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TYPE_CHECKING
+
+if TYPE_CHECKING:  # Annotations only: no TF import at run time.
+  import tensorflow as tf  # pylint: disable=g-bad-import-order
 
 # ImageNet statistics in [0, 1] units (the backbone's pre-training).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,12 +59,13 @@ def resized_shape(height: int, width: int, *, min_size: float,
   return new_h, new_w
 
 
-def _tf():
+def _tf() -> Any:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf
 
 
-def check(cond, raw: dict[str, Any], message):
+def check(cond: tf.Tensor, raw: dict[str, Any],
+          message: tf.Tensor | str) -> tf.Operation:
   """An assert op whose error names the image id and the files (or key)."""
   tf = _tf()
   text = tf.strings.join(["image id ", tf.strings.as_string(raw["image_id"]),
@@ -69,7 +73,7 @@ def check(cond, raw: dict[str, Any], message):
   return tf.debugging.Assert(cond, [ERROR_TAG, text])
 
 
-def decode_rgb(contents):
+def decode_rgb(contents: tf.Tensor) -> tf.Tensor:
   """Encoded image -> uint8 RGB [h, w, 3]; JPEG with the accurate DCT.
 
   The accurate integer DCT decodes exactly as PIL/libjpeg do by default (the
@@ -84,7 +88,9 @@ def decode_rgb(contents):
                                  expand_animations=False))
 
 
-def resized_shape_tf(height, width, min_size, max_size, pad_size):
+def resized_shape_tf(height: tf.Tensor, width: tf.Tensor, min_size: tf.Tensor,
+                     max_size: float, pad_size: tuple[int, int]
+                     ) -> tuple[tf.Tensor, tf.Tensor]:
   """`resized_shape` in TF (same arithmetic, float64)."""
   tf = _tf()
   h = tf.cast(height, tf.float64)
@@ -100,7 +106,7 @@ def resized_shape_tf(height, width, min_size, max_size, pad_size):
   return new_h, new_w
 
 
-def truncation_rows(seg_area, max_segments: int):
+def truncation_rows(seg_area: tf.Tensor, max_segments: int) -> tf.Tensor:
   """Output row (1-based, 0 = dropped) of each JSON segment.
 
   With more than `max_segments` segments, the largest ones (by JSON area) are
@@ -114,7 +120,8 @@ def truncation_rows(seg_area, max_segments: int):
   return tf.cumsum(keep_mask) * keep_mask  # [n]
 
 
-def ids_to_rows(raw: dict[str, Any], seg_rows):
+def ids_to_rows(raw: dict[str, Any], seg_rows: tf.Tensor
+                ) -> tuple[tf.Tensor, list[tf.Operation]]:
   """Panoptic PNG -> row map (0 void, k = row k-1), with both-way checks.
 
   Returns:
@@ -149,7 +156,7 @@ def ids_to_rows(raw: dict[str, Any], seg_rows):
   return row_map, checks
 
 
-def nearest_indices(in_size, out_size):
+def nearest_indices(in_size: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
   """Source index of each output pixel, nearest neighbour, half-pixel centres."""
   tf = _tf()
   scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
@@ -157,7 +164,8 @@ def nearest_indices(in_size, out_size):
   return tf.minimum(tf.cast(src, tf.int32), in_size - 1)  # [out_size]
 
 
-def gather_2d(values, rows_src, cols_src):
+def gather_2d(values: tf.Tensor, rows_src: tf.Tensor,
+              cols_src: tf.Tensor) -> tf.Tensor:
   """`values[rows_src][:, cols_src]` (nearest resize and flip by indices)."""
   tf = _tf()
   # Row gathers copy whole rows; gathering columns as rows of the transpose
@@ -167,7 +175,7 @@ def gather_2d(values, rows_src, cols_src):
   return tf.transpose(picked)  # [new_h, new_w]
 
 
-def _first_last(presence):
+def _first_last(presence: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   """First and last True along axis 1 of a bool [K, N] (0, -1 if none)."""
   tf = _tf()
   n = tf.shape(presence)[1]
@@ -178,7 +186,7 @@ def _first_last(presence):
   return first, last
 
 
-def _presence(values, num_rows: int):
+def _presence(values: tf.Tensor, num_rows: int) -> tf.Tensor:
   """presence[k - 1, j]: value k occurs in column j of `values` [M, L] -> [S, L]."""
   tf = _tf()
   length = tf.shape(values)[1]
@@ -189,7 +197,9 @@ def _presence(values, num_rows: int):
   return tf.reshape(counts > 0, [num_rows + 1, length])[1:]  # [S, L]
 
 
-def boxes_after_resize(row_map, rows_src, cols_src, num_rows: int):
+def boxes_after_resize(row_map: tf.Tensor, rows_src: tf.Tensor,
+                       cols_src: tf.Tensor, num_rows: int
+                       ) -> tuple[tf.Tensor, tf.Tensor]:
   """Boxes of the rows of `gather_2d(row_map, rows_src, cols_src)`.
 
   Exact without materialising the output map: output row `i` holds segment
@@ -218,7 +228,7 @@ def boxes_after_resize(row_map, rows_src, cols_src, num_rows: int):
   return tf.where(present[:, None], box, 0.0), present
 
 
-def normalize_image(image):
+def normalize_image(image: tf.Tensor) -> tf.Tensor:
   """uint8 RGB -> `(x / 255 - mean) / std` float32, channels last."""
   tf = _tf()
   scale = tf.linalg.diag(tf.constant([1.0 / (255.0 * s)
@@ -230,7 +240,8 @@ def normalize_image(image):
   return tf.reshape(pixels, tf.shape(image))  # [h, w, 3]
 
 
-def _per_row(values, seg_rows, num_rows: int, dtype):
+def _per_row(values: tf.Tensor, seg_rows: tf.Tensor, num_rows: int,
+             dtype: tf.DType) -> tf.Tensor:
   """Scatters per-JSON-segment values into the padded rows [S]."""
   tf = _tf()
   kept = seg_rows > 0  # [n]
@@ -239,7 +250,8 @@ def _per_row(values, seg_rows, num_rows: int, dtype):
   return tf.scatter_nd(idx[:, None], vals, [num_rows])  # [S]
 
 
-def transform_example(raw: dict[str, Any], *, train: bool, key=None,
+def transform_example(raw: dict[str, Any], *, train: bool,
+                      key: tf.Tensor | None = None,
                       image_size: tuple[int, int],
                       min_size_range: tuple[int, int] = (800, 800),
                       max_size: int = 1333,
