@@ -23,6 +23,7 @@ Command: `python -m ciae_jax.data.synthetic --root DIR [--num_train N ...]`.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -261,32 +262,51 @@ def generate_synthetic_dataset(root: str | os.PathLike, *, num_train: int = 512,
   params = {"version": VERSION, "num_train": int(num_train),
             "num_val": int(num_val),
             "image_size": [int(v) for v in image_size], "seed": int(seed)}
-  manifest_path = os.path.join(root, MANIFEST)
-  if os.path.isfile(manifest_path):
-    with open(manifest_path) as f:
-      existing = json.load(f)
-    if existing == params:
-      return root
-    raise ValueError(f"{manifest_path}: a synthetic dataset with other "
-                     f"parameters ({existing}) is there; asked for {params}. "
-                     "Use another root or delete it.")
   if min(image_size) < 32:
     raise ValueError(f"synthetic image_size {tuple(image_size)} too small "
                      "(at least 32 x 32)")
-  # Build next to the target, then move in: a crash leaves no half dataset.
+  os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+  # One generator at a time per root (e.g. parallel test workers or hosts).
+  with open(os.path.abspath(root) + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not _matches_manifest(root, params):
+        _generate(root, params)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return root
+
+
+def _matches_manifest(root: str, params: dict[str, Any]) -> bool:
+  """True if `root` holds this dataset; ValueError if it holds another."""
+  manifest_path = os.path.join(root, MANIFEST)
+  if not os.path.isfile(manifest_path):
+    return False
+  with open(manifest_path) as f:
+    existing = json.load(f)
+  if existing != params:
+    raise ValueError(f"{manifest_path}: a synthetic dataset with other "
+                     f"parameters ({existing}) is there; asked for {params}. "
+                     "Use another root or delete it.")
+  return True
+
+
+def _generate(root: str, params: dict[str, Any]) -> None:
+  """Writes the splits next to `root`, moves them in, then the manifest."""
   staging = f"{root}.partial-{os.getpid()}"
   shutil.rmtree(staging, ignore_errors=True)
-  for split, num in zip(SPLITS, (num_train, num_val)):
-    _write_split(staging, split, num, tuple(image_size), seed)
+  image_size = tuple(params["image_size"])
+  for split, num in zip(SPLITS, (params["num_train"], params["num_val"])):
+    _write_split(staging, split, num, image_size, params["seed"])
   os.makedirs(root, exist_ok=True)
   for name in ("annotations", *SPLITS):
     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     os.replace(os.path.join(staging, name), os.path.join(root, name))
   shutil.rmtree(staging, ignore_errors=True)
+  manifest_path = os.path.join(root, MANIFEST)
   with open(manifest_path + ".tmp", "w") as f:
     json.dump(params, f)
   os.replace(manifest_path + ".tmp", manifest_path)  # Written last: complete.
-  return root
 
 
 def main(argv: Sequence[str] | None = None) -> None:
