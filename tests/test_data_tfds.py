@@ -119,19 +119,22 @@ def test_builder_features_the_source_reads(coco_sample_root):
     assert cats.coco_id(table[label]) == raw[label]["id"]
 
 
-def test_tfds_batches_equal_coco_file_batches(coco_sample_root):
+@pytest.mark.parametrize("max_segments", [100, 10])  # 10: truncation too.
+def test_tfds_batches_equal_coco_file_batches(coco_sample_root, max_segments):
   examples = _sample_examples(coco_sample_root)
+  tfds_cfg = _config(coco_sample_root, "tfds")
+  coco_cfg = _config(coco_sample_root, "coco")
+  tfds_cfg.max_segments = coco_cfg.max_segments = max_segments
   with tfds.testing.mock_data(as_dataset_fn=_as_dataset_fn(examples)):
-    tfds_eval = list(pipeline.build_input(
-        _config(coco_sample_root, "tfds"), "val2017", train=False,
-        global_batch_size=8, seed=0))
-  coco_eval = list(pipeline.build_input(
-      _config(coco_sample_root, "coco"), "val2017", train=False,
-      global_batch_size=8, seed=0))
+    tfds_eval = list(pipeline.build_input(tfds_cfg, "val2017", train=False,
+                                          global_batch_size=8, seed=0))
+  coco_eval = list(pipeline.build_input(coco_cfg, "val2017", train=False,
+                                        global_batch_size=8, seed=0))
   assert len(tfds_eval) == len(coco_eval) == 1
   for key, value in coco_eval[0].items():
     np.testing.assert_array_equal(tfds_eval[0][key], value, err_msg=key)
   assert coco_eval[0]["example_valid"].sum() == 2
+  assert coco_eval[0]["seg_valid"].sum() <= 2 * max_segments
 
 
 def test_tfds_training_is_deterministic_and_resumable(coco_sample_root):
