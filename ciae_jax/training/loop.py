@@ -250,6 +250,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   logging.info("Training from step %d to %d (%s, %d devices, global batch %d)", start_step,
                config.total_steps, config.parallel, jax.device_count(), config.batch_size)
+  try:
+    state = _train_steps(config, state, start_step=start_step, step_fn=step_fn,
+                         batches=batches, mesh=mesh, writer=writer, manager=manager,
+                         report_progress=report_progress, run_evaluation=run_evaluation)
+  finally:
+    # A checkpoint still being written (e.g. when the input fails) is completed first.
+    manager.wait_until_finished()
+    writer.flush()
+  final = parallel.unreplicate(state, parallel=config.parallel)
+  if start_step >= config.total_steps:
+    logging.info("Nothing to train: the checkpoint is at step %d >= total_steps %d",
+                 start_step, config.total_steps)
+  return final
+
+
+def _train_steps(config, state, *, start_step, step_fn, batches, mesh, writer, manager,
+                 report_progress, run_evaluation):
+  """Steps `start_step + 1 .. total_steps` with logging, checkpoints and evaluation."""
   train_metrics = None
   last_log_time, last_log_step = time.time(), start_step
   for step in range(start_step + 1, config.total_steps + 1):
@@ -283,11 +301,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                           force=True)
     if config.eval_every_steps > 0 and (step % config.eval_every_steps == 0 or is_last):
       run_evaluation(step, state)
-
-  manager.wait_until_finished()
-  writer.flush()
-  final = parallel.unreplicate(state, parallel=config.parallel)
-  if start_step >= config.total_steps:
-    logging.info("Nothing to train: the checkpoint is at step %d >= total_steps %d",
-                 start_step, config.total_steps)
-  return final
+  return state
