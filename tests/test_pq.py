@@ -416,8 +416,8 @@ def test_ids_beyond_24_bits_and_many_segments(tmp_path):
   rng = np.random.default_rng(5)
   categories = synthetic_categories()
   height, width = 216, 216
-  # Every pixel its own segment in both maps: over 2^31 [gt, pred] cells, so
-  # the sparse histogram and the int64 key path.
+  # Every pixel its own segment in both maps (one run per pixel, 2e9 [gt,
+  # pred] cells): the sparse (np.unique) histogram path.
   gt_map = rng.permutation(height * width).reshape(height, width) + 1
   pred_map = gt_map.copy()
   moved = rng.random((height, width)) < 0.2

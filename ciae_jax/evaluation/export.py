@@ -14,7 +14,7 @@ import os
 import struct
 import sys
 import zlib
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -99,11 +99,7 @@ def rgb_to_id_map(rgb: np.ndarray) -> np.ndarray:
   return c[..., 0] + 256 * c[..., 1] + 65536 * c[..., 2]  # [H, W]
 
 
-def read_panoptic_png(
-    path: str | os.PathLike[str],
-    *,
-    allocate: Callable[[int], np.ndarray] | None = None,
-) -> np.ndarray:
+def read_panoptic_png(path: str | os.PathLike[str]) -> np.ndarray:
   """Reads a COCO panoptic PNG as segment ids, like panopticapi does.
 
   RGB(A) images give `R + 256 G + 256^2 B` (alpha ignored); other modes
@@ -111,8 +107,6 @@ def read_panoptic_png(
 
   Args:
     path: the PNG file.
-    allocate: optional `allocate(n) -> [n] int64` array to write the ids
-      into (e.g. a reused buffer); default a new array.
 
   Returns:
     [H, W] int64 segment ids.
@@ -120,8 +114,8 @@ def read_panoptic_png(
   with Image.open(path) as image:
     width, height = image.size
     if image.mode == "RGB" and sys.byteorder == "little" and width * height:
-      out = (allocate or _new_int64)(height * width)  # [H*W]
-      return _rgb_bytes_to_ids(image.tobytes(), out).reshape(
+      ids = np.empty(height * width, np.int64)  # [H*W]
+      return _rgb_bytes_to_ids(image.tobytes(), ids).reshape(
           height, width)  # [H, W]
     pixels = np.asarray(image)
     if pixels.ndim != 3 or pixels.shape[-1] < 3:
@@ -130,13 +124,8 @@ def read_panoptic_png(
   return rgb_to_id_map(pixels).astype(np.int64)  # [H, W]
 
 
-def _new_int64(size: int) -> np.ndarray:
-  """A fresh [size] int64 array."""
-  return np.empty(size, np.int64)
-
-
 def _rgb_bytes_to_ids(packed: bytes, ids: np.ndarray) -> np.ndarray:
-  """Fills [N] int64 `ids` from N packed RGB pixels, in one pass.
+  """Fills [N] integer `ids` (>= 32 bits) from N packed RGB pixels, one pass.
 
   Reads each pixel's 3 bytes plus the next pixel's first byte as one
   little-endian uint32 through an overlapping stride-3 view and masks the

@@ -15,11 +15,12 @@ Differences from the reference, all on input it handles badly:
     (pq_compute divides by zero);
   * a segment id 0 in either JSON is rejected (0 is VOID in the PNG).
 
-This file replaces its per-pixel-pair Python loop by one joint histogram per
-image: segment ids are mapped to compact labels (a lookup table, or sorted
-search for ids beyond 24 bits), `np.bincount` gives the [gt, pred]
-intersection matrix, and matching, false negatives and false positives are
-array operations on its non-zero entries.
+This file replaces the reference's per-pixel sorts and per-pair Python loop
+by run-length counting: one pass finds the runs (in row-major order) over which
+both the gt and the predicted id are constant, segment ids are mapped to
+compact labels on the run starts only (sorted search), `np.bincount` weighted
+by run lengths gives the [gt, pred] intersection matrix, and matching, false
+negatives and false positives are array operations on its non-zero entries.
 
 Command line (a drop-in for the COCO panoptic API):
   python -m ciae_jax.evaluation.pq --gt_json F --gt_folder D \
@@ -28,7 +29,6 @@ Command line (a drop-in for the COCO panoptic API):
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import multiprocessing
 import os
@@ -38,13 +38,14 @@ import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
+from ciae_jax.evaluation.export import _rgb_bytes_to_ids  # pylint: disable=protected-access
 from ciae_jax.evaluation.export import read_panoptic_png
 
 OFFSET = 256 * 256 * 256
 VOID = 0
-# Ids below this go through a lookup table (every id a PNG can encode does).
-_LUT_SIZE = OFFSET
+_RGB_MASK = OFFSET - 1
 # Compact labels: 0 = id not listed in the JSON, 1 = VOID, 2 + k = segment k.
 _UNLISTED, _VOID_LABEL, _FIRST_SEGMENT = 0, 1, 2
 
@@ -57,28 +58,34 @@ class PanopticFormatError(KeyError, ValueError):
     return str(self.args[0]) if self.args else ""
 
 
-_thread_state = threading.local()
+def _png_ids(path: str, buffer_name: str) -> tuple[np.ndarray, tuple[int, int]]:
+  """Flat segment ids of a panoptic PNG, read as pq_compute reads them.
 
+  8-bit RGB files (all COCO and exported ones) are decoded from their packed
+  bytes into a per-thread reused uint32 buffer (valid until the next call
+  with the same `buffer_name`); other modes go through `read_panoptic_png`,
+  which rejects what pq_compute cannot read.
 
-def _lookup_table() -> np.ndarray:
-  """A per-thread [2^24] int32 table of zeros, created on first use.
-
-  np.zeros uses calloc, so only the pages an image touches are ever mapped;
-  entries are set for one image's ids and reset right after.
+  Returns:
+    [H*W] ids and (H, W).
   """
-  table = getattr(_thread_state, "table", None)
-  if table is None:
-    table = np.zeros(_LUT_SIZE, np.int32)
-    _thread_state.table = table
-  return table
+  with Image.open(path) as image:
+    width, height = image.size
+    if image.mode == "RGB" and sys.byteorder == "little" and width * height:
+      ids = _scratch(buffer_name, width * height, np.uint32)  # [N]
+      return _rgb_bytes_to_ids(image.tobytes(), ids), (height, width)
+  ids = read_panoptic_png(path)  # [H, W]
+  return ids.reshape(-1), ids.shape
+
+
+_thread_state = threading.local()
 
 
 def _scratch(name: str, size: int, dtype: Any) -> np.ndarray:
   """A per-thread reusable [size] buffer.
 
-  Fresh multi-megabyte arrays per image would each be handed back to the OS
-  when freed (glibc trims the heap) and page-faulted in again on the next
-  image, which costs more than the arithmetic done on them.
+  Fresh large arrays per image would each be handed back to the OS when
+  freed (glibc trims the heap) and page-faulted in again on the next image.
   """
   buffers = getattr(_thread_state, "buffers", None)
   if buffers is None:
@@ -89,69 +96,73 @@ def _scratch(name: str, size: int, dtype: Any) -> np.ndarray:
   return buffer[:size]
 
 
-def _compact_labels(ids: np.ndarray, segment_ids: np.ndarray,
-                    ids_fit_table: bool, scale: int = 1,
-                    buffer_name: str = "labels") -> np.ndarray:
-  """Maps pixel ids to compact labels (0 unlisted, 1 VOID, 2 + k segment k).
+def _runs(gt_ids: np.ndarray, pred_ids: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
+  """Starts [R] and lengths [R] of row-major runs of constant gt and pred id.
 
   Args:
-    ids: [N] non-negative integer pixel ids.
+    gt_ids, pred_ids: [N] flat id maps.
+
+  Panoptic maps are piecewise constant, so R is a few per cent of N and
+  everything after this pass works on runs, not pixels.
+  """
+  num_pixels = gt_ids.size
+  if num_pixels == 0:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  change = _scratch("change", num_pixels, np.bool_)  # [N]
+  change[0] = True
+  np.not_equal(gt_ids[1:], gt_ids[:-1], out=change[1:])
+  pred_change = _scratch("pred_change", num_pixels - 1, np.bool_)  # [N-1]
+  np.not_equal(pred_ids[1:], pred_ids[:-1], out=pred_change)
+  np.logical_or(change[1:], pred_change, out=change[1:])
+  starts = np.flatnonzero(change)  # [R]
+  return starts, np.diff(starts, append=num_pixels)
+
+
+def _compact_labels(ids: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+  """Compact labels of ids: 0 unlisted, 1 VOID, 2 + k for segment_ids[k].
+
+  Args:
+    ids: [R] int64 ids (one per run).
     segment_ids: [S] distinct listed ids, none equal to VOID.
-    ids_fit_table: whether every pixel id is known to be < 2^24.
-    scale: labels come out multiplied by it (saves a pass when building the
-      joint gt * num_pred + pred key); `(S + 2) * scale` must fit in int32.
-    buffer_name: the per-thread scratch buffer the table path writes into
-      (valid until the next call with the same name).
 
   Returns:
-    [N] int32 (table) or int64 (search) labels times `scale`.
+    [R] int64 labels.
   """
-  num = segment_ids.size
-  if not ids_fit_table and ids.size:
-    ids_fit_table = bool(ids.min() >= 0 and ids.max() < _LUT_SIZE)
-  if ids_fit_table:
-    table = _lookup_table()
-    # Listed ids outside the table cannot occur in these pixels: skip them.
-    in_table = (segment_ids >= 0) & (segment_ids < _LUT_SIZE)  # [S]
-    listed = segment_ids[in_table]  # [S']
-    table[VOID] = _VOID_LABEL * scale
-    table[listed] = (np.nonzero(in_table)[0] + _FIRST_SEGMENT) * scale
-    try:
-      # mode="clip" is a no-op here (ids < 2^24) and lets `out` be written
-      # directly; the default mode buffers `out`.
-      return np.take(table, ids, mode="clip",
-                     out=_scratch(buffer_name, ids.size, np.int32))  # [N]
-    finally:
-      table[VOID] = 0
-      table[listed] = 0
-  # Ids beyond 24 bits (in-memory input only): binary search in sorted ids.
   vocabulary = np.concatenate([[VOID], segment_ids]).astype(np.int64)  # [S+1]
   order = np.argsort(vocabulary, kind="stable")  # [S+1]
   sorted_vocabulary = vocabulary[order]  # [S+1]
-  pos = np.minimum(np.searchsorted(sorted_vocabulary, ids), num)  # [N]
-  found = sorted_vocabulary[pos] == ids  # [N]
-  return np.where(found, (order[pos] + _VOID_LABEL) * scale,
-                  _UNLISTED)  # [N]
+  pos = np.minimum(np.searchsorted(sorted_vocabulary, ids),
+                   sorted_vocabulary.size - 1)  # [R]
+  found = sorted_vocabulary[pos] == ids  # [R]
+  return np.where(found, order[pos] + _VOID_LABEL, _UNLISTED)  # [R]
 
 
-def _intersections(key: np.ndarray, num_gt: int, num_pred: int
+def _intersections(gt_labels: np.ndarray, pred_labels: np.ndarray,
+                   lengths: np.ndarray, num_gt: int, num_pred: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Non-zero entries of the [num_gt, num_pred] pixel co-occurrence matrix.
 
   Args:
-    key: [N] non-negative int `gt_label * num_pred + pred_label` per pixel.
+    gt_labels, pred_labels: [R] compact labels of each run.
+    lengths: [R] pixels in each run.
 
   Returns:
     gt label [K], pred label [K], pixel count [K] (int64), row-major order.
   """
+  key = gt_labels * num_pred + pred_labels  # [R]
   cells = num_gt * num_pred
+  # Float weights sum integers exactly below 2^53 pixels.
   if cells <= max(4 * key.size, 1 << 16):
-    counts = np.bincount(key, minlength=cells)  # [G*P]
+    counts = np.bincount(key, weights=lengths, minlength=cells)  # [G*P]
     nonzero = np.flatnonzero(counts)  # [K]
-    return nonzero // num_pred, nonzero % num_pred, counts[nonzero]
-  # Very many segments: a dense matrix would dwarf the image, sort instead.
-  unique_keys, counts = np.unique(key, return_counts=True)  # [K]
-  return unique_keys // num_pred, unique_keys % num_pred, counts
+    return (nonzero // num_pred, nonzero % num_pred,
+            counts[nonzero].astype(np.int64))
+  # Very many segments: a dense matrix would dwarf the runs, sort instead.
+  unique_keys, inverse = np.unique(key, return_inverse=True)  # [K], [R]
+  counts = np.bincount(inverse.reshape(-1), weights=lengths)  # [K]
+  return (unique_keys // num_pred, unique_keys % num_pred,
+          counts.astype(np.int64))
 
 
 def _categories_dict(categories: Any) -> dict[int, Mapping[str, Any]]:
@@ -198,18 +209,16 @@ class PQAccumulator:
 
   def add(self, gt_ids: np.ndarray, gt_segments: Sequence[Mapping[str, Any]],
           pred_ids: np.ndarray, pred_segments: Sequence[Mapping[str, Any]],
-          *, image_id: Any = None, ids_fit_24_bits: bool = False) -> None:
+          *, image_id: Any = None) -> None:
     """Adds one image.
 
     Args:
-      gt_ids: [H, W] non-negative int ground-truth segment ids, 0 = VOID.
+      gt_ids: [H, W] integer ground-truth segment ids, 0 = VOID.
       gt_segments: COCO dicts with `id`, `category_id`, `iscrowd` (default 0)
         and optionally `area` (used as pq_compute does; else counted).
-      pred_ids: [H, W] non-negative int predicted segment ids, 0 = VOID.
+      pred_ids: [H, W] integer predicted segment ids, 0 = VOID.
       pred_segments: COCO dicts with `id`, `category_id`.
       image_id: named in error messages.
-      ids_fit_24_bits: the caller guarantees all ids < 2^24 (PNG input),
-        which skips a min/max pass.
 
     Raises:
       PanopticFormatError: a predicted id in the map missing from
@@ -222,6 +231,21 @@ class PQAccumulator:
       raise PanopticFormatError(
           f"In the image with ID {image_id} the ground truth map {gt_ids.shape}"
           f" and the prediction map {pred_ids.shape} differ in shape.")
+    for name, ids in (("ground truth", gt_ids), ("prediction", pred_ids)):
+      if not np.issubdtype(ids.dtype, np.integer):
+        raise PanopticFormatError(
+            f"In the image with ID {image_id} the {name} map has dtype "
+            f"{ids.dtype}; segment ids must be integers.")
+    self._add_flat(np.ascontiguousarray(gt_ids).reshape(-1), gt_segments,
+                   np.ascontiguousarray(pred_ids).reshape(-1), pred_segments,
+                   image_id)
+
+  def _add_flat(self, gt_ids: np.ndarray,
+                gt_segments: Sequence[Mapping[str, Any]],
+                pred_ids: np.ndarray,
+                pred_segments: Sequence[Mapping[str, Any]],
+                image_id: Any) -> None:
+    """`add` on flat [N] id maps of one image."""
     # Dicts as pq_compute builds them: a repeated id keeps its last entry.
     gt_by_id = {int(s["id"]): s for s in gt_segments}
     pred_by_id = {int(s["id"]): s for s in pred_segments}
@@ -232,32 +256,21 @@ class PQAccumulator:
     pred_info = list(pred_by_id.values())
     gt_seg_ids = np.fromiter(gt_by_id, np.int64, len(gt_by_id))  # [Sg]
     pred_seg_ids = np.fromiter(pred_by_id, np.int64, len(pred_by_id))  # [Sp]
-
     num_gt = gt_seg_ids.size + _FIRST_SEGMENT
     num_pred = pred_seg_ids.size + _FIRST_SEGMENT
-    pred_flat = pred_ids.reshape(-1)  # [N]
-    pred_labels = _compact_labels(pred_flat, pred_seg_ids, ids_fit_24_bits,
-                                  buffer_name="pred_labels")  # [N]
-    # Joint key gt_label * num_pred + pred_label.
-    if num_gt * num_pred < 2**31:
-      gt_scaled = _compact_labels(gt_ids.reshape(-1), gt_seg_ids,
-                                  ids_fit_24_bits, scale=num_pred,
-                                  buffer_name="gt_labels")  # [N]
-      if gt_scaled.dtype == pred_labels.dtype == np.int32:
-        key = np.add(gt_scaled, pred_labels,
-                     out=_scratch("key", pred_labels.size, np.int32))  # [N]
-      else:  # the search path (ids beyond 24 bits) gives int64
-        key = gt_scaled + pred_labels  # [N]
-    else:
-      gt_labels = _compact_labels(gt_ids.reshape(-1), gt_seg_ids,
-                                  ids_fit_24_bits)  # [N]
-      key = gt_labels.astype(np.int64) * num_pred + pred_labels  # [N]
-    gi, pj, inter = _intersections(key, num_gt, num_pred)
+
+    starts, lengths = _runs(gt_ids, pred_ids)  # [R], [R]
+    pred_run_ids = pred_ids[starts].astype(np.int64)  # [R]
+    pred_labels = _compact_labels(pred_run_ids, pred_seg_ids)  # [R]
+    gt_labels = _compact_labels(gt_ids[starts].astype(np.int64),
+                                gt_seg_ids)  # [R]
+    gi, pj, inter = _intersections(gt_labels, pred_labels, lengths, num_gt,
+                                   num_pred)
 
     pred_area = np.bincount(pj, weights=inter, minlength=num_pred)  # [P]
     pred_cat = np.concatenate(
         [[-1, -1], self._category_indices(pred_info)])  # [P]
-    self._check_prediction(image_id, pred_flat, pred_labels, pred_area,
+    self._check_prediction(image_id, pred_run_ids, pred_labels, pred_area,
                            pred_cat, pred_seg_ids, pred_info)
 
     gt_cat = np.concatenate([[-1, -1], self._category_indices(gt_info)])  # [G]
@@ -313,13 +326,13 @@ class PQAccumulator:
     self.fp += np.bincount(pred_cat[is_fp], minlength=num_cats)
     self.num_images += 1
 
-  def _check_prediction(self, image_id: Any, pred_flat: np.ndarray,
+  def _check_prediction(self, image_id: Any, pred_run_ids: np.ndarray,
                         pred_labels: np.ndarray, pred_area: np.ndarray,
                         pred_cat: np.ndarray, pred_seg_ids: np.ndarray,
                         pred_info: Sequence[Mapping[str, Any]]) -> None:
     """pq_compute's sanity checks of one predicted image."""
     if pred_area[_UNLISTED] > 0:
-      unlisted = np.unique(pred_flat[pred_labels == _UNLISTED])
+      unlisted = np.unique(pred_run_ids[pred_labels == _UNLISTED])
       raise PanopticFormatError(
           f"In the image with ID {image_id} segment with ID "
           f"{int(unlisted[0])} is presented in PNG and not presented in JSON "
@@ -420,19 +433,16 @@ def _evaluate_chunk(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
     gt_path = os.path.join(_worker_state["gt_folder"], gt_ann["file_name"])
     pred_path = os.path.join(_worker_state["pred_folder"],
                              pred_ann["file_name"])
-    gt_ids = read_panoptic_png(gt_path, allocate=functools.partial(
-        _scratch, "gt_ids", dtype=np.int64))  # [H, W]
-    pred_ids = read_panoptic_png(pred_path, allocate=functools.partial(
-        _scratch, "pred_ids", dtype=np.int64))  # [H, W]
-    if gt_ids.shape != pred_ids.shape:
+    gt_ids, gt_shape = _png_ids(gt_path, "gt_ids")  # [N]
+    pred_ids, pred_shape = _png_ids(pred_path, "pred_ids")  # [N]
+    if gt_shape != pred_shape:
       raise PanopticFormatError(
           f"In the image with ID {image_id} the ground truth {gt_path} "
-          f"{gt_ids.shape} and the prediction {pred_path} {pred_ids.shape} "
+          f"{gt_shape} and the prediction {pred_path} {pred_shape} "
           f"differ in size.")
     try:
-      accumulator.add(gt_ids, gt_ann["segments_info"], pred_ids,
-                      pred_ann["segments_info"], image_id=image_id,
-                      ids_fit_24_bits=True)
+      accumulator._add_flat(gt_ids, gt_ann["segments_info"], pred_ids,  # pylint: disable=protected-access
+                            pred_ann["segments_info"], image_id)
     except PanopticFormatError as e:
       raise PanopticFormatError(f"{e} (prediction file {pred_path})") from None
   return (accumulator.iou, accumulator.tp, accumulator.fp, accumulator.fn,
