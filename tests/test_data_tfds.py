@@ -6,6 +6,7 @@ it) must go through the same transforms as the COCO-file source and give the
 same batches.
 """
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -15,6 +16,12 @@ import tensorflow_datasets as tfds
 from ciae_jax.data import categories as categories_lib
 from ciae_jax.data import pipeline
 from ciae_jax.data import tfds_source
+
+
+@pytest.fixture(autouse=True)
+def _tfds_temp_dirs_in_tmp_path(tmp_path, monkeypatch):
+  # TFDS leaves an empty mkdtemp() folder per builder without local data.
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def _config(coco_sample_root, source):
