@@ -402,9 +402,12 @@ def test_matches_pq_compute_on_synthetic_maps(seed, tmp_path):
   pred_json, pred_folder = write_set(str(tmp_path), "pred", pred_anns,
                                      pred_maps, categories)
   ref = reference_pq(gt_json, gt_folder, pred_json, pred_folder)
-  workers = 2 if seed == 0 else 1  # one run through the process pool
+  # seed 0 through a pool of forked processes, seed 1 of spawned ones (no
+  # state inherited: everything a worker needs must be picklable).
+  workers, context = {0: (2, "fork"), 1: (2, "spawn")}.get(seed, (1, None))
   assert_same(pq.pq_compute_files(gt_json, gt_folder, pred_json, pred_folder,
-                                  num_workers=workers), ref)
+                                  num_workers=workers, mp_context=context),
+              ref)
   accumulator = pq.PQAccumulator(categories)
   for ga, pa, gm, pm in zip(gt_anns, pred_anns, gt_maps, pred_maps):
     accumulator.add(gm, ga["segments_info"], pm, pa["segments_info"])

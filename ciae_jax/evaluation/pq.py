@@ -474,6 +474,7 @@ def pq_compute_files(
     pred_json: str | os.PathLike[str] | Mapping[str, Any],
     pred_folder: str | os.PathLike[str] | None,
     num_workers: int | None = None,
+    mp_context: str | None = None,
 ) -> dict[str, Any]:
   """PQ of a COCO panoptic prediction (JSON + PNG folder), like pq_compute.
 
@@ -483,6 +484,9 @@ def pq_compute_files(
     pred_json: predicted panoptic JSON path (or its loaded dict).
     pred_folder: predicted PNG folder; None: the JSON path without ".json".
     num_workers: processes; None: the CPUs this process may use; 1: inline.
+    mp_context: multiprocessing start method ("fork", "forkserver",
+      "spawn"); None: fork, or forkserver once JAX / TensorFlow are imported
+      (forking a process that runs their threads can deadlock).
 
   Returns:
     pq_compute's result dict (see `PQAccumulator.result`).
@@ -517,7 +521,9 @@ def pq_compute_files(
     # A few chunks per worker balance the load without many round trips.
     num_chunks = min(len(pairs), 4 * num_workers)
     chunks = [pairs[i::num_chunks] for i in range(num_chunks)]
-    with _default_context().Pool(num_workers, _init_worker,
+    context = (multiprocessing.get_context(mp_context) if mp_context
+               else _default_context())
+    with context.Pool(num_workers, _init_worker,
                                  (categories, gt_folder, pred_folder)) as pool:
       chunk_counts = pool.map(_evaluate_chunk, chunks, chunksize=1)
       pool.close()
