@@ -417,22 +417,32 @@ def format_pq_table(result: Mapping[str, Any]) -> str:
 _worker_state: dict[str, Any] = {}
 
 
-def _init_worker(categories: dict[int, Mapping[str, Any]], gt_folder: str,
+def _init_worker(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]],
+                 categories: dict[int, Mapping[str, Any]], gt_folder: str,
                  pred_folder: str) -> None:
-  """Pool initializer: the constant inputs, sent once per process."""
-  _worker_state.update(categories=categories, gt_folder=gt_folder,
+  """Pool initializer: the inputs, once per process (inherited, not pickled,
+  under fork), so that tasks are just lists of image indices."""
+  _worker_state.update(pairs=pairs, categories=categories, gt_folder=gt_folder,
                        pred_folder=pred_folder)
 
 
-def _evaluate_chunk(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
-                    ) -> tuple[np.ndarray, ...]:
-  """Reads and scores a chunk of (gt, pred) annotations; returns the counts."""
-  accumulator = PQAccumulator(_worker_state["categories"])
+def _evaluate_indices(indices: Sequence[int]) -> tuple[Any, ...]:
+  """Pool task: scores the worker's pairs at `indices`."""
+  state = _worker_state
+  return _evaluate_pairs([state["pairs"][i] for i in indices],
+                         state["categories"], state["gt_folder"],
+                         state["pred_folder"])
+
+
+def _evaluate_pairs(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]],
+                    categories: dict[int, Mapping[str, Any]], gt_folder: str,
+                    pred_folder: str) -> tuple[Any, ...]:
+  """Reads and scores (gt, pred) annotations; returns the summed counts."""
+  accumulator = PQAccumulator(categories)
   for gt_ann, pred_ann in pairs:
     image_id = gt_ann["image_id"]
-    gt_path = os.path.join(_worker_state["gt_folder"], gt_ann["file_name"])
-    pred_path = os.path.join(_worker_state["pred_folder"],
-                             pred_ann["file_name"])
+    gt_path = os.path.join(gt_folder, gt_ann["file_name"])
+    pred_path = os.path.join(pred_folder, pred_ann["file_name"])
     gt_ids, gt_shape = _png_ids(gt_path, "gt_ids")  # [N]
     pred_ids, pred_shape = _png_ids(pred_path, "pred_ids")  # [N]
     if gt_shape != pred_shape:
@@ -515,17 +525,16 @@ def pq_compute_files(
   num_workers = max(1, min(num_workers, len(pairs)))
   accumulator = PQAccumulator(categories)
   if num_workers == 1:
-    _init_worker(categories, gt_folder, pred_folder)
-    chunk_counts = [_evaluate_chunk(pairs)]
+    chunk_counts = [_evaluate_pairs(pairs, categories, gt_folder, pred_folder)]
   else:
-    # A few chunks per worker balance the load without many round trips.
+    # A few interleaved chunks per worker balance the load.
     num_chunks = min(len(pairs), 4 * num_workers)
-    chunks = [pairs[i::num_chunks] for i in range(num_chunks)]
+    chunks = [list(range(i, len(pairs), num_chunks)) for i in range(num_chunks)]
     context = (multiprocessing.get_context(mp_context) if mp_context
                else _default_context())
     with context.Pool(num_workers, _init_worker,
-                                 (categories, gt_folder, pred_folder)) as pool:
-      chunk_counts = pool.map(_evaluate_chunk, chunks, chunksize=1)
+                      (pairs, categories, gt_folder, pred_folder)) as pool:
+      chunk_counts = pool.map(_evaluate_indices, chunks, chunksize=1)
       pool.close()
       pool.join()
   for iou, tp, fp, fn, num_images in chunk_counts:
