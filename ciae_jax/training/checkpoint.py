@@ -47,4 +47,19 @@ def restore_latest(manager: ocp.CheckpointManager, template: Any) -> Optional[An
   except (ValueError, KeyError) as error:
     raise ValueError(f"checkpoint {manager.directory}/{step} does not match the state of this "
                      f"config (model or optimizer changed?): {error}") from error
-  return flax.serialization.from_state_dict(template, restored)
+  state = flax.serialization.from_state_dict(template, restored)
+  _check_matches(state, template, f"{manager.directory}/{step}")
+  return state
+
+
+def _check_matches(restored: Any, template: Any, where: str) -> None:
+  """Orbax restores arrays with their saved shapes: compare them with the template's."""
+  flat_restored = jax.tree_util.tree_flatten_with_path(restored)[0]
+  flat_template = jax.tree_util.tree_flatten_with_path(template)[0]
+  for (path, got), (_, want) in zip(flat_restored, flat_template):
+    if np.shape(got) != np.shape(want) or np.asarray(got).dtype != np.asarray(want).dtype:
+      raise ValueError(
+          f"checkpoint {where} does not match the state of this config at "
+          f"{jax.tree_util.keystr(path)}: saved {np.asarray(got).dtype}{list(np.shape(got))}, "
+          f"expected {np.asarray(want).dtype}{list(np.shape(want))} (model or optimizer "
+          "changed?)")

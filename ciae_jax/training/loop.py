@@ -258,6 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # A checkpoint still being written (e.g. when the input fails) is completed first.
     manager.wait_until_finished()
     writer.flush()
+    if hasattr(batches, "close"):
+      batches.close()  # Releases the input pipeline's threads and buffers now.
   final = parallel.unreplicate(state, parallel=config.parallel)
   if start_step >= config.total_steps:
     logging.info("Nothing to train: the checkpoint is at step %d >= total_steps %d",
