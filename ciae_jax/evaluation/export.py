@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
 import zlib
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -113,9 +112,9 @@ def read_panoptic_png(path: str | os.PathLike[str]) -> np.ndarray:
   """
   with Image.open(path) as image:
     width, height = image.size
-    if image.mode == "RGB" and sys.byteorder == "little" and width * height:
+    if image.mode == "RGB" and width * height:
       ids = np.empty(height * width, np.int64)  # [H*W]
-      return _rgb_bytes_to_ids(image.tobytes(), ids).reshape(
+      return rgb_bytes_to_ids(image.tobytes(), ids).reshape(
           height, width)  # [H, W]
     pixels = np.asarray(image)
     if pixels.ndim != 3 or pixels.shape[-1] < 3:
@@ -124,14 +123,24 @@ def read_panoptic_png(path: str | os.PathLike[str]) -> np.ndarray:
   return rgb_to_id_map(pixels).astype(np.int64)  # [H, W]
 
 
-def _rgb_bytes_to_ids(packed: bytes, ids: np.ndarray) -> np.ndarray:
+def rgb_bytes_to_ids(packed: bytes, ids: np.ndarray) -> np.ndarray:
   """Fills [N] integer `ids` (>= 32 bits) from N packed RGB pixels, one pass.
 
   Reads each pixel's 3 bytes plus the next pixel's first byte as one
   little-endian uint32 through an overlapping stride-3 view and masks the
   top byte (the last pixel, which has no next byte, is done apart).
+
+  Args:
+    packed: 3 N bytes, R G B per pixel (PIL's `tobytes()` of an RGB image).
+    ids: [N] output array of an integer dtype of at least 32 bits.
+
+  Returns:
+    `ids`.
   """
   num_pixels = ids.size
+  if len(packed) != 3 * num_pixels or not num_pixels:
+    raise ValueError(f"{len(packed)} bytes cannot fill {num_pixels} RGB "
+                     f"pixels")
   view = np.ndarray(shape=(num_pixels - 1,), dtype="<u4", buffer=packed,
                     strides=(3,))  # [N-1]
   np.bitwise_and(view, MAX_SEGMENT_ID, out=ids[:-1], casting="unsafe")

@@ -40,8 +40,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from ciae_jax.evaluation.export import _rgb_bytes_to_ids  # pylint: disable=protected-access
 from ciae_jax.evaluation.export import read_panoptic_png
+from ciae_jax.evaluation.export import rgb_bytes_to_ids
 
 OFFSET = 256 * 256 * 256
 VOID = 0
@@ -71,9 +71,9 @@ def _png_ids(path: str, buffer_name: str) -> tuple[np.ndarray, tuple[int, int]]:
   """
   with Image.open(path) as image:
     width, height = image.size
-    if image.mode == "RGB" and sys.byteorder == "little" and width * height:
+    if image.mode == "RGB" and width * height:
       ids = _scratch(buffer_name, width * height, np.uint32)  # [N]
-      return _rgb_bytes_to_ids(image.tobytes(), ids), (height, width)
+      return rgb_bytes_to_ids(image.tobytes(), ids), (height, width)
   ids = read_panoptic_png(path)  # [H, W]
   return ids.reshape(-1), ids.shape
 
@@ -100,11 +100,11 @@ def _runs(gt_ids: np.ndarray, pred_ids: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray]:
   """Starts [R] and lengths [R] of row-major runs of constant gt and pred id.
 
-  Args:
-    gt_ids, pred_ids: [N] flat id maps.
-
   Panoptic maps are piecewise constant, so R is a few per cent of N and
   everything after this pass works on runs, not pixels.
+
+  Args:
+    gt_ids, pred_ids: [N] flat id maps.
   """
   num_pixels = gt_ids.size
   if num_pixels == 0:
