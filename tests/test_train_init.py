@@ -5,7 +5,6 @@ The backbone file is a torchvision-layout state dict (`conv1.weight` OIHW, `bn1.
 """
 import jax
 import numpy as np
-import pytest
 
 from ciae_jax.models import convert
 from ciae_jax.training import config_lib
@@ -16,9 +15,15 @@ import test_train_helpers as helpers
 jax.config.update("jax_disable_most_optimizations", True)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  tmp_path = tmp_path_factory.mktemp("init")
+def test_initial_state_and_frozen_parts(tmp_path):
+  # One test function: pytest-xdist would run a module fixture once per worker.
+  setup = _setup(tmp_path)
+  _check_backbone_comes_from_the_file(setup)
+  _check_memory_and_seed(setup)
+  _check_a_step_moves_trained_parameters_and_not_frozen_ones(setup)
+
+
+def _setup(tmp_path):
   rng = np.random.default_rng(0)
   torch_state = {}
   for path, shape in convert.backbone_shapes("resnet_tiny").items():
@@ -54,7 +59,7 @@ def _flatten(tree, prefix=""):
   return out
 
 
-def test_backbone_comes_from_the_file(setup):
+def _check_backbone_comes_from_the_file(setup):
   _, _, state, _, _, torch_state = setup
   ours = {**_flatten(state.params["backbone"]),
           **_flatten(state.model_state["frozen"]["backbone"])}
@@ -69,7 +74,7 @@ def test_backbone_comes_from_the_file(setup):
   assert "conv1" in state.model_state["frozen"]["backbone"]
 
 
-def test_memory_and_seed(setup):
+def _check_memory_and_seed(setup):
   config, model, state, _, _, _ = setup
   assert state.memory.shape == (helpers.NUM_STUFF + 1, helpers.TINY_MODEL["embed_dim"])
   np.testing.assert_allclose(np.linalg.norm(state.memory, axis=-1), 1.0, rtol=1e-6)
@@ -86,7 +91,7 @@ def test_memory_and_seed(setup):
   assert not np.array_equal(other.memory, state.memory)
 
 
-def test_a_step_moves_trained_parameters_and_not_frozen_ones(setup):
+def _check_a_step_moves_trained_parameters_and_not_frozen_ones(setup):
   config, model, state, optimizer, schedule, _ = setup
   step_fn = loop.make_train_step(config, model, optimizer, schedule,
                                  num_stuff=helpers.NUM_STUFF)

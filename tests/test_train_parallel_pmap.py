@@ -21,15 +21,18 @@ NUM_DEVICES = 8
 TOL = 5e-3
 
 
-@pytest.fixture(scope="module")
-def runs():
+def test_pmap_matches_one_device():
+  # One test function: pytest-xdist would run a module fixture once per worker.
   if jax.device_count() < NUM_DEVICES:
     pytest.fail(f"needs {NUM_DEVICES} devices (tests/conftest.py sets XLA_FLAGS)")
-  return {"one": helpers.run_parallel("pmap", 1, NUM_DEVICES, NUM_STEPS),
+  runs = {"one": helpers.run_parallel("pmap", 1, NUM_DEVICES, NUM_STEPS),
           "pmap": helpers.run_parallel("pmap", NUM_DEVICES, 1, NUM_STEPS)}
+  _check_same_state(runs)
+  _check_memory_moved_and_identical_on_every_device(runs)
+  _check_positives_counted_over_the_global_batch(runs)
 
 
-def test_pmap_matches_one_device(runs):
+def _check_same_state(runs):
   reference = parallel.unreplicate(runs["one"][0], parallel="pmap")
   state = parallel.unreplicate(runs["pmap"][0], parallel="pmap")
   assert int(state.step) == int(reference.step) == NUM_STEPS
@@ -44,7 +47,7 @@ def test_pmap_matches_one_device(runs):
                                  err_msg=f"metric {key} at step {step}")
 
 
-def test_memory_moved_and_is_identical_on_every_device(runs):
+def _check_memory_moved_and_identical_on_every_device(runs):
   initial, _ = helpers.initial_state(helpers.tiny_model())
   memory = np.asarray(runs["pmap"][0].memory)  # [devices, M, D]
   assert memory.shape[0] == NUM_DEVICES
@@ -60,7 +63,7 @@ def test_memory_moved_and_is_identical_on_every_device(runs):
                                     err_msg=f"{name} differs between devices")
 
 
-def test_positives_are_counted_over_the_global_batch(runs):
+def _check_positives_counted_over_the_global_batch(runs):
   for step in range(NUM_STEPS):
     one = float(runs["one"][1][step]["num_positives"])
     assert one > 0

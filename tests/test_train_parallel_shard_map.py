@@ -18,15 +18,17 @@ NUM_DEVICES = 8
 TOL = 5e-3  # See tests/test_train_parallel_pmap.py.
 
 
-@pytest.fixture(scope="module")
-def runs():
+def test_shard_map_matches_one_device():
+  # One test function: pytest-xdist would run a module fixture once per worker.
   if jax.device_count() < NUM_DEVICES:
     pytest.fail(f"needs {NUM_DEVICES} devices (tests/conftest.py sets XLA_FLAGS)")
-  return {"one": helpers.run_parallel("pmap", 1, NUM_DEVICES, NUM_STEPS),
+  runs = {"one": helpers.run_parallel("pmap", 1, NUM_DEVICES, NUM_STEPS),
           "shard_map": helpers.run_parallel("shard_map", NUM_DEVICES, 1, NUM_STEPS)}
+  _check_same_state(runs)
+  _check_replicated_outputs_identical_on_every_device(runs)
 
 
-def test_shard_map_matches_one_device(runs):
+def _check_same_state(runs):
   reference = parallel.unreplicate(runs["one"][0], parallel="pmap")
   state = parallel.unreplicate(runs["shard_map"][0], parallel="shard_map")
   assert int(state.step) == int(reference.step) == NUM_STEPS
@@ -41,7 +43,7 @@ def test_shard_map_matches_one_device(runs):
                                  err_msg=f"metric {key} at step {step}")
 
 
-def test_replicated_outputs_identical_on_every_device(runs):
+def _check_replicated_outputs_identical_on_every_device(runs):
   state = runs["shard_map"][0]
   for name in ("memory", "params", "opt_state"):
     for leaf in jax.tree.leaves(getattr(state, name)):

@@ -12,7 +12,6 @@ import shutil
 
 import jax
 import numpy as np
-import pytest
 
 from ciae_jax.training import config_lib
 from ciae_jax.training import loop
@@ -75,9 +74,18 @@ class FakeEvaluate:
     return {"All": {"pq": 0.25, "n": 4}, "per_class": {1: {"pq": 0.5}}, "num_images": 4}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  tmp_path = tmp_path_factory.mktemp("resume")
+def test_stop_and_resume(tmp_path):
+  # One test function: pytest-xdist would run a module fixture once per worker.
+  runs = _runs(tmp_path)
+  _check_resume_is_bit_exact(runs)
+  _check_input_continues_where_the_run_stopped(runs)
+  _check_checkpoints_written_and_kept(runs)
+  _check_the_run_learns_and_the_memory_moves(runs)
+  _check_evaluation_hook_runs_periodically_and_at_the_end(runs)
+  _check_tensorboard_events_hold_train_and_eval_scalars(runs)
+
+
+def _runs(tmp_path):
   config = _config(tmp_path)
   workdir_a, workdir_b = tmp_path / "a", tmp_path / "b"
   input_a, eval_a = FakeInput(), FakeEvaluate()
@@ -90,7 +98,7 @@ def runs(tmp_path_factory):
               input_a=input_a, input_b=input_b, eval_a=eval_a, eval_b=eval_b)
 
 
-def test_resume_is_bit_exact(runs):
+def _check_resume_is_bit_exact(runs):
   a, b = runs["final_a"], runs["final_b"]
   assert int(a.step) == int(b.step) == TOTAL_STEPS
   for name in ("params", "opt_state", "memory", "rng", "model_state"):
@@ -101,18 +109,18 @@ def test_resume_is_bit_exact(runs):
       np.testing.assert_array_equal(x, y, err_msg=f"{name}{jax.tree_util.keystr(path)}")
 
 
-def test_input_continues_where_the_run_stopped(runs):
+def _check_input_continues_where_the_run_stopped(runs):
   assert runs["input_a"].start_steps == [0]
   assert runs["input_b"].start_steps == [2]
 
 
-def test_checkpoints_written_and_kept(runs):
+def _check_checkpoints_written_and_kept(runs):
   steps_a = sorted(int(d) for d in os.listdir(runs["workdir_a"] / "checkpoints") if d.isdigit())
   steps_b = sorted(int(d) for d in os.listdir(runs["workdir_b"] / "checkpoints") if d.isdigit())
   assert steps_a == [2, 4] and steps_b == [2, 4]
 
 
-def test_the_run_learns_and_the_memory_moves(runs):
+def _check_the_run_learns_and_the_memory_moves(runs):
   initial = runs["final_a"]  # Compared against a fresh step-0 state of the same config.
   config = _config(runs["workdir_a"].parent)
   model = loop.ciae_model.build_model(config.model, helpers.NUM_THINGS)
@@ -126,13 +134,13 @@ def test_the_run_learns_and_the_memory_moves(runs):
   assert max(moved) > 0
 
 
-def test_evaluation_hook_runs_periodically_and_at_the_end(runs):
+def _check_evaluation_hook_runs_periodically_and_at_the_end(runs):
   assert [c[:2] for c in runs["eval_a"].calls] == [(2, 2), (4, 4)]
   assert [c[:2] for c in runs["eval_b"].calls] == [(4, 4)]
   assert runs["eval_a"].calls[0][2] == str(runs["workdir_a"])
 
 
-def test_tensorboard_events_hold_train_and_eval_scalars(runs):
+def _check_tensorboard_events_hold_train_and_eval_scalars(runs):
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   files = [f for f in os.listdir(runs["workdir_a"]) if f.startswith("events.out.tfevents")]
   assert files, os.listdir(runs["workdir_a"])

@@ -10,7 +10,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from ciae_jax import memory as memory_lib
 from ciae_jax import targets as targets_lib
@@ -27,8 +26,16 @@ BATCH = 4
 LOSS_TERMS = ("loss", "loss_cls", "loss_reg", "loss_ctr", "loss_cae", "loss_iae", "loss_ciae")
 
 
-@pytest.fixture(scope="module")
-def run():
+def test_train_step_on_one_device():
+  # One test function: pytest-xdist would run a module fixture once per worker.
+  run = _run()
+  _check_loss_decreases_and_every_term_is_finite(run)
+  _check_step_counter_rng_and_learning_rate(run)
+  _check_memory_drift_metric(run)
+  _check_first_step_losses_and_memory_update_match_reference(run)
+
+
+def _run():
   """NUM_STEPS steps on one fixed batch; host copies of every state and the metrics."""
   model = helpers.tiny_model()
   host_state, step_fn = helpers.initial_state(model)
@@ -44,7 +51,7 @@ def run():
   return model, {k: v[0] for k, v in batch.items()}, states, history
 
 
-def test_loss_decreases_and_every_term_is_finite(run):
+def _check_loss_decreases_and_every_term_is_finite(run):
   _, _, _, history = run
   for step, metrics in enumerate(history, start=1):
     for key in (*LOSS_TERMS, "grad_norm", "memory_drift", "num_positives"):
@@ -60,7 +67,7 @@ def test_loss_decreases_and_every_term_is_finite(run):
     assert history[-1][key] < history[0][key], (key, [float(m[key]) for m in history])
 
 
-def test_step_counter_rng_and_learning_rate(run):
+def _check_step_counter_rng_and_learning_rate(run):
   _, _, states, history = run
   for step, state in enumerate(states):
     assert int(state.step) == step
@@ -70,7 +77,7 @@ def test_step_counter_rng_and_learning_rate(run):
   np.testing.assert_allclose([m["learning_rate"] for m in history], expected, rtol=1e-6)
 
 
-def test_memory_drift_metric(run):
+def _check_memory_drift_metric(run):
   _, _, states, history = run
   for step in range(1, NUM_STEPS + 1):
     drift = np.mean(np.abs(np.asarray(states[step].memory) - np.asarray(states[step - 1].memory)))
@@ -78,7 +85,7 @@ def test_memory_drift_metric(run):
     assert drift > 0
 
 
-def test_first_step_losses_and_memory_update_match_reference(run):
+def _check_first_step_losses_and_memory_update_match_reference(run):
   model, batch, states, history = run
   state0 = states[0]
   segment_keys = ("segment_map", "seg_class", "seg_is_thing", "seg_is_crowd", "seg_box",

@@ -257,7 +257,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     # A checkpoint still being written (e.g. when the input fails) is completed first.
     manager.wait_until_finished()
-    writer.flush()
+    # Closed here, in this thread: the event-file writer is a TensorFlow resource that must not
+    # be left to the garbage collector (or to another thread) to destroy.
+    writer.close()
+    manager.close()
     if hasattr(batches, "close"):
       batches.close()  # Releases the input pipeline's threads and buffers now.
   final = parallel.unreplicate(state, parallel=config.parallel)
