@@ -161,3 +161,25 @@ def assert_trees_close(actual: Any, expected: Any, what: str, *, tol: float) -> 
     scale = max(float(np.abs(e).max()), 1e-4)
     np.testing.assert_allclose(a, e, rtol=0, atol=tol * scale,
                                err_msg=f"{what}{jax.tree_util.keystr(path)}")
+
+
+# Step 1 agrees to ~2e-5 of each leaf's scale (float32 summation order); top-K selections in
+# the CIAE loss let that grow to ~1e-3 by step 3. A wrong reduction (psum instead of pmean,
+# local instead of global normalisers) is off by factors.
+PARALLEL_TOL = 5e-3
+
+
+def assert_matches_one_device(run: tuple[Any, list], mode: str, reference_run: tuple[Any, list],
+                              num_steps: int) -> None:
+  """State and per-step metrics of a `run_parallel` run equal those of the 1-device run."""
+  reference = parallel.unreplicate(reference_run[0], parallel="pmap")
+  state = parallel.unreplicate(run[0], parallel=mode)
+  assert int(state.step) == int(reference.step) == num_steps
+  np.testing.assert_array_equal(state.rng, reference.rng)
+  for name in ("params", "opt_state", "memory"):
+    assert_trees_close(getattr(state, name), getattr(reference, name), name, tol=PARALLEL_TOL)
+  for step, (got, want) in enumerate(zip(run[1], reference_run[1]), start=1):
+    assert got.keys() == want.keys()
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], rtol=PARALLEL_TOL, atol=1e-6,
+                                 err_msg=f"{mode}: metric {key} at step {step}")

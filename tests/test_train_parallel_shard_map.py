@@ -8,14 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from ciae_jax.training import parallel
 import test_train_helpers as helpers
 
 jax.config.update("jax_disable_most_optimizations", True)
 
 NUM_STEPS = 3
 NUM_DEVICES = 8
-TOL = 5e-3  # See tests/test_train_parallel_pmap.py.
 
 
 def test_shard_map_matches_one_device():
@@ -24,23 +22,8 @@ def test_shard_map_matches_one_device():
     pytest.fail(f"needs {NUM_DEVICES} devices (tests/conftest.py sets XLA_FLAGS)")
   runs = {"one": helpers.run_parallel("pmap", 1, NUM_DEVICES, NUM_STEPS),
           "shard_map": helpers.run_parallel("shard_map", NUM_DEVICES, 1, NUM_STEPS)}
-  _check_same_state(runs)
+  helpers.assert_matches_one_device(runs["shard_map"], "shard_map", runs["one"], NUM_STEPS)
   _check_replicated_outputs_identical_on_every_device(runs)
-
-
-def _check_same_state(runs):
-  reference = parallel.unreplicate(runs["one"][0], parallel="pmap")
-  state = parallel.unreplicate(runs["shard_map"][0], parallel="shard_map")
-  assert int(state.step) == int(reference.step) == NUM_STEPS
-  np.testing.assert_array_equal(state.rng, reference.rng)
-  helpers.assert_trees_close(state.params, reference.params, "params", tol=TOL)
-  helpers.assert_trees_close(state.opt_state, reference.opt_state, "opt_state", tol=TOL)
-  helpers.assert_trees_close(state.memory, reference.memory, "memory", tol=TOL)
-  for step, (got, want) in enumerate(zip(runs["shard_map"][1], runs["one"][1]), start=1):
-    assert got.keys() == want.keys()
-    for key in want:
-      np.testing.assert_allclose(got[key], want[key], rtol=TOL, atol=1e-6,
-                                 err_msg=f"metric {key} at step {step}")
 
 
 def _check_replicated_outputs_identical_on_every_device(runs):
