@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from ciae_jax import memory as memory_lib
 from ciae_jax.models import ciae as ciae_model
@@ -27,7 +28,7 @@ from ciae_jax.training import train_state as train_state_lib
 # Parameters of a fully convolutional net do not depend on the input size: initialise on the
 # smallest image the model accepts with all five levels (P7 has stride 128).
 INIT_IMAGE_HW = (128, 128)
-# evaluate_fn(config, state, *, workdir, step) -> {name: scalar}; the default lives here.
+# evaluate_fn(config, state, *, workdir, step) -> results; the default wraps this function.
 DEFAULT_EVAL_MODULE = "ciae_jax.eval_lib"
 DEFAULT_EVAL_FUNCTION = "evaluate"
 
@@ -41,7 +42,8 @@ def _init_variables(model: ciae_model.CIAE, rng: jax.Array) -> Any:
   return model.init(rng, images, train=False)
 
 
-def build_optimizer(config: ml_collections.ConfigDict, params: Any):
+def build_optimizer(config: ml_collections.ConfigDict, params: Any
+                    ) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
   """(optax optimizer, learning-rate schedule) from `config.optimizer` and `config.batch_size`."""
   opt = config.optimizer
   lr = optim.scaled_learning_rate(base_lr=opt.base_lr, batch_size=config.batch_size,
@@ -56,7 +58,9 @@ def build_optimizer(config: ml_collections.ConfigDict, params: Any):
 
 
 def init_train_state(config: ml_collections.ConfigDict, model: ciae_model.CIAE, *,
-                     num_stuff: int, num_things: int, rng: jax.Array):
+                     num_stuff: int, num_things: int, rng: jax.Array
+                     ) -> tuple[train_state_lib.TrainState, optax.GradientTransformation,
+                                Callable[[Any], jax.Array]]:
   """Step-0 host state, its optimizer and schedule; the backbone from `config.init_backbone`."""
   params_rng, memory_rng, state_rng = jax.random.split(rng, 3)
   variables = _init_variables(model, params_rng)
@@ -73,8 +77,9 @@ def init_train_state(config: ml_collections.ConfigDict, model: ciae_model.CIAE, 
   return jax.device_get(state), optimizer, schedule
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: ciae_model.CIAE, optimizer,
-                    schedule, *, num_stuff: int) -> Callable:
+def make_train_step(config: ml_collections.ConfigDict, model: ciae_model.CIAE,
+                    optimizer: optax.GradientTransformation,
+                    schedule: Callable[[Any], jax.Array], *, num_stuff: int) -> Callable:
   """The per-device step with every hyper-parameter of `config` bound (not yet parallel)."""
   return functools.partial(
       step_lib.train_step, model=model, optimizer=optimizer, learning_rate_fn=schedule,
@@ -125,7 +130,7 @@ def default_evaluate_fn() -> Optional[EvaluateFn]:
   def evaluate_fn(config, state, *, workdir, step):
     del workdir, step  # PQ is computed in memory; evaluate.py writes the prediction files.
     variables = {"params": state.params, **state.model_state}
-    return flatten_eval_results(evaluate(config, variables=variables, memory=state.memory))
+    return evaluate(config, variables=variables, memory=state.memory)
   return evaluate_fn
 
 
@@ -184,10 +189,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Args:
     config: the training config (`ciae_jax.training.config_lib.base_config` fields).
     workdir: checkpoints and TensorBoard event files go here.
-    evaluate_fn: `evaluate_fn(config, state, *, workdir, step) -> {name: scalar}` called every
+    evaluate_fn: `evaluate_fn(config, state, *, workdir, step) -> results` called every
       `config.eval_every_steps` and at the end with the host `TrainState` (params,
-      model_state, memory); default `ciae_jax.eval_lib.evaluate`, skipped with a log line if
-      that does not exist. `config.eval_every_steps <= 0` disables evaluation.
+      model_state, memory); the numeric scalars of the (nested) results are written as
+      `eval/<path>` (`per_class` left out). Default: `ciae_jax.eval_lib.evaluate`, skipped with
+      a log line if that does not exist. `config.eval_every_steps <= 0` disables evaluation.
     input_fn: `input_fn(dataset_cfg, split, *, train, global_batch_size, seed, start_step)`
       yielding batches `[local_devices, per_device_batch, ...]`; default the tf.data pipeline.
 
