@@ -490,3 +490,79 @@ def test_empty_group_gives_zero_not_division_error():
   assert result["Things"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 1}
   assert result["Stuff"] == {"pq": 0.0, "sq": 0.0, "rq": 0.0, "n": 0}
   assert result["per_class"][2] == {"pq": 0.0, "sq": 0.0, "rq": 0.0}
+
+
+def test_ids_sharing_label_table_slots(tmp_path):
+  """Ids equal in their low 16 bits (the label table's slot): an unlisted gt
+  id in a listed id's slot stays unlisted; listed ids sharing a slot (also
+  VOID's slot 0) take the sorted-search path. Both equal pq_compute."""
+  categories = synthetic_categories()
+  slot = 1 << 16
+  gt_a = np.zeros((6, 10), np.int64)
+  gt_a[:, :4] = 5
+  gt_a[:, 4:7] = 5 + slot  # not listed; shares the slot of 5
+  gt_a[:, 7:] = 70000
+  pred_a = np.zeros_like(gt_a)
+  pred_a[:, 2:7] = 9  # IoU with 5: 12 / 42 (the unlisted pixels are no part)
+  pred_a[:, 7:] = 9 + 3 * slot
+  gt_b = np.zeros((6, 10), np.int64)
+  gt_b[:, :3] = 5
+  gt_b[:, 3:6] = 5 + slot
+  gt_b[:, 6:9] = slot  # slot 0, as VOID
+  pred_b = gt_b.copy()
+  pred_b[0] = 5 + 2 * slot
+  gt_anns = [
+      {"image_id": 1, "file_name": "a.png", "segments_info": [
+          {"id": 5, "category_id": 1, "iscrowd": 0, "area": 24},
+          {"id": 70000, "category_id": 2, "iscrowd": 0, "area": 18}]},
+      {"image_id": 2, "file_name": "b.png", "segments_info": [
+          {"id": 5, "category_id": 1, "iscrowd": 0, "area": 18},
+          {"id": 5 + slot, "category_id": 1, "iscrowd": 0, "area": 18},
+          {"id": slot, "category_id": 90, "iscrowd": 0, "area": 18}]}]
+  pred_anns = [
+      {"image_id": 1, "file_name": "a.png", "segments_info": [
+          {"id": 9, "category_id": 1}, {"id": 9 + 3 * slot, "category_id": 2}]},
+      {"image_id": 2, "file_name": "b.png", "segments_info": [
+          {"id": 5, "category_id": 1}, {"id": 5 + slot, "category_id": 1},
+          {"id": slot, "category_id": 90},
+          {"id": 5 + 2 * slot, "category_id": 3}]}]
+  gt_json, gt_folder = write_set(str(tmp_path), "gt", gt_anns, [gt_a, gt_b],
+                                 categories)
+  pred_json, pred_folder = write_set(str(tmp_path), "pred", pred_anns,
+                                     [pred_a, pred_b], categories)
+  ref = reference_pq(gt_json, gt_folder, pred_json, pred_folder)
+  assert_same(pq.pq_compute_files(gt_json, gt_folder, pred_json, pred_folder,
+                                  num_workers=1), ref)
+  accumulator = pq.PQAccumulator(categories)
+  for ga, pa, gm, pm in zip(gt_anns, pred_anns, [gt_a, gt_b], [pred_a, pred_b]):
+    accumulator.add(gm, ga["segments_info"], pm, pa["segments_info"])
+  assert_same(accumulator.result(), ref)
+
+
+@pytest.mark.parametrize("reader", ["pillow_by_env", "kornia_missing"])
+def test_pillow_reader_gives_the_same_result(reader, sample, tmp_path,
+                                             monkeypatch):
+  """Without kornia-rs (absent, or disabled by $CIAE_PNG_DECODER) the PNGs go
+  through Pillow: the same numbers as pq_compute."""
+  from ciae_jax.evaluation import export  # pylint: disable=import-outside-toplevel
+  gt_json, gt_folder, gt, maps = sample
+  rng = np.random.default_rng(13)
+  anns, id_maps = [], []
+  for gt_ann in gt["annotations"]:
+    pred_map, segs = perturb("everything", maps[gt_ann["image_id"]],
+                             gt_ann["segments_info"], gt["categories"], rng)
+    anns.append({"image_id": gt_ann["image_id"],
+                 "file_name": gt_ann["file_name"], "segments_info": segs})
+    id_maps.append(pred_map)
+  pred_json, pred_folder = write_set(str(tmp_path), "pred", anns, id_maps,
+                                     gt["categories"])
+  ref = reference_pq(gt_json, gt_folder, pred_json, pred_folder)
+  if reader == "pillow_by_env":
+    monkeypatch.setenv(export.PNG_DECODER_ENV, "pillow")
+    workers = 2  # the variable reaches the worker processes
+  else:
+    monkeypatch.setattr(export, "_kornia_io", False)
+    workers = 1
+  assert export.fast_png_decoder() is None
+  assert_same(pq.pq_compute_files(gt_json, gt_folder, pred_json, pred_folder,
+                                  num_workers=workers), ref)

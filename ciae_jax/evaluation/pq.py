@@ -13,14 +13,23 @@ the predicted one is counted in the PNG.
 Differences from the reference, all on input it handles badly:
   * a Things/Stuff group with no counted category gives 0 with `n = 0`
     (pq_compute divides by zero);
-  * a segment id 0 in either JSON is rejected (0 is VOID in the PNG).
+  * a segment id 0 in either JSON is rejected (0 is VOID in the PNG);
+  * a PNG whose zlib checksum is wrong while every chunk CRC is right (only
+    a file edited on purpose) is read where Pillow raises, when kornia-rs
+    decodes it (see below).
 
 This file replaces the reference's per-pixel sorts and per-pair Python loop
 by run-length counting: one pass finds the runs (in row-major order) over which
 both the gt and the predicted id are constant, segment ids are mapped to
-compact labels on the run starts only (sorted search), `np.bincount` weighted
-by run lengths gives the [gt, pred] intersection matrix, and matching, false
-negatives and false positives are array operations on its non-zero entries.
+compact labels on the run starts only (a 16-bit direct-mapped table, sorted
+search on a slot clash), `np.bincount` weighted by run lengths gives the
+[gt, pred] intersection matrix, and matching, false negatives and false
+positives are array operations on its non-zero entries.
+
+PNG decoding is most of the time (Pillow's Paeth reconstruction above all):
+8-bit RGB files are decoded by kornia-rs (Rust, pinned in requirements.txt;
+the same pixels as Pillow, tested) when it is installed, by Pillow otherwise
+or when `$CIAE_PNG_DECODER=pillow` (see `export.decode_rgb8_png`).
 
 Command line (a drop-in for the COCO panoptic API):
   python -m ciae_jax.evaluation.pq --gt_json F --gt_folder D \
@@ -40,7 +49,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from ciae_jax.evaluation.export import read_panoptic_png
+from ciae_jax.evaluation.export import decode_rgb8_png
+from ciae_jax.evaluation.export import fast_png_decoder
+from ciae_jax.evaluation.export import read_panoptic_png_pillow
 from ciae_jax.evaluation.export import rgb_bytes_to_ids
 
 OFFSET = 256 * 256 * 256
@@ -48,6 +59,8 @@ VOID = 0
 _RGB_MASK = OFFSET - 1
 # Compact labels: 0 = id not listed in the JSON, 1 = VOID, 2 + k = segment k.
 _UNLISTED, _VOID_LABEL, _FIRST_SEGMENT = 0, 1, 2
+# Slots of the table that maps ids to compact labels (by their low bits).
+_HASH_SIZE = 1 << 16
 
 
 class PanopticFormatError(KeyError, ValueError):
@@ -58,23 +71,38 @@ class PanopticFormatError(KeyError, ValueError):
     return str(self.args[0]) if self.args else ""
 
 
-def _png_ids(path: str, buffer_name: str) -> tuple[np.ndarray, tuple[int, int]]:
+def _png_ids(path: str, buffer_name: str, fast: bool = True
+             ) -> tuple[np.ndarray, tuple[int, int]]:
   """Flat segment ids of a panoptic PNG, read as pq_compute reads them.
 
-  8-bit RGB files (all COCO and exported ones) are decoded from their packed
-  bytes into a per-thread reused uint32 buffer (valid until the next call
-  with the same `buffer_name`); other modes go through `read_panoptic_png`,
-  which rejects what pq_compute cannot read.
+  8-bit RGB files (all COCO and exported ones) are decoded by kornia-rs when
+  installed (same pixels as Pillow, `export.decode_rgb8_png`), else by
+  Pillow, and their packed bytes converted into a per-thread reused uint32
+  buffer (valid until the next call with the same `buffer_name`); other
+  modes go through `read_panoptic_png_pillow`, which rejects what pq_compute
+  cannot read.
+
+  Args:
+    path: the PNG file.
+    buffer_name: names the scratch buffer the ids go to.
+    fast: False skips the kornia-rs attempt (it is known to be absent).
 
   Returns:
     [H*W] ids and (H, W).
   """
+  if fast:
+    with open(path, "rb") as f:
+      rgb = decode_rgb8_png(f.read())  # [H, W, 3] or None
+    if rgb is not None:
+      height, width = rgb.shape[:2]
+      ids = _scratch(buffer_name, height * width, np.uint32)  # [N]
+      return rgb_bytes_to_ids(rgb, ids), (height, width)
   with Image.open(path) as image:
     width, height = image.size
     if image.mode == "RGB" and width * height:
       ids = _scratch(buffer_name, width * height, np.uint32)  # [N]
       return rgb_bytes_to_ids(image.tobytes(), ids), (height, width)
-  ids = read_panoptic_png(path)  # [H, W]
+  ids = read_panoptic_png_pillow(path)  # [H, W]
   return ids.reshape(-1), ids.shape
 
 
@@ -82,7 +110,7 @@ _thread_state = threading.local()
 
 
 def _scratch(name: str, size: int, dtype: Any) -> np.ndarray:
-  """A per-thread reusable [size] buffer.
+  """A per-thread reusable [size] buffer, all zero when first made.
 
   Fresh large arrays per image would each be handed back to the OS when
   freed (glibc trims the heap) and page-faulted in again on the next image.
@@ -92,7 +120,7 @@ def _scratch(name: str, size: int, dtype: Any) -> np.ndarray:
     buffers = _thread_state.buffers = {}
   buffer = buffers.get(name)
   if buffer is None or buffer.size < size or buffer.dtype != dtype:
-    buffer = buffers[name] = np.empty(size, dtype)
+    buffer = buffers[name] = np.zeros(size, dtype)
   return buffer[:size]
 
 
@@ -116,22 +144,42 @@ def _runs(gt_ids: np.ndarray, pred_ids: np.ndarray
   np.not_equal(pred_ids[1:], pred_ids[:-1], out=pred_change)
   np.logical_or(change[1:], pred_change, out=change[1:])
   starts = np.flatnonzero(change)  # [R]
-  return starts, np.diff(starts, append=num_pixels)
+  lengths = np.empty_like(starts)  # [R]
+  np.subtract(starts[1:], starts[:-1], out=lengths[:-1])
+  lengths[-1] = num_pixels - starts[-1]
+  return starts, lengths
 
 
 def _compact_labels(ids: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
   """Compact labels of ids: 0 unlisted, 1 VOID, 2 + k for segment_ids[k].
 
+  A direct-mapped table on the low 16 bits of the id finds each id's label
+  candidate and one comparison confirms it (an id whose slot holds another
+  id is unlisted); a slot shared by two listed ids (rare with ~100 segments)
+  falls back to a sorted search.
+
   Args:
-    ids: [R] int64 ids (one per run).
+    ids: [R] integer ids (one per run).
     segment_ids: [S] distinct listed ids, none equal to VOID.
 
   Returns:
     [R] int64 labels.
   """
-  vocabulary = np.concatenate([[VOID], segment_ids]).astype(np.int64)  # [S+1]
-  order = np.argsort(vocabulary, kind="stable")  # [S+1]
-  sorted_vocabulary = vocabulary[order]  # [S+1]
+  vocabulary = np.concatenate([[-1, VOID], segment_ids]).astype(np.int64)  # [S+2]
+  if vocabulary.size <= _HASH_SIZE:
+    slots = vocabulary[_VOID_LABEL:] & (_HASH_SIZE - 1)  # [S+1]
+    labels = np.arange(_VOID_LABEL, vocabulary.size, dtype=np.int64)  # [S+1]
+    table = _scratch("hash_table", _HASH_SIZE, np.int64)  # [T], all 0
+    table[slots] = labels
+    try:
+      if np.array_equal(table[slots], labels):  # no two ids share a slot
+        candidate = table[ids & (_HASH_SIZE - 1)]  # [R]
+        return np.where(vocabulary[candidate] == ids, candidate,
+                        _UNLISTED)  # [R]
+    finally:
+      table[slots] = _UNLISTED
+  order = np.argsort(vocabulary[_VOID_LABEL:], kind="stable")  # [S+1]
+  sorted_vocabulary = vocabulary[_VOID_LABEL:][order]  # [S+1]
   pos = np.minimum(np.searchsorted(sorted_vocabulary, ids),
                    sorted_vocabulary.size - 1)  # [R]
   found = sorted_vocabulary[pos] == ids  # [R]
@@ -200,12 +248,15 @@ class PQAccumulator:
     self.fn = np.zeros(num, np.int64)  # [C]
     self.num_images = 0
 
-  def _category_indices(self, segments: Sequence[Mapping[str, Any]]
+  def _label_categories(self, segments: Sequence[Mapping[str, Any]]
                         ) -> np.ndarray:
-    """[S] index of each segment's category, -1 when unknown."""
-    return np.fromiter(
-        (self._index.get(int(s["category_id"]), -1) for s in segments),
-        np.int64, len(segments))
+    """[2 + S] category index per compact label: -1 for the unlisted and
+    VOID labels and for a category_id not in `categories` (looked up as
+    given, as pq_compute's `in categories` does)."""
+    index = self._index
+    return np.array(
+        [-1, -1] + [index.get(s["category_id"], -1) for s in segments],
+        np.int64)
 
   def add(self, gt_ids: np.ndarray, gt_segments: Sequence[Mapping[str, Any]],
           pred_ids: np.ndarray, pred_segments: Sequence[Mapping[str, Any]],
@@ -262,21 +313,19 @@ class PQAccumulator:
     starts, lengths = _runs(gt_ids, pred_ids)  # [R], [R]
     pred_run_ids = pred_ids[starts].astype(np.int64)  # [R]
     pred_labels = _compact_labels(pred_run_ids, pred_seg_ids)  # [R]
-    gt_labels = _compact_labels(gt_ids[starts].astype(np.int64),
-                                gt_seg_ids)  # [R]
+    gt_labels = _compact_labels(gt_ids[starts], gt_seg_ids)  # [R]
     gi, pj, inter = _intersections(gt_labels, pred_labels, lengths, num_gt,
                                    num_pred)
 
     pred_area = np.bincount(pj, weights=inter, minlength=num_pred)  # [P]
-    pred_cat = np.concatenate(
-        [[-1, -1], self._category_indices(pred_info)])  # [P]
+    pred_cat = self._label_categories(pred_info)  # [P]
     self._check_prediction(image_id, pred_run_ids, pred_labels, pred_area,
                            pred_cat, pred_seg_ids, pred_info)
 
-    gt_cat = np.concatenate([[-1, -1], self._category_indices(gt_info)])  # [G]
-    gt_crowd = np.concatenate(
-        [[False, False], [s.get("iscrowd", 0) == 1 for s in gt_info]]
-    ).astype(bool)  # [G]
+    gt_cat = self._label_categories(gt_info)  # [G]
+    gt_crowd = np.array(
+        [False, False] + [s.get("iscrowd", 0) == 1 for s in gt_info],
+        bool)  # [G]
     gt_area = np.bincount(gi, weights=inter, minlength=num_gt)  # [G]
     json_area = [s.get("area") for s in gt_info]
     has_area = np.array([a is not None for a in json_area], bool)  # [Sg]
@@ -439,12 +488,13 @@ def _evaluate_pairs(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
                     pred_folder: str) -> tuple[Any, ...]:
   """Reads and scores (gt, pred) annotations; returns the summed counts."""
   accumulator = PQAccumulator(categories)
+  fast = fast_png_decoder() is not None
   for gt_ann, pred_ann in pairs:
     image_id = gt_ann["image_id"]
     gt_path = os.path.join(gt_folder, gt_ann["file_name"])
     pred_path = os.path.join(pred_folder, pred_ann["file_name"])
-    gt_ids, gt_shape = _png_ids(gt_path, "gt_ids")  # [N]
-    pred_ids, pred_shape = _png_ids(pred_path, "pred_ids")  # [N]
+    gt_ids, gt_shape = _png_ids(gt_path, "gt_ids", fast)  # [N]
+    pred_ids, pred_shape = _png_ids(pred_path, "pred_ids", fast)  # [N]
     if gt_shape != pred_shape:
       raise PanopticFormatError(
           f"In the image with ID {image_id} the ground truth {gt_path} "
@@ -524,6 +574,7 @@ def pq_compute_files(
         os, "sched_getaffinity") else (os.cpu_count() or 1)
   num_workers = max(1, min(num_workers, len(pairs)))
   accumulator = PQAccumulator(categories)
+  fast_png_decoder()  # imported once here, inherited by forked workers
   if num_workers == 1:
     chunk_counts = [_evaluate_pairs(pairs, categories, gt_folder, pred_folder)]
   else:
