@@ -4,20 +4,25 @@ Writes ~300 synthetic 512 x 512 images in COCO panoptic layout (ground truth:
 Voronoi cells with random categories, VOID borders and crowd regions, saved by
 PIL like COCO's PNGs; the prediction: the same scene shifted, with cells
 dropped, merged, split, relabelled and extra blobs, saved by our exporter or,
-with --pred_writer pil, by PIL) to a temporary folder, checks that the three
-evaluators agree, then times each on the same files and cores.
+with --pred_writer pil, by PIL) to a temporary folder, checks that the
+evaluators agree, then times each on the same files and cores: panopticapi,
+hotcoco, ours (PNGs read by kornia-rs when installed) and, unless
+--no_pillow, ours with `$CIAE_PNG_DECODER=pillow` (the Pillow fallback).
 
   python benchmarks/pq_speed.py [--images 300] [--size 512] [--repeats 5]
-      [--pred_writer ours|pil] [--data_dir DIR]
+      [--pred_writer ours|pil] [--data_dir DIR] [--no_pillow]
 
 Each timing is wall-clock of one full call (JSON load, PNG decode, matching,
-all worker processes); the median over the repeats is reported.
+all worker processes); the evaluators take turns within each repeat, so a
+repeat's ratios are measured under the same load. Reported: the median wall
+time, the ratio of medians and the median of the per-repeat ratios.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import gc
+import importlib.metadata
 import io
 import json
 import os
@@ -34,7 +39,9 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 from ciae_jax.evaluation import pq as ours  # noqa: E402
+from ciae_jax.evaluation.export import PNG_DECODER_ENV  # noqa: E402
 from ciae_jax.evaluation.export import encode_panoptic_png  # noqa: E402
+from ciae_jax.evaluation.export import fast_png_decoder  # noqa: E402
 from ciae_jax.evaluation.export import id_map_to_rgb  # noqa: E402
 
 NUM_THING_CATEGORIES = 80
@@ -183,6 +190,31 @@ def time_call(fn: Callable[[], Any]) -> tuple[float, float, Any]:
   return wall, cpu_seconds() - cpu_start, result
 
 
+@contextlib.contextmanager
+def pillow_decoder():
+  """Our evaluator with `$CIAE_PNG_DECODER=pillow` (workers inherit it)."""
+  previous = os.environ.get(PNG_DECODER_ENV)
+  os.environ[PNG_DECODER_ENV] = "pillow"
+  try:
+    yield
+  finally:
+    if previous is None:
+      del os.environ[PNG_DECODER_ENV]
+    else:
+      os.environ[PNG_DECODER_ENV] = previous
+
+
+def versions() -> str:
+  """Versions of the libraries timed."""
+  out = []
+  for dist in ("panopticapi-lite", "hotcoco", "kornia-rs", "pillow", "numpy"):
+    try:
+      out.append(f"{dist} {importlib.metadata.version(dist)}")
+    except importlib.metadata.PackageNotFoundError:
+      out.append(f"{dist} absent")
+  return ", ".join(out)
+
+
 def main() -> None:
   """Generates the data, checks agreement, times the three evaluators."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -197,6 +229,8 @@ def main() -> None:
   parser.add_argument("--data_dir", default=None,
                       help="keep the generated data here and reuse it when "
                       "present (default: a temporary folder)")
+  parser.add_argument("--no_pillow", action="store_true",
+                      help="skip timing ours with the Pillow PNG reader")
   args = parser.parse_args()
 
   from panopticapi.evaluation import pq_compute as panopticapi_pq
@@ -220,6 +254,8 @@ def main() -> None:
       num_images = len(json.load(f)["annotations"])
     print(f"{num_images} images; {cpus} usable CPUs; {os.cpu_count()} CPUs "
           f"seen by multiprocessing.cpu_count (pq_compute's pool size)")
+    print(f"versions: {versions()}; our PNG reader: "
+          f"{'kornia-rs' if fast_png_decoder() else 'Pillow'}")
 
     def run_panopticapi():
       return panopticapi_pq(p["gt_json"], p["pred_json"], p["gt_folder"],
@@ -233,20 +269,29 @@ def main() -> None:
       return ours.pq_compute_files(p["gt_json"], p["gt_folder"], p["pred_json"],
                                    p["pred_folder"], num_workers=args.workers)
 
+    def run_ours_pillow():
+      with pillow_decoder():
+        return run_ours()
+
+    evaluators = [("panopticapi", run_panopticapi), ("hotcoco", run_hotcoco),
+                  ("ours", run_ours)]
+    if not args.no_pillow:
+      evaluators.append(("ours_pillow", run_ours_pillow))
     results = {}
     # Interleave the repeats so that load from other users hits all alike.
-    wall = {name: [] for name in ("panopticapi", "hotcoco", "ours")}
+    wall = {name: [] for name, _ in evaluators}
     cpu = {name: [] for name in wall}
     for _ in range(args.repeats):
-      for name, fn in (("panopticapi", run_panopticapi),
-                       ("hotcoco", run_hotcoco), ("ours", run_ours)):
+      for name, fn in evaluators:
         seconds, cpu_used, results[name] = time_call(fn)
         wall[name].append(seconds)
         cpu[name].append(cpu_used)
     timings = {name: statistics.median(values) for name, values in wall.items()}
 
     reference = results["panopticapi"]
-    for name in ("ours", "hotcoco"):
+    for name in wall:
+      if name == "panopticapi":
+        continue
       diff = max(abs(results[name][group][k] - reference[group][k])
                  for group in ("All", "Things", "Stuff")
                  for k in ("pq", "sq", "rq"))
@@ -260,14 +305,27 @@ def main() -> None:
             f"{1000 * seconds / num_images:5.2f} ms/image; CPU median "
             f"{cpu_medians[name]:5.2f} s = "
             f"{1000 * cpu_medians[name] / num_images:5.2f} ms/image")
-    print(f"wall: speed-up over panopticapi "
-          f"{timings['panopticapi'] / timings['ours']:.1f}x, ours / hotcoco "
-          f"{timings['ours'] / timings['hotcoco']:.2f}; best runs: "
-          f"{min(wall['panopticapi']) / min(wall['ours']):.1f}x, "
-          f"{min(wall['ours']) / min(wall['hotcoco']):.2f}")
-    print(f"CPU:  panopticapi / ours "
-          f"{cpu_medians['panopticapi'] / cpu_medians['ours']:.1f}x, ours / "
-          f"hotcoco {cpu_medians['ours'] / cpu_medians['hotcoco']:.2f}")
+
+    def paired(numerator: str, denominator: str) -> float:
+      """Median over repeats of the ratio of two evaluators' wall times."""
+      return statistics.median(
+          a / b for a, b in zip(wall[numerator], wall[denominator]))
+
+    for name in [n for n in ("ours", "ours_pillow") if n in wall]:
+      speedup = timings["panopticapi"] / timings[name]
+      to_hotcoco = timings[name] / timings["hotcoco"]
+      print(f"{name}: wall speed-up over panopticapi {speedup:.1f}x (paired "
+            f"{paired('panopticapi', name):.1f}x, best runs "
+            f"{min(wall['panopticapi']) / min(wall[name]):.1f}x); "
+            f"{name} / hotcoco {to_hotcoco:.2f} (paired "
+            f"{paired(name, 'hotcoco'):.2f}, best runs "
+            f"{min(wall[name]) / min(wall['hotcoco']):.2f}); CPU "
+            f"{cpu_medians['panopticapi'] / cpu_medians[name]:.1f}x, "
+            f"{cpu_medians[name] / cpu_medians['hotcoco']:.2f}")
+    met = (timings["panopticapi"] / timings["ours"] >= 5
+           and timings["ours"] / timings["hotcoco"] <= 3)
+    print(f"targets (ours >= 5x panopticapi, ours <= 3x hotcoco, medians): "
+          f"{'met' if met else 'MISSED'}")
     print(f"load average after the runs: {os.getloadavg()}")
 
 
