@@ -10,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ciae_jax import memory as memory_lib
 from ciae_jax import targets as targets_lib
@@ -17,6 +18,7 @@ from ciae_jax.losses import ciae as ciae_losses
 from ciae_jax.losses import fcos as fcos_lib
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import parallel
+from ciae_jax.training import step as step_lib
 import test_train_helpers as helpers
 
 jax.config.update("jax_disable_most_optimizations", True)
@@ -125,3 +127,13 @@ def _check_first_step_losses_and_memory_update_match_reference(run):
   for key, value in expected.items():
     np.testing.assert_allclose(history[0][key], value, rtol=1e-4, err_msg=key)
   np.testing.assert_allclose(states[1].memory, expected_memory, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_batches_are_named():
+  batch = helpers.make_batch(0, (2, 1))
+  step_lib.check_batch(batch, leading_axes=2)  # A good one passes.
+  with pytest.raises(ValueError, match="seg_box"):
+    step_lib.check_batch({k: v for k, v in batch.items() if k != "seg_box"}, leading_axes=2)
+  with pytest.raises(ValueError, match="segment_map"):
+    step_lib.check_batch(dict(batch, segment_map=batch["segment_map"][..., :64]),
+                         leading_axes=2)

@@ -285,6 +285,7 @@ def _train_steps(config, state, *, start_step, step_fn, batches, mesh, writer, m
     # `step` counts updates: after this iteration state.step == step.
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       batch = next(batches)
+      step_lib.check_batch(batch, leading_axes=2)  # [local_devices, per_device_batch, ...]
       state, outputs = step_fn(state, parallel.shard_batch(batch, parallel=config.parallel,
                                                            mesh=mesh))
     update = metrics_lib.TrainMetrics.single_from_model_output(

@@ -39,7 +39,10 @@ SEGMENT_KEYS = ("segment_map", "seg_class", "seg_is_thing", "seg_is_crowd", "seg
 
 
 def check_batch(batch: Mapping[str, Any], *, leading_axes: int = 1) -> None:
-  """Raises ValueError naming the field if `batch` lacks a key or has inconsistent shapes."""
+  """Raises ValueError naming the field if `batch` lacks a key or has inconsistent shapes.
+
+  `leading_axes` batch axes precede each example's shape (2 on the host: devices, batch).
+  """
   missing = [k for k in BATCH_KEYS if k not in batch]
   if missing:
     raise ValueError(f"batch is missing field(s) {missing}; has {sorted(batch)}")
