@@ -214,7 +214,12 @@ def test_leaves_other_files_to_pillow(tmp_path, monkeypatch):
         export.read_panoptic_png(path)
     else:
       assert_reads_like_pillow(path)
-  # Pillow reading truncated files is a global switch: then Pillow it is.
+  # Pillow's size guard (it warns above, raises above twice the limit) and
+  # its switch for reading truncated files: then Pillow it is.
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6 * 7 - 1)
+  assert export.rgb8_png_size(good) is None
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6 * 7)
+  assert export.rgb8_png_size(good) == (6, 7)
   monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
   assert export.rgb8_png_size(good) is None
 

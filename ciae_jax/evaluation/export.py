@@ -8,8 +8,9 @@ pixel `[x, y, w, h]`, as panopticapi's converters write them).
 Plain NumPy and PIL: no TensorFlow, no JAX. PNGs are read through kornia-rs
 (Rust `png` crate; pinned in requirements.txt) when it is installed and the
 file is one it decodes exactly as Pillow does, otherwise through Pillow: the
-same pixels either way; kornia-rs is ~2-4x faster on PIL-written PNGs
-(adaptive filters, like COCO's), whose Paeth rows dominate Pillow's decoding.
+same pixels either way; kornia-rs is 2.5-4.5x faster on PIL-written PNGs
+(adaptive filters, like COCO's), whose Paeth rows dominate the decoding
+(figures in benchmarks/RESULTS.md, "PQ evaluation").
 """
 from __future__ import annotations
 
@@ -129,9 +130,9 @@ def rgb8_png_size(data: bytes) -> tuple[int, int] | None:
 
   That is a non-interlaced 8-bit RGB PNG (colour type 2; COCO's and ours)
   whose chunks before the image data have intact CRCs (Pillow rejects a bad
-  one there). Anything else, and anything Pillow would reject for its size or
-  read truncated (`ImageFile.LOAD_TRUNCATED_IMAGES`), gives None: read it
-  with Pillow.
+  one there). Anything else, and anything Pillow would warn about or reject
+  for its size (`Image.MAX_IMAGE_PIXELS`) or read truncated
+  (`ImageFile.LOAD_TRUNCATED_IMAGES`), gives None: read it with Pillow.
 
   Args:
     data: the file content.
@@ -156,7 +157,7 @@ def rgb8_png_size(data: bytes) -> tuple[int, int] | None:
     return None
   width, height, *layout = header  # depth, colour, compression, filter, lace
   if (layout != [8, 2, 0, 0, 0] or not width or not height
-      or Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS):
+      or Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS):
     return None
   return height, width
 
