@@ -2,7 +2,8 @@
 
 The real entry point with the real input pipeline (the synthetic dataset is generated into
 the test's temporary folder), the `configs/synthetic.py:small` config shrunk further by
-`--config.x=...` overrides, one CPU device.
+`--config.x=...` overrides, on the 8 fake CPU devices of tests/conftest.py under
+`parallel=shard_map` (the pmap path of the loop runs in tests/test_train_resume.py).
 """
 import os
 import pathlib
@@ -17,13 +18,13 @@ TOTAL_STEPS = 6
 def test_train_py_runs_end_to_end(tmp_path):
   workdir = tmp_path / "run"
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # One CPU device (conftest fakes 8 for the in-process tests).
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"  # Compile time dominates this short run.
   command = [
       sys.executable, "train.py", "--config", "configs/synthetic.py:small",
       "--workdir", str(workdir), f"--config.total_steps={TOTAL_STEPS}",
       "--config.log_every_steps=2", "--config.checkpoint_every_steps=3",
-      "--config.batch_size=4",
+      "--config.batch_size=8", "--config.parallel=shard_map",
       f"--config.dataset.root={tmp_path / 'synthetic'}",
       "--config.dataset.synthetic.num_train=8", "--config.dataset.synthetic.num_val=2",
       "--config.model.fpn_dim=16", "--config.model.semantic_dim=16",
