@@ -35,6 +35,7 @@ def test_train_py_runs_end_to_end(tmp_path):
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-5000:]
 
+  assert "(shard_map, 8 devices, global batch 8)" in output, output[-3000:]
   # Progress lines at every log step, with finite losses.
   progress = re.findall(r"step (\d+)/(\d+): loss ([0-9.]+)", output)
   assert [(int(s), int(t)) for s, t, _ in progress] == [(2, 6), (4, 6), (6, 6)], output[-3000:]
