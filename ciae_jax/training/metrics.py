@@ -12,7 +12,9 @@ class TrainMetrics(clu_metrics.Collection):
 
   Every value is already reduced over devices by the step (global losses, global positive
   count), so the collection is built with `single_from_model_output` on every device and one
-  copy is merged on the host.
+  copy is merged on the host. `grad_norm` is the global norm of the averaged gradient before
+  clipping; `learning_rate` the rate of this step's update; `memory_drift` the mean
+  |M_t - M_{t-1}| over all memory entries.
   """
   loss: clu_metrics.Average.from_output("loss")
   loss_cls: clu_metrics.Average.from_output("loss_cls")

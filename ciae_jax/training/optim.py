@@ -82,7 +82,7 @@ def build_optimizer(params: Any, *, learning_rate: Callable[[Any], jax.Array] | 
                     momentum: float = 0.9, weight_decay: float = 1e-4,
                     grad_clip_norm: Optional[float] = None,
                     frozen_patterns: Sequence[str] = ()) -> optax.GradientTransformation:
-  """SGD(momentum) with masked decoupled-from-norms weight decay and frozen parameters.
+  """SGD with momentum, weight decay on kernels only, optional clipping, frozen parameters.
 
   The chain matches PyTorch's `clip_grad_norm_` then `SGD(weight_decay=...)`: clip the raw
   gradient, add `weight_decay * w` on kernels, then momentum and the learning rate.
@@ -101,10 +101,3 @@ def build_optimizer(params: Any, *, learning_rate: Callable[[Any], jax.Array] | 
   labels = jax.tree.map(lambda f: "frozen" if f else "trainable", frozen)
   return optax.multi_transform({"trainable": trainable, "frozen": optax.set_to_zero()}, labels)
 
-
-def trainable_grad_norm(grads: Any, frozen: Any) -> jax.Array:
-  """Global L2 norm of the gradients of the parameters that are not frozen."""
-  leaves = [g for g, f in zip(jax.tree.leaves(grads), jax.tree.leaves(frozen)) if not f]
-  if not leaves:
-    return jnp.float32(0.0)
-  return optax.global_norm(leaves)
