@@ -13,14 +13,17 @@ import orbax.checkpoint as ocp
 
 
 def create_manager(workdir: str, *, checkpoint_every_steps: int = 5000,
-                   keep_checkpoints: int = 3) -> ocp.CheckpointManager:
-  """Orbax manager over `workdir/checkpoints` that saves every N steps and keeps the last K."""
+                   keep_checkpoints: int = 3, create: bool = True) -> ocp.CheckpointManager:
+  """Orbax manager over `workdir/checkpoints` that saves every N steps and keeps the last K.
+
+  `create=False` (readers such as evaluate.py) leaves a missing folder missing.
+  """
   if checkpoint_every_steps <= 0:
     raise ValueError(f"checkpoint_every_steps must be > 0, got {checkpoint_every_steps}")
   if keep_checkpoints <= 0:
     raise ValueError(f"keep_checkpoints must be > 0, got {keep_checkpoints}")
   options = ocp.CheckpointManagerOptions(save_interval_steps=checkpoint_every_steps,
-                                         max_to_keep=keep_checkpoints, create=True)
+                                         max_to_keep=keep_checkpoints, create=create)
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   return ocp.CheckpointManager(directory, options=options)
 
@@ -38,7 +41,16 @@ def save(manager: ocp.CheckpointManager, step: int, host_state: Any, *,
 
 def restore_latest(manager: ocp.CheckpointManager, template: Any) -> Optional[Any]:
   """The latest checkpoint as a host state shaped like `template`, or None if there is none."""
-  step = manager.latest_step()
+  return restore(manager, template)
+
+
+def restore(manager: ocp.CheckpointManager, template: Any,
+            step: Optional[int] = None) -> Optional[Any]:
+  """Checkpoint `step` (default: the latest) shaped like `template`; None if there is none."""
+  if step is None:
+    step = manager.latest_step()
+  elif step not in manager.all_steps():
+    return None
   if step is None:
     return None
   target = _host_state_dict(template)

@@ -1,0 +1,97 @@
+r"""Visual demo: the panoptic result of one image, and its embedding map by PCA.
+
+  python -m ciae_jax.demo --config configs/synthetic.py --workdir runs/synthetic \
+      --image data/synthetic/val2017/000000000001.jpg --output demo.png
+
+Writes OUTPUT (the panoptic segments over the image in the dataset's category colours, with the
+detected boxes and labels, paper Fig. 5) and OUTPUT with suffix `_embedding` (the pixel
+embeddings projected on their first three principal components, paper Fig. 4c).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+from PIL import Image
+
+from ciae_jax import eval_lib
+from ciae_jax import inference
+from ciae_jax import visualize
+from ciae_jax.data import transforms
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir holding the checkpoints.")
+_IMAGE = flags.DEFINE_string("image", None, "Image file (JPEG or PNG).")
+_OUTPUT = flags.DEFINE_string("output", "demo.png", "Output picture (PNG).")
+_STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
+
+
+def prepare_image(image: np.ndarray, *, min_size: int, max_size: int,
+                  padded_size: Sequence[int]) -> tuple[np.ndarray, tuple[int, int]]:
+  """Resizes as the evaluation pipeline does (`transforms.resized_shape`), normalises, pads.
+
+  Returns the `[H, W, 3]` float32 input and the `(h, w)` of the resized image inside it.
+  """
+  new_h, new_w = transforms.resized_shape(*image.shape[:2], min_size=min_size,
+                                          max_size=max_size, pad_size=tuple(padded_size))
+  resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR), np.float32)
+  mean, std = np.array(transforms.IMAGENET_MEAN), np.array(transforms.IMAGENET_STD)
+  normalised = (resized / 255.0 - mean) / std  # [h, w, 3]
+  padded = np.zeros((*padded_size, 3), np.float32)  # [H, W, 3]
+  padded[:new_h, :new_w] = normalised
+  return padded, (new_h, new_w)
+
+
+def run_demo(config, workdir: str, image_path: str, output: str,
+             checkpoint_step: int | None = None) -> tuple[str, str]:
+  """Writes the panoptic picture and the embedding picture; returns their paths."""
+  restored = eval_lib.restore_for_inference(config, workdir, checkpoint_step)
+  categories = restored.categories
+  image = np.asarray(Image.open(image_path).convert("RGB"))  # [h0, w0, 3]
+  dataset = config.dataset
+  padded, valid_hw = prepare_image(image, min_size=dataset.eval_min_size,
+                                   max_size=dataset.eval_max_size,
+                                   padded_size=tuple(dataset.image_size))
+  batch = {"image": padded[None], "image_size": np.array([valid_hw], np.int32),
+           "orig_size": np.array([image.shape[:2]], np.int32)}
+  predict = eval_lib.make_predict_fn(restored.model, config, categories.num_stuff)
+  result = jax.tree.map(lambda x: np.asarray(x)[0], predict(
+      restored.variables, restored.memory, {k: jnp.asarray(v) for k, v in batch.items()}))
+  id_map, segments = inference.to_coco_panoptic(result, valid_hw, image.shape[:2],
+                                                categories.coco_ids)
+  scale = (valid_hw[0] / image.shape[0], valid_hw[1] / image.shape[1])
+  detections = inference.detections_to_coco(result, 0, scale, categories.coco_ids)
+  min_score = float(config.inference.get("instance_score_thresh", 0.0)) or 0.3
+  colours = dict(zip(categories.coco_ids, categories.colors))
+  names = dict(zip(categories.coco_ids, categories.names))
+  things = frozenset(c for c, t in zip(categories.coco_ids, categories.isthing) if t)
+  overlay = visualize.draw_panoptic(image, id_map, segments, colours, names, things,
+                                    [d for d in detections if d["score"] >= min_score])
+  embedding = restored.model.apply(restored.variables, jnp.asarray(batch["image"]))["embedding"]
+  pca = visualize.embedding_pca_rgb(np.asarray(embedding[0]), valid_hw)  # [h, w, 3]
+  pca = np.asarray(Image.fromarray(pca).resize(image.shape[1::-1], Image.NEAREST))
+  stem, _ = os.path.splitext(output)
+  embedding_path = f"{stem}_embedding.png"
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  Image.fromarray(overlay).save(output)
+  Image.fromarray(pca).save(embedding_path)
+  return output, embedding_path
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  paths = run_demo(_CONFIG.value, _WORKDIR.value, _IMAGE.value, _OUTPUT.value, _STEP.value)
+  print("wrote", *paths)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir", "image"])
+  app.run(main)
