@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.inference.max_detections = 20
   config.inference.stuff_area = 64.0
   config.inference.instance_min_area = 16.0
+  # Occluding shapes of one class make near-duplicate boxes that a 0.6 NMS keeps and that then
+  # split one instance's pixels; 0.3 removes them (val PQ 60.7 -> 64.1 on one run).
+  config.inference.nms_thresh = 0.3
 
   if "small" in variants:
     config.total_steps = 40

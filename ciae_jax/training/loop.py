@@ -128,9 +128,13 @@ def default_evaluate_fn() -> Optional[EvaluateFn]:
     return None
 
   def evaluate_fn(config, state, *, workdir, step):
-    del workdir, step  # PQ is computed in memory; evaluate.py writes the prediction files.
+    del workdir  # PQ is computed in memory; evaluate.py writes the prediction files.
     variables = {"params": state.params, **state.model_state}
-    return evaluate(config, variables=variables, memory=state.memory)
+    results = evaluate(config, variables=variables, memory=state.memory)
+    from ciae_jax.evaluation import pq  # pylint: disable=g-import-not-at-top
+    print(f"Panoptic quality at step {step} ({results.get('num_images', '?')} images):\n"
+          f"{pq.format_pq_table(results)}", flush=True)
+    return results
   return evaluate_fn
 
 

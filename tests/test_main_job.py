@@ -1,0 +1,100 @@
+"""The main job's whole path, as CI runs it: train.py (a few steps), evaluate.py, the demo.
+
+`configs/synthetic.py` itself (not a test config) with only the step count, the dataset size
+and the root overridden; then `evaluate.py` on its checkpoint must write the four outputs,
+reproduce the PQ printed at the end of training, and agree with panopticapi's `pq_compute`
+run on the exported files; the demo must write both pictures.
+"""
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def _run(args, env_extra=None, timeout=600):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="true", **(env_extra or {}))
+  result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+  output = result.stdout + result.stderr
+  assert result.returncode == 0, output[-5000:]
+  return output
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A few steps of the main job on a small generated dataset; (workdir, overrides, log)."""
+  tmp = tmp_path_factory.mktemp("main_job")
+  overrides = [
+      f"--config.dataset.root={tmp / 'synthetic'}",
+      "--config.dataset.synthetic.num_train=8", "--config.dataset.synthetic.num_val=3",
+      "--config.batch_size=2", "--config.inference.batch_size=2",
+      # An untrained detector scores ~0.01: let its detections compete so that the exported
+      # predictions have thing segments too.
+      "--config.inference.instance_score_thresh=0.0", "--config.inference.pre_nms_thresh=0.0",
+  ]
+  workdir = tmp / "run"
+  log = _run(["train.py", "--config", "configs/synthetic.py", "--workdir", str(workdir),
+              f"--config.total_steps={STEPS}", "--config.log_every_steps=2",
+              f"--config.eval_every_steps={STEPS}", *overrides])
+  return workdir, overrides, log
+
+
+def test_training_prints_the_pq_table(trained):
+  _, _, log = trained
+  assert re.search(r"All\s+\|\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+9", log), log[-3000:]
+  assert re.search(r"Things\s+\|", log) and re.search(r"Stuff\s+\|", log)
+
+
+def test_evaluate_py_writes_outputs_that_pq_compute_reads_alike(trained, tmp_path):
+  from panopticapi.evaluation import pq_compute  # pylint: disable=g-import-not-at-top
+  workdir, overrides, log = trained
+  output = _run(["evaluate.py", "--config", "configs/synthetic.py", "--workdir", str(workdir),
+                 *overrides])
+  out_dir = workdir / "eval" / str(STEPS)
+  assert f"wrote {out_dir}" in output
+  for name in ("panoptic_predictions.json", "panoptic_predictions", "detections.json",
+               "metrics.json"):
+    assert (out_dir / name).exists(), name
+  metrics = json.loads((out_dir / "metrics.json").read_text())
+  predictions = json.loads((out_dir / "panoptic_predictions.json").read_text())
+  assert len(predictions["annotations"]) == metrics["num_images"] == 3  # every image
+  assert set(metrics["box_ap"]) >= {"AP", "AP50", "AP75"}
+
+  # evaluate.py reproduces the PQ printed at the end of training (same checkpoint).
+  logged = float(re.search(r"eval/All/pq': ([0-9.e-]+)", log).group(1))
+  assert metrics["All"]["pq"] == pytest.approx(logged, abs=1e-12)
+
+  root = workdir.parent / "synthetic" / "annotations"
+  reference = pq_compute(str(root / "panoptic_val2017.json"),
+                         str(out_dir / "panoptic_predictions.json"),
+                         str(root / "panoptic_val2017"), str(out_dir / "panoptic_predictions"))
+  for group in ("All", "Things", "Stuff"):
+    for key in ("pq", "sq", "rq", "n"):
+      assert metrics[group][key] == pytest.approx(reference[group][key], abs=1e-9), (group, key)
+  for category, values in reference["per_class"].items():
+    for key in ("pq", "sq", "rq"):
+      assert metrics["per_class"][str(category)][key] == pytest.approx(values[key], abs=1e-9)
+
+
+def test_demo_writes_both_pictures(trained, tmp_path):
+  workdir, overrides, _ = trained
+  image = sorted((workdir.parent / "synthetic" / "val2017").glob("*.jpg"))[0]
+  out = tmp_path / "demo.png"
+  output = _run(["-m", "ciae_jax.demo", "--config", "configs/synthetic.py", "--workdir",
+                 str(workdir), "--image", str(image), "--output", str(out), *overrides])
+  assert "wrote" in output
+  original = np.asarray(Image.open(image))
+  for path in (out, tmp_path / "demo_embedding.png"):
+    picture = np.asarray(Image.open(path))
+    assert picture.shape == original.shape, path
+    assert picture.std() > 0, path  # not a blank picture
