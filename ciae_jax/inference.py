@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ciae_jax.evaluation import export
+
 Array = jax.Array
 
 _EPS = 1e-12
@@ -626,23 +628,16 @@ def to_coco_panoptic(
   renumber[present] = np.arange(1, present.size + 1, dtype=np.int32)
   id_map = renumber[resized]  # [h0, w0]
 
-  areas = np.bincount(id_map.ravel(), minlength=present.size + 1)
-  segments_info = []
-  for segment_id, query in enumerate(present, start=1):
-    rows = np.flatnonzero(np.any(id_map == segment_id, axis=1))
-    cols = np.flatnonzero(np.any(id_map == segment_id, axis=0))
-    contiguous = int(query_class[query - 1])
-    if not 0 <= contiguous < len(category_coco_ids):
-      raise ValueError(f"query {query - 1} has class {contiguous}, outside category_coco_ids "
-                       f"(length {len(category_coco_ids)})")
-    segments_info.append({
-        "id": segment_id,
-        "category_id": int(category_coco_ids[contiguous]),
-        "area": int(areas[segment_id]),
-        "bbox": [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1),
-                 int(rows[-1] - rows[0] + 1)],
-        "iscrowd": 0,
-    })
+  classes = query_class[present - 1]  # [n] contiguous classes
+  if classes.size and not (0 <= classes.min() and classes.max() < len(category_coco_ids)):
+    raise ValueError(f"query classes {classes.tolist()} fall outside category_coco_ids "
+                     f"(length {len(category_coco_ids)})")
+  segment_ids = np.arange(1, present.size + 1)  # [n]
+  areas, boxes = export.segment_areas_and_boxes(id_map, segment_ids)  # [n], [n, 4]
+  coco_ids = np.asarray(category_coco_ids)[classes]  # [n]
+  segments_info = [{"id": int(i), "category_id": int(c), "area": int(a),
+                    "bbox": [int(v) for v in b], "iscrowd": 0}
+                   for i, c, a, b in zip(segment_ids, coco_ids, areas, boxes)]
   return id_map, segments_info
 
 
@@ -667,18 +662,9 @@ def detections_to_coco(
   scale_y, scale_x = (float(scale), float(scale)) if np.ndim(scale) == 0 else map(float, scale)
   if scale_y <= 0 or scale_x <= 0:
     raise ValueError(f"image {image_id}: scale must be positive; got {scale}")
-  boxes = np.asarray(result["det_box"], np.float64)
-  scores = np.asarray(result["det_score"], np.float64)
-  classes = np.asarray(result["det_class"])
-  valid = np.asarray(result["det_valid"], bool)
-  detections = []
-  for box, score, contiguous in zip(boxes[valid], scores[valid], classes[valid]):
-    x0, x1 = box[0] / scale_x, box[2] / scale_x
-    y0, y1 = box[1] / scale_y, box[3] / scale_y
-    detections.append({
-        "image_id": int(image_id),
-        "category_id": int(category_coco_ids[int(contiguous)]),
-        "bbox": [x0, y0, x1 - x0, y1 - y0],
-        "score": float(score),
-    })
-  return detections
+  valid = np.asarray(result["det_valid"], bool)  # [K]
+  boxes = np.asarray(result["det_box"], np.float64)[valid]  # [k, 4] input pixels
+  boxes = boxes / np.array([scale_x, scale_y, scale_x, scale_y])  # [k, 4] original pixels
+  classes = np.asarray(result["det_class"])[valid]  # [k]
+  return export.detections_from_boxes(image_id, boxes, np.asarray(result["det_score"])[valid],
+                                      np.asarray(category_coco_ids)[classes])
