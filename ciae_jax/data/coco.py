@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ciae_jax.data import categories as categories_lib
+from ciae_jax.evaluation import export
 
 PathLike = str | os.PathLike
 
@@ -181,17 +182,10 @@ def load_records(root: PathLike, split: str, *,
   return records
 
 
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-  """Panoptic PNG colour -> segment id, `R + 256 G + 256^2 B` (int32)."""
-  rgb = rgb.astype(np.int32)  # [H, W, 3]
-  return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]  # [H, W]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-  """Segment id -> panoptic PNG colour (uint8), the inverse of `rgb_to_id`."""
-  ids = np.asarray(ids, np.int64)  # [H, W]
-  return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256],
-                  axis=-1).astype(np.uint8)  # [H, W, 3]
+# The PNG id codec lives with the evaluation code (one implementation for reading ground truth
+# and writing predictions); re-exported here for the data package.
+rgb_to_id = export.rgb_to_id_map
+id_to_rgb = export.id_map_to_rgb
 
 
 def _read_rgb(path: str, image_id: int, what: str) -> np.ndarray:
