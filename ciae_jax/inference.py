@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ciae_jax.evaluation import export
+from ciae_jax.losses import ciae as ciae_losses
 
 Array = jax.Array
 
@@ -541,12 +542,10 @@ def oracle_inference(
     raise ValueError(f"seg_box must be [S={num_segments}, 4]; got {jnp.asarray(seg_box).shape}")
   height, width = _image_hw(image_size)
 
-  embed_dim = prenorm.shape[-1]
-  sums = jax.ops.segment_sum(prenorm.reshape(-1, embed_dim), segment_map.reshape(-1),
-                             num_segments=num_segments + 1)[1:]  # [S, D]
+  # The instance means of the loss (Eq. 4): one definition for training and the oracle.
+  thing_queries = ciae_losses.instance_means(prenorm, segment_map, num_segments)  # [S, D]
   counts = jax.ops.segment_sum(jnp.ones(segment_map.size, jnp.int32), segment_map.reshape(-1),
                                num_segments=num_segments + 1)[1:]  # [S]
-  thing_queries = _l2_normalize(sums)  # [S, D]
   usable = (jnp.asarray(seg_valid, bool) & jnp.asarray(seg_is_thing, bool)
             & (counts > 0))  # [S]
   if not include_crowd:
