@@ -4,9 +4,9 @@ Ours, per dtype (float32, bfloat16 activations): one jitted function from a norm
 array `[B, H, W, 3]` on the device to the panoptic id map and the per-query arrays (network,
 FCOS decoding, class-wise NMS, panoptic assignment and filters), timed call by call with
 `block_until_ready`, compilation and warm-up excluded. Also, apart: the network alone, the
-post-processing alone (decoding + NMS + fusion from the network outputs) and the fusion alone
-(the paper's "fusing time": queries from 100 detections and the embedding map -> S = P V^T ->
-box filter -> argmax -> segment filters).
+post-processing alone (decoding + NMS + fusion from the network outputs), decoding + NMS alone,
+and the fusion alone (the paper's "fusing time": queries from 100 detections and the embedding
+map -> S = P V^T -> box filter -> argmax -> segment filters).
 
 Peer: torchvision `FCOS` with a ResNet-50-FPN backbone (detection only), eval mode, float32
 and `torch.autocast(bfloat16)`, fed an image tensor already on the device, same size, same
@@ -65,6 +65,23 @@ def make_end_to_end(model: Any, *, num_stuff: int) -> Callable[..., dict[str, ja
     outputs = model.apply(variables, images, train=False)
     return postprocess(outputs, memory, image_size)
   return jax.jit(predict)
+
+
+def make_detection(*, num_stuff: int) -> Callable[..., dict[str, jax.Array]]:
+  """Jitted FCOS decoding + class-wise NMS alone: `(outputs [B, ...], image_size [B, 2])`."""
+  del num_stuff  # Detection sees thing classes only.
+
+  def detect_one(outputs, image_size):
+    candidates = inference.decode_detections(
+        outputs["cls_logits"], outputs["centerness"], outputs["box_reg"], image_size)
+    keep, valid = inference.class_nms(candidates["box"], candidates["score"],
+                                      candidates["thing_class"], candidates["valid"])
+    return {"box": candidates["box"][keep], "valid": valid}  # [K, 4], [K]
+
+  def detect(outputs, image_size):
+    outputs = {k: outputs[k] for k in ("cls_logits", "centerness", "box_reg")}
+    return jax.vmap(detect_one)(outputs, image_size)
+  return jax.jit(detect)
 
 
 def make_fusion(*, num_stuff: int) -> Callable[..., dict[str, jax.Array]]:
@@ -129,6 +146,9 @@ def bench_ours(args: argparse.Namespace, dtype: str, padded: tuple[int, int]
   post = jax.jit(postprocess_fn(num_stuff=common.NUM_STUFF))
   postprocess = run(lambda: post(outputs, memory, image_size))
 
+  detect = make_detection(num_stuff=common.NUM_STUFF)
+  detection = run(lambda: detect(outputs, image_size))
+
   detections = {k: jax.device_put(v) for k, v in
                 random_detections(args.batch, tuple(args.size)).items()}
   fuse = make_fusion(num_stuff=common.NUM_STUFF)
@@ -136,7 +156,8 @@ def bench_ours(args: argparse.Namespace, dtype: str, padded: tuple[int, int]
                             detections["score"], detections["thing_class"],
                             detections["valid"], detections["location"], image_size))
   result = {"dtype": dtype, "end_to_end": common.summary(e2e), "network": common.summary(net),
-            "postprocess": common.summary(postprocess), "fusion": common.summary(fusion)}
+            "postprocess": common.summary(postprocess), "detection": common.summary(detection),
+            "fusion": common.summary(fusion)}
   result["fps"] = 1e3 * args.batch / result["end_to_end"]["median_ms"]
   result["compiles"] = end_to_end._cache_size()  # pylint: disable=protected-access
   return result
@@ -158,14 +179,14 @@ def bench_peer(args: argparse.Namespace, dtypes: list[str]) -> dict[str, Any] | 
             for _ in range(args.batch)]
   sync = common.torch_sync(torch, device)
   results = {"device": device, "torch": torch.__version__,
-             "torchvision": torchvision.__version__, "build": "literal" if args.peer_literal
-             else "frozen_bn, 3 trainable stages"}
+             "torchvision": torchvision.__version__,
+             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+             "build": "literal" if args.peer_literal else "frozen_bn, 3 trainable stages"}
   for dtype in dtypes:
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16,
-                              enabled=dtype == "bfloat16")
-
-    def infer():
-      with torch.inference_mode(), autocast:
+    def infer(dtype=dtype):
+      with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16,
+                                                  enabled=dtype == "bfloat16"):
         return model(images)
     times = common.time_calls(infer, repeats=args.repeats, warmup=args.warmup, sync=sync)
     detections = sync(infer())
@@ -213,16 +234,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows.append([f"ours {args.backbone}", dtype, f"{padded[0]}x{padded[1]}",
                  f"{r['end_to_end']['median_ms']:.2f}", f"{r['fps']:.2f}",
                  f"{r['network']['median_ms']:.2f}", f"{r['postprocess']['median_ms']:.2f}",
-                 f"{r['fusion']['median_ms']:.2f}",
+                 f"{r['detection']['median_ms']:.2f}", f"{r['fusion']['median_ms']:.2f}",
                  "n/a" if theirs is None else f"{r['fps'] / theirs['fps']:.2f}"])
   if peer:
     for dtype in dtypes:
       p = peer[dtype]
       rows.append([f"torchvision FCOS-R50 ({peer['device']})", dtype,
                    f"{args.size[0]}x{args.size[1]}", f"{p['median_ms']:.2f}", f"{p['fps']:.2f}",
-                   "", "", "", ""])
+                   "", "", "", "", ""])
   common.print_table(["system", "dtype", "input", "end to end ms (median)", "fps",
-                      "network ms", "post-processing ms", "fusion ms", "fps ours / peer"], rows)
+                      "network ms", "post-processing ms", "decode + NMS ms", "fusion ms",
+                      "fps ours / peer"], rows)
   payload = {"args": {"size": list(args.size), "padded": list(padded),
                       "backbone": args.backbone, "batch": args.batch,
                       "repeats": args.repeats, "warmup": args.warmup},

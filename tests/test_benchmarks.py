@@ -53,7 +53,7 @@ def test_scripts_run_at_a_tiny_size_without_tensorflow():
   inference = json.loads(next(l for l in lines if l.startswith("inference_speed "))
                          .split(" ", 1)[1])
   ours = inference["ours"]["float32"]
-  for part in ("end_to_end", "network", "postprocess", "fusion"):
+  for part in ("end_to_end", "network", "postprocess", "detection", "fusion"):
     assert ours[part]["median_ms"] > 0, part
   np.testing.assert_allclose(ours["fps"], 1e3 / ours["end_to_end"]["median_ms"], rtol=1e-9)
   assert ours["compiles"] == 1
@@ -66,6 +66,7 @@ def test_scripts_run_at_a_tiny_size_without_tensorflow():
   assert np.isfinite(ours["last_loss"]) and ours["last_loss"] > 0
   np.testing.assert_allclose(ours["images_per_s"], 2 * 1e3 / ours["step_ms"], rtol=1e-9)
   assert ours["xla_memory_plan"]["total_bytes"] > 0
+  assert ours["state_donated"]
 
   # Without torch (this CI machine) each script says why the peer is missing.
   try:

@@ -166,5 +166,6 @@ def _reference_losses(model, params, memory, batch):
       memory)
   ciae = ciae_losses.ciae_total(jax.tree.map(lambda x: jnp.sum(x, axis=0), per_image))
   losses = {**fcos, **ciae}
-  losses["loss"] = losses["loss_cls"] + losses["loss_reg"] + losses["loss_ctr"] + losses["loss_ciae"]
+  losses["loss"] = (losses["loss_cls"] + losses["loss_reg"] + losses["loss_ctr"]
+                    + losses["loss_ciae"])
   return losses
