@@ -7,8 +7,9 @@ devices: the input pipeline is measured apart, benchmarks/input_pipeline.py). Im
 `steps x global batch / wall time` of `--steps` steps dispatched back to back and synchronised
 at the end (as training runs), after `--warmup` steps; the median of `--repeats` such runs.
 Memory: the allocator's peak (`memory_stats()["peak_bytes_in_use"]` of device 0, where the
-backend reports it: GPUs, TPUs) and XLA's static plan of the compiled step (arguments +
-outputs + temporaries - aliased), which CPUs report too.
+backend reports it: GPUs, TPUs; a process-wide peak, so give one `--dtypes` per run for each
+dtype's own) and XLA's static plan of the compiled step (arguments + outputs + temporaries -
+aliased), which CPUs report too.
 
 Peer: torchvision `FCOS` R50-FPN (frozen BN, 3 trainable stages, as when trained from an
 ImageNet backbone; `--peer_literal` for `fcos_resnet50_fpn(weights=None,
@@ -127,7 +128,10 @@ def bench_ours(args: argparse.Namespace, dtype: str, size: tuple[int, int]) -> d
   result.update(images_per_s=statistics.median(images_per_s), images_per_s_runs=images_per_s,
                 step_ms=1e3 * statistics.median(runs) / args.steps, last_loss=loss,
                 state_donated=donated,
-                peak_memory=common.peak_device_memory())
+                peak_memory=common.peak_device_memory(),
+                # The allocator's peak covers the whole process: after the first dtype it is the
+                # peak of every dtype run so far (run one dtype per process for each peak).
+                peak_is_cumulative=args.dtypes.split(",").index(dtype) > 0)
   return result
 
 
