@@ -54,11 +54,11 @@ def subprocess_env(cache_dir: pathlib.Path, *, devices: int = 1) -> dict[str, st
 
 
 def train_flags(dataset_root: pathlib.Path, workdir: pathlib.Path, *, batch_size: int = 2,
-                total_steps: int = TOTAL_STEPS, extra: Sequence[str] = ()) -> list[str]:
+                extra: Sequence[str] = ()) -> list[str]:
   """train.py's flags: the tiny config, a dataset at dataset_root, one log line per step."""
   return [
       "--config", str(REPO_ROOT / "configs" / "synthetic.py:small"),
-      "--workdir", str(workdir), f"--config.total_steps={total_steps}",
+      "--workdir", str(workdir), f"--config.total_steps={TOTAL_STEPS}",
       f"--config.batch_size={batch_size}", "--config.log_every_steps=1",
       "--config.eval_every_steps=0", "--config.parallel=pmap",
       f"--config.dataset.root={dataset_root}",
