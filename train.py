@@ -2,8 +2,17 @@ r"""Trains CIAE: `python train.py --config configs/synthetic.py --workdir runs/s
 
 Flags: `--config` (a file under configs/, `path.py:variant` allowed, any field overridable
 with `--config.a.b=value`) and `--workdir` (checkpoints, TensorBoard events; a run started
-again on the same workdir resumes). Multi-host runs call `jax.distributed.initialize()`
-(`--multihost`, or automatically when JAX_COORDINATOR_ADDRESS is set).
+again on the same workdir resumes).
+
+Preemption: SIGTERM finishes the current step, saves a checkpoint there and exits with status
+0; start the same command again to resume. A killed run (SIGKILL) resumes from its last
+complete checkpoint.
+
+Multi-host: every process runs the same command and reads its own slice of each global batch.
+`jax.distributed.initialize()` is called with `--multihost` (cluster auto-detection: SLURM,
+Open MPI, Kubernetes, Cloud TPU), when JAX_COORDINATOR_ADDRESS is set, or with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (e.g. several processes on
+one machine).
 """
 import os
 
@@ -17,7 +26,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and TensorBoard logs go here.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS "
-    "is set).")
+    "or --coordinator_address is set).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 for jax.distributed.initialize().")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,12 +38,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax  # pylint: disable=g-import-not-at-top
-  if _MULTIHOST.value or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()
+  if (_MULTIHOST.value or _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   from ciae_jax import train_lib  # pylint: disable=g-import-not-at-top
   logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  state = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if int(state.step) < _CONFIG.value.total_steps:
+    logging.info("Stopped at step %d of %d (preempted); the next start resumes there.",
+                 int(state.step), _CONFIG.value.total_steps)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,26 @@ Dataset config fields (`config.dataset`, see `default_dataset_config()`):
   max_segments: S, segment rows per image; the largest S segments are kept
     (count logged), the others become void.
   flip: random horizontal flips in training.
-  skip_bad_examples: reserved; must be False (bad data raises ValueError
-    naming the file and image id). Planned: drop failing elements with
-    `ignore_errors` after the map, keeping determinism per (seed, position).
+  skip_bad_examples: False: bad data (a corrupt or truncated image or PNG,
+    PNG and JSON segments that disagree, an unknown category, a missing
+    file, sizes that differ) raises ValueError naming the file and image id.
+    True (coco and synthetic sources): every record of the split is checked
+    up front on the host with the NumPy decoder (`coco.decode_example`, in
+    threads) and the bad ones are left out before the order is drawn, so
+    the stream stays a function of (seed, position) and resuming stays
+    exact; training also leaves out images with more than `max_segments`
+    segments instead of truncating them. Left-out images are listed in the
+    iterator's `skipped_examples` (and logged when an evaluation pass ends).
   shuffle_buffer: TFDS source only (the coco source permutes whole epochs).
   num_parallel_calls: parallel map calls (-1: AUTOTUNE).
   prefetch: batches prefetched (-1: AUTOTUNE).
   synthetic.num_train, synthetic.num_val, synthetic.image_size (h, w),
     synthetic.seed: the generated dataset.
+
+Images without segments are left out of training in both modes (they teach
+nothing and give no positives) and listed in `skipped_examples` too;
+evaluation keeps them, and keeps images with too many segments (truncated:
+evaluation reads its ground truth from the files).
 
 Determinism: training example at global position `p` (batch `p // G` for a
 global batch G) is record `perm(seed, p // n)[p % n]` of the `n` training
@@ -46,8 +58,11 @@ pads the last global batch with `example_valid=False` rows (zeros, image_id -1).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import os
 import re
+import time
 from typing import Any, Callable, Iterator, TYPE_CHECKING
 
 from absl import logging
@@ -119,17 +134,27 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.source not in ("coco", "tfds", "synthetic"):
     raise ValueError(f"dataset.source must be 'coco', 'tfds' or 'synthetic', "
                      f"got {cfg.source!r}")
-  if cfg.skip_bad_examples:
-    raise NotImplementedError("dataset.skip_bad_examples=True is not "
-                              "implemented yet")
+  if cfg.skip_bad_examples and cfg.source == "tfds":
+    raise ValueError("dataset.skip_bad_examples=True needs source 'coco' or "
+                     "'synthetic' (TFDS examples were checked when the "
+                     "dataset was prepared)")
   if cfg.source in ("coco", "synthetic") and not cfg.root:
     raise ValueError(f"dataset.root is required for source {cfg.source!r}")
 
 
 def prepare_root(cfg: ml_collections.ConfigDict) -> str:
-  """The dataset root; for 'synthetic', generated there first if missing."""
+  """The dataset root; for 'synthetic', generated there first if missing.
+
+  A 'synthetic' root that already holds another COCO-layout dataset (an `annotations/` folder
+  and no synthetic manifest) is read as it is: `--config.dataset.root=PATH` alone trains the
+  synthetic config on any COCO-layout data, and nothing is ever generated into it.
+  """
   if cfg.source == "synthetic":
     from ciae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    if synthetic.holds_other_dataset(cfg.root):
+      logging.info("dataset.root %s holds a COCO-layout dataset: reading it as it is "
+                   "(nothing generated)", cfg.root)
+      return os.fspath(cfg.root)
     s = cfg.synthetic
     synthetic.generate_synthetic_dataset(
         cfg.root, num_train=s.num_train, num_val=s.num_val,
@@ -174,29 +199,156 @@ def epoch_permutation(seed: int, epoch: int, num: int) -> np.ndarray:
   return rng.permutation(num).astype(np.int64)  # [num]
 
 
+@dataclasses.dataclass(frozen=True)
+class SkippedExample:
+  """An image the input left out: its id, its files and why."""
+  image_id: int
+  files: str
+  reason: str
+
+
+def _files(record: coco.ImageRecord) -> str:
+  return f"image {record.image_path}, PNG {record.png_path}"
+
+
+def _records_collecting_errors(
+    root: str, split: str, categories: categories_lib.CategoryInfo
+) -> tuple[list[coco.ImageRecord], list[SkippedExample]]:
+  """`coco.load_records`, but per-image errors leave the image out instead.
+
+  Errors of the whole file (not JSON, missing fields, duplicate image ids,
+  annotations of unknown images) still raise ValueError.
+  """
+  image_dir, json_path, png_dir = coco.split_paths(root, split)
+  # coco.py's own validators, so that both paths accept the same files.
+  data = coco._read_json(json_path)  # pylint: disable=protected-access
+  parse_segment = coco._segment  # pylint: disable=protected-access
+  known_ids = set(categories.coco_ids)
+  images = {}
+  for im in data["images"]:
+    for key in ("id", "file_name", "height", "width"):
+      if key not in im:
+        raise ValueError(f"{json_path}: image entry without {key!r}: {im!r}")
+    if im["id"] in images:
+      raise ValueError(f"{json_path}: duplicate image id {im['id']}")
+    images[im["id"]] = im
+  annotations = {}
+  for ann in data["annotations"]:
+    if ann.get("image_id") not in images:
+      raise ValueError(f"{json_path}: annotation for unknown image id "
+                       f"{ann.get('image_id')}")
+    annotations[ann["image_id"]] = ann
+  records, skipped = [], []
+  for image_id in sorted(images):
+    im, ann = images[image_id], annotations.get(image_id, {})
+    png_name = ann.get("file_name",
+                       os.path.splitext(im["file_name"])[0] + ".png")
+    image_path = os.path.join(image_dir, im["file_name"])
+    png_path = os.path.join(png_dir, png_name)
+    try:
+      segments = tuple(parse_segment(s, json_path, image_id, known_ids)
+                       for s in ann.get("segments_info", []))
+      if len({s.id for s in segments}) != len(segments):
+        raise ValueError(f"{json_path}: image id {image_id} has duplicate "
+                         "segment ids")
+      for path in (image_path, png_path):
+        if not os.path.isfile(path):
+          raise ValueError(f"{path}: file missing (image id {image_id})")
+    except ValueError as e:
+      skipped.append(SkippedExample(int(image_id), f"image {image_path}, PNG "
+                                    f"{png_path}", str(e)))
+      continue
+    records.append(coco.ImageRecord(
+        image_id=int(image_id), image_path=image_path, png_path=png_path,
+        height=int(im["height"]), width=int(im["width"]), segments=segments))
+  return records, skipped
+
+
+def _decode_error(record: coco.ImageRecord,
+                  categories: categories_lib.CategoryInfo) -> str | None:
+  try:
+    coco.decode_example(record, categories)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+def validate_records(
+    records: list[coco.ImageRecord],
+    categories: categories_lib.CategoryInfo, *,
+    num_threads: int | None = None
+) -> tuple[list[coco.ImageRecord], list[SkippedExample]]:
+  """(records that decode cleanly, the others with their errors), in order.
+
+  Each image and PNG is fully decoded with the NumPy decoder, which makes the
+  checks the TF graph makes (sizes, PNG/JSON segment ids); PIL releases the
+  GIL while decoding, so threads scale.
+  """
+  start = time.time()
+  num_threads = num_threads or min(32, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    errors = list(pool.map(lambda r: _decode_error(r, categories), records))
+  good = [r for r, e in zip(records, errors) if e is None]
+  bad = [SkippedExample(r.image_id, _files(r), e)
+         for r, e in zip(records, errors) if e is not None]
+  logging.info("Checked %d images in %.1f s (%d threads): %d bad",
+               len(records), time.time() - start, num_threads, len(bad))
+  return good, bad
+
+
+def _log_skipped(where: str, skipped: list[SkippedExample], what: str,
+                 limit: int = 20) -> None:
+  if not skipped:
+    return
+  logging.warning("%s: %d images %s:", where, len(skipped), what)
+  for s in skipped[:limit]:
+    logging.warning("  image id %d (%s): %s", s.image_id, s.files, s.reason)
+  if len(skipped) > limit:
+    logging.warning("  ... and %d more", len(skipped) - limit)
+
+
 class CocoSource:
   """Records of one split in the COCO panoptic layout, as TF tables."""
 
   def __init__(self, root: str, split: str,
                categories: categories_lib.CategoryInfo, *, train: bool,
-               max_segments: int):
-    records = coco.load_records(root, split, categories=categories)
+               max_segments: int, skip_bad_examples: bool = False):
     self.json_path = coco.split_paths(root, split)[1]
+    skipped = []
+    if skip_bad_examples:
+      records, skipped = _records_collecting_errors(root, split, categories)
+      records, bad = validate_records(records, categories)
+      skipped = sorted(skipped + bad, key=lambda s: s.image_id)
+      _log_skipped(self.json_path, skipped, "are bad and left out")
+    else:
+      records = coco.load_records(root, split, categories=categories)
+    too_many = [r for r in records if len(r.segments) > max_segments]
     if train:
-      empty = sum(1 for r in records if not r.segments)
+      empty = [SkippedExample(r.image_id, _files(r), "no segments")
+               for r in records if not r.segments]
       if empty:
         logging.info("%s: %d of %d images have no segments; skipped in "
-                     "training", self.json_path, empty, len(records))
+                     "training", self.json_path, len(empty), len(records))
+      skipped += empty
       records = [r for r in records if r.segments]
+      if skip_bad_examples and too_many:
+        over = [SkippedExample(
+            r.image_id, _files(r), f"{len(r.segments)} segments, more than "
+            f"dataset.max_segments={max_segments}") for r in too_many]
+        _log_skipped(self.json_path, over, "are left out of training")
+        skipped += over
+        records = [r for r in records if len(r.segments) <= max_segments]
+        too_many = []
       if not records:
         raise ValueError(f"{self.json_path}: no images with segments")
-    too_many = sum(1 for r in records if len(r.segments) > max_segments)
     if too_many:
       logging.warning("%s: %d images have more than max_segments=%d segments; "
-                      "the smallest are dropped (void)", self.json_path,
-                      too_many, max_segments)
+                      "the smallest are dropped (void), e.g. image ids %s",
+                      self.json_path, len(too_many), max_segments,
+                      [r.image_id for r in too_many[:10]])
     self.records = records
     self.categories = categories
+    self.skipped = sorted(skipped, key=lambda s: s.image_id)
 
   def __len__(self) -> int:
     return len(self.records)
@@ -283,7 +435,8 @@ def _make_source(cfg: ml_collections.ConfigDict, split: str, *, train: bool,
     from ciae_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.TfdsSource(cfg, split, categories, train=train)
   return CocoSource(prepare_root(cfg), split, categories, train=train,
-                    max_segments=cfg.max_segments)
+                    max_segments=cfg.max_segments,
+                    skip_bad_examples=cfg.skip_bad_examples)
 
 
 def _host_slice(global_batch_size: int) -> tuple[int, int]:
@@ -417,8 +570,9 @@ def build_input(dataset_cfg: ml_collections.ConfigDict, split: str, *,
     seed: order and augmentation seed (>= 0).
     start_step: training step to resume at; equals skipping that many batches.
 
-  Yields:
-    Dicts of the example keys (docs/interfaces.md) plus `example_valid`.
+  Returns:
+    An `InputIterator` of dicts of the example keys (docs/interfaces.md) plus
+    `example_valid`; its `skipped_examples` lists the images left out.
 
   Raises:
     ValueError: bad configuration, or bad data (naming file and image id).
@@ -426,8 +580,45 @@ def build_input(dataset_cfg: ml_collections.ConfigDict, split: str, *,
   ds, source = build_tf_dataset(dataset_cfg, split, train=train,
                                 global_batch_size=global_batch_size,
                                 seed=seed, start_step=start_step)
-  return _iterate(ds, source, train=train, seed=seed,
-                  global_batch_size=global_batch_size, start_step=start_step)
+  batches = _iterate(ds, source, train=train, seed=seed,
+                     global_batch_size=global_batch_size, start_step=start_step)
+  mode = "training" if train else "evaluation"
+  return InputIterator(batches, getattr(source, "skipped", []),
+                       name=f"{split} ({mode})")
+
+
+class InputIterator:
+  """The batches of `build_input`, with the images the input left out.
+
+  Attributes:
+    skipped_examples: `SkippedExample`s (image id, files, reason), by image id.
+      An evaluation pass logs them when it ends: these images got no
+      prediction.
+  """
+
+  def __init__(self, batches: Iterator[dict[str, np.ndarray]],
+               skipped: list[SkippedExample], *, name: str):
+    self._batches = batches
+    self.skipped_examples = list(skipped)
+    self._name = name
+    self._reported = False
+
+  def __iter__(self) -> InputIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    try:
+      return next(self._batches)
+    except StopIteration:
+      if not self._reported:
+        self._reported = True
+        _log_skipped(f"{self._name} ended", self.skipped_examples,
+                     "were left out (no prediction)", limit=1000)
+      raise
+
+  def close(self) -> None:
+    """Stops the pipeline now (its threads and buffers)."""
+    self._batches.close()
 
 
 def _iterate(ds: tf.data.Dataset, source: Any, *, train: bool, seed: int,

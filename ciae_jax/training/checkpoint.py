@@ -13,17 +13,23 @@ import orbax.checkpoint as ocp
 
 
 def create_manager(workdir: str, *, checkpoint_every_steps: int = 5000,
-                   keep_checkpoints: int = 3, create: bool = True) -> ocp.CheckpointManager:
+                   keep_checkpoints: int = 3, create: bool = True,
+                   cleanup_tmp: bool = False) -> ocp.CheckpointManager:
   """Orbax manager over `workdir/checkpoints` that saves every N steps and keeps the last K.
 
-  `create=False` (readers such as evaluate.py) leaves a missing folder missing.
+  `create=False` (readers such as evaluate.py) leaves a missing folder missing. `cleanup_tmp`
+  (the training run, the only writer) deletes the unfinished checkpoints a killed run left.
   """
   if checkpoint_every_steps <= 0:
     raise ValueError(f"checkpoint_every_steps must be > 0, got {checkpoint_every_steps}")
   if keep_checkpoints <= 0:
     raise ValueError(f"keep_checkpoints must be > 0, got {keep_checkpoints}")
+  # Orbax writes a checkpoint into a temporary folder and renames it when complete: a process
+  # killed mid-save leaves the previous checkpoints intact and a temporary folder that
+  # `latest_step` ignores.
   options = ocp.CheckpointManagerOptions(save_interval_steps=checkpoint_every_steps,
-                                         max_to_keep=keep_checkpoints, create=create)
+                                         max_to_keep=keep_checkpoints, create=create,
+                                         cleanup_tmp_directories=cleanup_tmp)
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   return ocp.CheckpointManager(directory, options=options)
 
@@ -34,9 +40,25 @@ def _host_state_dict(state: Any) -> dict:
 
 def save(manager: ocp.CheckpointManager, step: int, host_state: Any, *,
          force: bool = False) -> bool:
-  """Saves one host copy of the state at `step` if the interval says so (or `force`)."""
-  return manager.save(int(step), args=ocp.args.StandardSave(_host_state_dict(host_state)),
-                      force=force)
+  """Saves one host copy of the state at `step` if the interval says so (or `force`).
+
+  Raises:
+    FloatingPointError: the state holds a NaN or infinity (naming the first such leaf); a
+      non-finite state is never written.
+  """
+  state_dict = _host_state_dict(host_state)
+  check_finite(state_dict, f"state at step {step}")
+  return manager.save(int(step), args=ocp.args.StandardSave(state_dict), force=force)
+
+
+def check_finite(tree: Any, what: str) -> None:
+  """FloatingPointError naming the first floating-point leaf of `tree` with a NaN or inf."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    leaf = np.asarray(leaf)
+    if np.issubdtype(leaf.dtype, np.inexact) and not np.all(np.isfinite(leaf)):
+      raise FloatingPointError(f"{what} is not finite at {jax.tree_util.keystr(path)} "
+                               f"({int(np.sum(~np.isfinite(leaf)))} of {leaf.size} values); "
+                               "not saved")
 
 
 def restore_latest(manager: ocp.CheckpointManager, template: Any) -> Optional[Any]:

@@ -125,6 +125,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.eval_every_steps = 10_000  # <= 0: no evaluation at all (not even at the end).
   config.init_backbone = ""  # Converted ImageNet backbone (python -m ciae_jax.models.convert).
+  # A step with a non-finite loss or gradient is skipped (state unchanged, counted in
+  # train/nonfinite_steps); this many in a row stop the run with an error.
+  config.max_consecutive_nonfinite = 10
+  # Resuming a workdir whose config.json differs in fields that change the model, the
+  # optimisation or the data is an error unless this is set.
+  config.allow_resume_with_other_config = False
   config.dataset = pipeline.default_dataset_config()
   config.model = model_config()
   config.fcos = fcos_config()

@@ -1,11 +1,25 @@
 """The training loop: init or resume, data-parallel steps, metrics, checkpoints, evaluation.
 
 `train_and_evaluate(config, workdir)` is what `train.py` calls. The workdir holds
-`checkpoints/` (orbax) and TensorBoard event files; a run started again on the same workdir
-resumes from its latest checkpoint, and the input pipeline skips the batches already seen.
+`checkpoints/` (orbax), `config.json` and TensorBoard event files; a run started again on the
+same workdir resumes from its latest checkpoint, and the input pipeline skips the batches
+already seen, so that an interrupted run ends with the same parameters as an uninterrupted one.
+
+Reliability (docs in `training.preemption`, `training.workdir`):
+- before any step: the workdir is writable and has room for a checkpoint, and a workdir with
+  checkpoints was made by the same config (`config.json`); a checkpoint that does not fit the
+  model is an error, never a partial load;
+- SIGTERM: the current step is finished, checkpointed, and the run returns early;
+- a step with a non-finite loss or gradient changes nothing (see `step.train_step`) and is
+  counted (`train/nonfinite_steps`); `config.max_consecutive_nonfinite` in a row are an error;
+  a non-finite state is never saved;
+- images the input pipeline left out (`dataset.skip_bad_examples`, images without segments)
+  are listed at the end, in the log and in `skipped_examples.json`.
 """
 import functools
 import importlib
+import json
+import os
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -22,8 +36,10 @@ from ciae_jax.training import checkpoint as checkpoint_lib
 from ciae_jax.training import metrics as metrics_lib
 from ciae_jax.training import optim
 from ciae_jax.training import parallel
+from ciae_jax.training import preemption
 from ciae_jax.training import step as step_lib
 from ciae_jax.training import train_state as train_state_lib
+from ciae_jax.training import workdir as workdir_lib
 
 # Parameters of a fully convolutional net do not depend on the input size: initialise on the
 # smallest image the model accepts with all five levels (P7 has stride 128).
@@ -31,6 +47,10 @@ INIT_IMAGE_HW = (128, 128)
 # evaluate_fn(config, state, *, workdir, step) -> results; the default wraps this function.
 DEFAULT_EVAL_MODULE = "ciae_jax.eval_lib"
 DEFAULT_EVAL_FUNCTION = "evaluate"
+
+# Images the training input left out: listed at the end of the run (log and this file).
+SKIPPED_EXAMPLES_FILE = "skipped_examples.json"
+MAX_SKIPPED_LOGGED = 50
 
 EvaluateFn = Callable[..., Optional[Mapping[str, Any]]]
 InputFn = Callable[..., Iterator[Mapping[str, np.ndarray]]]
@@ -160,6 +180,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.parallel not in parallel.PARALLEL_MODES:
     raise ValueError(f"config.parallel must be one of {parallel.PARALLEL_MODES}, got "
                      f"{config.parallel!r}")
+  if config.get("max_consecutive_nonfinite", 1) < 1:
+    raise ValueError("config.max_consecutive_nonfinite must be >= 1, got "
+                     f"{config.max_consecutive_nonfinite}")
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -202,10 +225,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       yielding batches `[local_devices, per_device_batch, ...]`; default the tf.data pipeline.
 
   Returns:
-    The final state, one host copy.
+    The final state, one host copy; after a SIGTERM the state of the step it was saved at
+    (`state.step < config.total_steps`, no final evaluation).
+
+  Raises:
+    workdir_lib.WorkdirError: the workdir is not writable, has no room for a checkpoint, or
+      holds checkpoints of another config (before any step).
+    ValueError: a checkpoint that does not fit the model; bad data (file and image id).
+    FloatingPointError: `config.max_consecutive_nonfinite` steps in a row were not finite.
   """
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   _check_config(config)
+  workdir_lib.check_writable(workdir)  # Before anything expensive.
+  # Installed first: a SIGTERM during start-up or compilation also ends the run cleanly.
+  with preemption.PreemptionWatcher() as watcher:
+    return _train_and_evaluate(config, workdir, evaluate_fn=evaluate_fn, input_fn=input_fn,
+                               watcher=watcher)
+
+
+def _train_and_evaluate(config, workdir, *, evaluate_fn, input_fn, watcher):
+  """`train_and_evaluate` after the config and workdir checks, under `watcher`."""
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   input_fn = input_fn or _default_input_fn
   if evaluate_fn is None and config.eval_every_steps > 0:
     evaluate_fn = default_evaluate_fn()
@@ -221,14 +260,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   rng = jax.random.PRNGKey(config.seed)
   host_state, optimizer, schedule = init_train_state(config, model, num_stuff=num_stuff,
                                                      num_things=num_things, rng=rng)
+  workdir_lib.check_free_space(workdir, host_state, keep_checkpoints=config.keep_checkpoints)
   manager = checkpoint_lib.create_manager(
       workdir, checkpoint_every_steps=config.checkpoint_every_steps,
-      keep_checkpoints=config.keep_checkpoints)
+      keep_checkpoints=config.keep_checkpoints, cleanup_tmp=True)
+  workdir_lib.check_config(config, workdir, resuming=manager.latest_step() is not None)
   restored = checkpoint_lib.restore_latest(manager, host_state)
   if restored is not None:
     host_state = restored
     logging.info("Resumed from checkpoint at step %d in %s", int(host_state.step), workdir)
   start_step = int(host_state.step)
+  if start_step >= config.total_steps:
+    manager.close()
+    logging.info("Nothing to train: the checkpoint is at step %d >= total_steps %d",
+                 start_step, config.total_steps)
+    return host_state
 
   writer = _create_writer(workdir)
   if start_step == 0:
@@ -263,8 +309,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     state = _train_steps(config, state, start_step=start_step, step_fn=step_fn,
                          batches=batches, mesh=mesh, writer=writer, manager=manager,
-                         report_progress=report_progress, run_evaluation=run_evaluation)
+                         report_progress=report_progress, run_evaluation=run_evaluation,
+                         watcher=watcher)
   finally:
+    _report_skipped_examples(batches, workdir)
     # A checkpoint still being written (e.g. when the input fails) is completed first.
     manager.wait_until_finished()
     # Closed here, in this thread: the event-file writer is a TensorFlow resource that must not
@@ -273,18 +321,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     manager.close()
     if hasattr(batches, "close"):
       batches.close()  # Releases the input pipeline's threads and buffers now.
-  final = parallel.unreplicate(state, parallel=config.parallel)
-  if start_step >= config.total_steps:
-    logging.info("Nothing to train: the checkpoint is at step %d >= total_steps %d",
-                 start_step, config.total_steps)
-  return final
+  return parallel.unreplicate(state, parallel=config.parallel)
+
+
+class _NonfiniteCounter:
+  """Counts skipped steps in a row from the step's `finite` flag, read one step late.
+
+  Reading the flag of step t right after dispatching step t + 1 lets the device run ahead (no
+  host sync per step); the error comes at most one step late, and the state stays finite
+  anyway (a skipped step changes nothing).
+  """
+
+  def __init__(self, max_in_a_row: int):
+    self.max_in_a_row = max_in_a_row
+    self.in_a_row = 0
+    self.total = 0
+    self._pending = None  # (step, device bool) not yet read.
+
+  def push(self, step: int, finite: Any) -> None:
+    """Records step `step`'s flag and reads the previous one."""
+    self.flush()
+    self._pending = (step, finite)
+
+  def flush(self) -> None:
+    """Reads the pending flag; FloatingPointError after `max_in_a_row` skipped steps."""
+    if self._pending is None:
+      return
+    step, finite = self._pending
+    self._pending = None
+    if bool(jax.device_get(finite)):
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    self.total += 1
+    logging.warning("step %d skipped: non-finite loss, gradients or memory update (%d in a "
+                    "row, %d in this run); the state is that of step %d", step,
+                    self.in_a_row, self.total, step - self.in_a_row)
+    if self.in_a_row >= self.max_in_a_row:
+      raise FloatingPointError(
+          f"{self.in_a_row} consecutive steps ({step - self.in_a_row + 1}..{step}) had a "
+          "non-finite loss, gradients or memory update and were skipped "
+          f"(config.max_consecutive_nonfinite={self.max_in_a_row}). The parameters are those "
+          f"of step {step - self.in_a_row}. Lower the learning rate, set "
+          "config.optimizer.grad_clip_norm, or check the input data of these steps.")
+
+
+def _save(manager, step: int, state: Any, *, parallel_mode: str) -> None:
+  host = parallel.unreplicate(state, parallel=parallel_mode)
+  if step in manager.all_steps():
+    return  # Already saved (e.g. SIGTERM right after a periodic checkpoint).
+  checkpoint_lib.save(manager, step, host, force=True)
 
 
 def _train_steps(config, state, *, start_step, step_fn, batches, mesh, writer, manager,
-                 report_progress, run_evaluation):
+                 report_progress, run_evaluation, watcher):
   """Steps `start_step + 1 .. total_steps` with logging, checkpoints and evaluation."""
   train_metrics = None
   last_log_time, last_log_step = time.time(), start_step
+  nonfinite = _NonfiniteCounter(config.get("max_consecutive_nonfinite", 10))
+  if start_step < config.total_steps and watcher.should_stop(start_step):
+    logging.warning("Stop requested before step %d: nothing trained, nothing saved.",
+                    start_step + 1)
+    return state
   for step in range(start_step + 1, config.total_steps + 1):
     # `step` counts updates: after this iteration state.step == step.
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -292,29 +390,59 @@ def _train_steps(config, state, *, start_step, step_fn, batches, mesh, writer, m
       step_lib.check_batch(batch, leading_axes=2)  # [local_devices, per_device_batch, ...]
       state, outputs = step_fn(state, parallel.shard_batch(batch, parallel=config.parallel,
                                                            mesh=mesh))
-    update = metrics_lib.TrainMetrics.single_from_model_output(
-        **parallel.first_copy(outputs, parallel=config.parallel))
+    outputs = parallel.first_copy(outputs, parallel=config.parallel)
+    nonfinite.push(step, outputs["finite"])
+    update = metrics_lib.TrainMetrics.single_from_model_output(**outputs)
     train_metrics = update if train_metrics is None else train_metrics.merge(update)
     report_progress(step, time.time())
 
     is_last = step == config.total_steps
     if step % config.log_every_steps == 0 or is_last:
+      nonfinite.flush()
       scalars = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
-      if not np.isfinite(scalars["train/loss"]):
-        raise FloatingPointError(f"non-finite loss at step {step}: {scalars}")
       writer.write_scalars(step, scalars)
       now = time.time()
       steps_per_sec = (step - last_log_step) / max(now - last_log_time, 1e-9)
       last_log_time, last_log_step = now, step
       logging.info("step %d/%d: loss %.4f (cls %.4f reg %.4f ctr %.4f ciae %.4f) lr %.2e, "
-                   "%.2f steps/s", step, config.total_steps, scalars["train/loss"],
+                   "%.2f steps/s%s", step, config.total_steps, scalars["train/loss"],
                    scalars["train/loss_cls"], scalars["train/loss_reg"],
                    scalars["train/loss_ctr"], scalars["train/loss_ciae"],
-                   scalars["train/learning_rate"], steps_per_sec)
+                   scalars["train/learning_rate"], steps_per_sec,
+                   f", {int(scalars['train/nonfinite_steps'])} non-finite steps skipped"
+                   if scalars["train/nonfinite_steps"] else "")
       train_metrics = None
-    if step % config.checkpoint_every_steps == 0 or is_last:
-      checkpoint_lib.save(manager, step, parallel.unreplicate(state, parallel=config.parallel),
-                          force=True)
+    stop = watcher.should_stop(step)
+    if step % config.checkpoint_every_steps == 0 or is_last or stop:
+      nonfinite.flush()
+      _save(manager, step, state, parallel_mode=config.parallel)
+    if stop:
+      manager.wait_until_finished()
+      logging.warning("Preempted: checkpoint saved at step %d of %d in %s; start the same "
+                      "command again to resume.", step, config.total_steps, manager.directory)
+      return state
     if config.eval_every_steps > 0 and (step % config.eval_every_steps == 0 or is_last):
       run_evaluation(step, state)
+  nonfinite.flush()
   return state
+
+
+def _report_skipped_examples(batches: Any, workdir: str) -> None:
+  """Logs every image the input left out and writes them to `workdir/skipped_examples.json`."""
+  skipped = list(getattr(batches, "skipped_examples", None) or ())
+  if not skipped:
+    return
+  path = os.path.join(workdir, SKIPPED_EXAMPLES_FILE)
+  logging.warning("The training input left out %d images (all in %s):", len(skipped), path)
+  for example in skipped[:MAX_SKIPPED_LOGGED]:
+    logging.warning("  skipped image id %s (%s): %s", example.image_id, example.files,
+                    example.reason)
+  if len(skipped) > MAX_SKIPPED_LOGGED:
+    logging.warning("  ... and %d more", len(skipped) - MAX_SKIPPED_LOGGED)
+  if jax.process_index() == 0:
+    try:
+      with open(path, "w") as f:
+        json.dump([{"image_id": e.image_id, "files": e.files, "reason": e.reason}
+                   for e in skipped], f, indent=1)
+    except OSError as error:
+      logging.warning("Could not write %s: %s", path, error)

@@ -1,9 +1,50 @@
 """Training metrics: a clu `Collection` of averages, filled on device once per step."""
+from typing import Any
+
 import flax
+import jax.numpy as jnp
 from clu import metrics as clu_metrics
 
 LOSS_TERMS = ("loss", "loss_cls", "loss_reg", "loss_ctr", "loss_cae", "loss_iae", "loss_ciae")
 OTHER_TERMS = ("num_positives", "grad_norm", "learning_rate", "memory_drift")
+
+
+def finite_average(name: str) -> type[clu_metrics.Average]:
+  """An `Average` of output `name` over the steps whose output `finite` is true.
+
+  Skipped steps (non-finite loss or gradients) carry NaNs that would poison the average; they
+  are counted by `NonfiniteSteps` instead.
+  """
+
+  class FiniteAverage(clu_metrics.Average):
+
+    @classmethod
+    def from_model_output(cls, **outputs: Any) -> clu_metrics.Average:
+      finite = jnp.asarray(outputs["finite"], bool)  # []
+      value = jnp.asarray(outputs[name], jnp.float32)  # []
+      return cls(total=jnp.where(finite, value, 0.0), count=finite.astype(jnp.int32))
+
+  return FiniteAverage
+
+
+@flax.struct.dataclass
+class NonfiniteSteps(clu_metrics.Metric):
+  """Number of steps skipped because their loss, gradients or update were not finite."""
+  total: jnp.ndarray
+
+  @classmethod
+  def empty(cls) -> "NonfiniteSteps":
+    return cls(total=jnp.array(0, jnp.int32))
+
+  @classmethod
+  def from_model_output(cls, **outputs: Any) -> "NonfiniteSteps":
+    return cls(total=jnp.logical_not(jnp.asarray(outputs["finite"], bool)).astype(jnp.int32))
+
+  def merge(self, other: "NonfiniteSteps") -> "NonfiniteSteps":
+    return type(self)(total=self.total + other.total)
+
+  def compute(self) -> jnp.ndarray:
+    return self.total
 
 
 @flax.struct.dataclass
@@ -12,18 +53,20 @@ class TrainMetrics(clu_metrics.Collection):
 
   Every value is already reduced over devices by the step (global losses, global positive
   count), so the collection is built with `single_from_model_output` on every device and one
-  copy is merged on the host. `grad_norm` is the global norm of the averaged gradient before
+  copy is merged on the host. Averages leave out skipped steps (output `finite` false), which
+  `nonfinite_steps` counts. `grad_norm` is the global norm of the averaged gradient before
   clipping; `learning_rate` the rate of this step's update; `memory_drift` the mean
   |M_t - M_{t-1}| over all memory entries.
   """
-  loss: clu_metrics.Average.from_output("loss")
-  loss_cls: clu_metrics.Average.from_output("loss_cls")
-  loss_reg: clu_metrics.Average.from_output("loss_reg")
-  loss_ctr: clu_metrics.Average.from_output("loss_ctr")
-  loss_cae: clu_metrics.Average.from_output("loss_cae")
-  loss_iae: clu_metrics.Average.from_output("loss_iae")
-  loss_ciae: clu_metrics.Average.from_output("loss_ciae")
-  num_positives: clu_metrics.Average.from_output("num_positives")
-  grad_norm: clu_metrics.Average.from_output("grad_norm")
+  loss: finite_average("loss")
+  loss_cls: finite_average("loss_cls")
+  loss_reg: finite_average("loss_reg")
+  loss_ctr: finite_average("loss_ctr")
+  loss_cae: finite_average("loss_cae")
+  loss_iae: finite_average("loss_iae")
+  loss_ciae: finite_average("loss_ciae")
+  num_positives: finite_average("num_positives")
+  grad_norm: finite_average("grad_norm")
   learning_rate: clu_metrics.Average.from_output("learning_rate")
-  memory_drift: clu_metrics.Average.from_output("memory_drift")
+  memory_drift: finite_average("memory_drift")
+  nonfinite_steps: NonfiniteSteps

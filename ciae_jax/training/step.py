@@ -6,7 +6,10 @@ One step at iteration t (state.step = t - 1 updates done):
      sums with the GLOBAL valid-pixel count, against the memory M_{t-1} of the state;
   3. gradients `pmean`-ed over devices, one optimizer update;
   4. per-class sums / pixel counts of the pre-norm embeddings, summed over the local batch and
-     `psum`-ed, then the momentum update `M_t` (identical on every device).
+     `psum`-ed, then the momentum update `M_t` (identical on every device);
+  5. if the loss, the gradients or the new memory hold a NaN or infinity, the update is dropped:
+     params, optimizer state and memory stay as they were (metric `finite` False); `step` and
+     `rng` advance as after any step.
 
 Normalisation: each device's losses are its share of the global-batch loss (sum over local
 locations / global count). The objective differentiated on a device is that share times the
@@ -57,6 +60,11 @@ def check_batch(batch: Mapping[str, Any], *, leading_axes: int = 1) -> None:
     if tuple(batch[key].shape) != shape:
       raise ValueError(f"batch field {key!r} has shape {tuple(batch[key].shape)}, expected "
                        f"{shape} (docs/interfaces.md)")
+
+
+def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where `finite`, else `old` (leaf by leaf; same structures)."""
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
 def _fcos_targets(batch: Mapping[str, jax.Array], *, num_stuff: int, strides: Sequence[int],
@@ -139,6 +147,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, (shares, prenorm)), grads = grad_fn(parallel.to_varying(state.params))
   grads = jax.lax.pmean(grads, AXIS_NAME)
+  losses = jax.lax.psum(shares, AXIS_NAME)  # global-batch losses
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
@@ -154,14 +163,25 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   memory = memory_lib.update_memory(state.memory, emb_sums, counts, state.step, total_steps,
                                     coeff=momentum_coeff, power=momentum_power)  # [M, D]
 
-  losses = jax.lax.psum(shares, AXIS_NAME)  # global-batch losses
+  # A non-finite loss, gradient or memory update leaves params, optimizer state and memory as
+  # they were. Each input of `finite` is identical on every device (psum / pmean-ed), so all
+  # take the same branch. Scalars only: a per-leaf check of every tree made the step's XLA
+  # compilation ~3x slower; the global gradient norm is non-finite iff a gradient is (or its
+  # squares overflow, an exploding gradient anyway). `step` and `rng` still advance: the batch
+  # is consumed, and a resumed run stays aligned with the data (position = step * batch).
+  loss = losses["loss_cls"] + losses["loss_reg"] + losses["loss_ctr"] + losses["loss_ciae"]
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(memory))
+  params, opt_state, memory = keep_if_finite(
+      finite, (params, opt_state, memory), (state.params, state.opt_state, state.memory))
   metrics = {
       **losses,
-      "loss": losses["loss_cls"] + losses["loss_reg"] + losses["loss_ctr"] + losses["loss_ciae"],
+      "loss": loss,
       "num_positives": normalizers["num_positives"],
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": grad_norm,
       "learning_rate": learning_rate_fn(state.step),
       "memory_drift": jnp.mean(jnp.abs(memory - state.memory)),
+      "finite": finite,
   }
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             memory=memory, rng=new_rng)
