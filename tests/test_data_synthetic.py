@@ -155,3 +155,23 @@ def test_synthetic_source_through_the_pipeline(tmp_path):
   gt = pipeline.eval_ground_truth(cfg)
   assert gt.gt_json.endswith("panoptic_val2017.json")
   assert gt.categories.num_things == len(synthetic.THINGS)
+
+
+def test_synthetic_source_reads_an_existing_coco_root_as_it_is(coco_sample_root, tmp_path):
+  """`--config.dataset.root=PATH` on the synthetic config: real data is read, never replaced."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  real = tmp_path / "real"
+  shutil.copytree(coco_sample_root, real)
+  before = sorted(p.relative_to(real) for p in real.rglob("*"))
+  cfg = pipeline.default_dataset_config()
+  cfg.source = "synthetic"
+  cfg.root = str(real)
+  assert pipeline.prepare_root(cfg) == str(real)
+  assert sorted(p.relative_to(real) for p in real.rglob("*")) == before
+  assert not [p for p in tmp_path.iterdir() if "partial" in p.name]  # No staging written.
+  categories = pipeline.load_dataset_categories(cfg)
+  assert categories.num_stuff + categories.num_things == 133
+  with pytest.raises(ValueError, match="not synthetic; not generating into it"):
+    synthetic.generate_synthetic_dataset(real, num_train=1, num_val=1, image_size=(32, 32))
+  assert sorted(p.relative_to(real) for p in real.rglob("*")) == before
+  assert not [p for p in tmp_path.iterdir() if "partial" in p.name]  # No staging written.

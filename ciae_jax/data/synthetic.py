@@ -35,6 +35,8 @@ from PIL import Image
 from ciae_jax.data import coco
 
 MANIFEST = "synthetic_manifest.json"
+# Present while splits are moved into a root: a half-written synthetic root is not real data.
+GENERATING_MARKER = ".synthetic_generating"
 VERSION = 1
 MIN_VISIBLE = 24  # Thing fragments smaller than this become void (pixels).
 
@@ -277,6 +279,14 @@ def generate_synthetic_dataset(root: str | os.PathLike, *, num_train: int = 512,
   return root
 
 
+def holds_other_dataset(root: str | os.PathLike) -> bool:
+  """True if `root` has an `annotations/` folder but no synthetic manifest (real data)."""
+  root = os.fspath(root)
+  return (os.path.isdir(os.path.join(root, "annotations"))
+          and not os.path.isfile(os.path.join(root, MANIFEST))
+          and not os.path.isfile(os.path.join(root, GENERATING_MARKER)))
+
+
 def _matches_manifest(root: str, params: dict[str, Any]) -> bool:
   """True if `root` holds this dataset; ValueError if it holds another."""
   manifest_path = os.path.join(root, MANIFEST)
@@ -293,12 +303,17 @@ def _matches_manifest(root: str, params: dict[str, Any]) -> bool:
 
 def _generate(root: str, params: dict[str, Any]) -> None:
   """Writes the splits next to `root`, moves them in, then the manifest."""
+  if holds_other_dataset(root):  # Never replace real data.
+    raise ValueError(f"{root} holds a COCO-layout dataset that is not synthetic; not "
+                     "generating into it")
   staging = f"{root}.partial-{os.getpid()}"
   shutil.rmtree(staging, ignore_errors=True)
   image_size = tuple(params["image_size"])
   for split, num in zip(SPLITS, (params["num_train"], params["num_val"])):
     _write_split(staging, split, num, image_size, params["seed"])
   os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, GENERATING_MARKER), "w"):
+    pass
   for name in ("annotations", *SPLITS):
     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     os.replace(os.path.join(staging, name), os.path.join(root, name))
@@ -307,6 +322,7 @@ def _generate(root: str, params: dict[str, Any]) -> None:
   with open(manifest_path + ".tmp", "w") as f:
     json.dump(params, f)
   os.replace(manifest_path + ".tmp", manifest_path)  # Written last: complete.
+  os.remove(os.path.join(root, GENERATING_MARKER))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
