@@ -1,0 +1,66 @@
+r"""CIAE overfitting the two real COCO val2017 images of the shared sample (133 categories).
+
+Launch (from the repository root):
+  python train.py --config configs/coco_sample_overfit.py --workdir runs/coco_overfit
+  python evaluate.py --config configs/coco_sample_overfit.py --workdir runs/coco_overfit
+
+The whole method on real COCO annotations: all 133 categories of the sample's JSON, the images
+at about 0.8x (shorter side 384, canvas 384 x 640), a narrow ResNet with GroupNorm from scratch,
+500 steps at batch 2 (both images every step), no flip; evaluation on the same two images.
+"""
+import os
+
+import ml_collections
+
+from ciae_jax.training import config_lib
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_ROOT = os.path.join(REPO_ROOT, os.pardir, "shared", "data", "coco_panoptic_sample")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The overfit config: train and evaluate on the same two COCO images."""
+  config_lib.parse_variants(arg, ())
+  config = config_lib.base_config()
+  # Both images every step; about 13 min on the 2-core CPU (0.64 steps/s). PQ was 78.9 at
+  # step 200 and 81.1 at step 300 before any decay (README, Results).
+  config.total_steps = 500
+  config.batch_size = 2
+  config.log_every_steps = 20
+  config.checkpoint_every_steps = 250
+  config.keep_checkpoints = 1
+  config.eval_every_steps = config.total_steps
+
+  dataset = config.dataset
+  dataset.source = "coco"
+  dataset.root = os.path.normpath(SAMPLE_ROOT)
+  dataset.train_split = "val2017"
+  dataset.val_split = "val2017"
+  dataset.image_size = (384, 640)
+  dataset.train_min_size_range = (384, 384)
+  dataset.max_size = 640
+  dataset.eval_min_size = 384
+  dataset.eval_max_size = 640
+  dataset.max_segments = 40
+  dataset.flip = False
+
+  model = config.model
+  model.backbone = "resnet_tiny"
+  model.norm = "gn"
+  model.fpn_dim = 64
+  model.head_convs = 2
+  model.semantic_dim = 64
+  model.embed_dim = 32
+
+  optimizer = config.optimizer
+  optimizer.lr = 0.01
+  optimizer.warmup_steps = 100
+  optimizer.warmup_factor = 0.1
+  optimizer.decay_steps = (400, 470)
+  optimizer.grad_clip_norm = 10.0
+
+  inference = config.inference
+  inference.pre_nms_top_n = 200
+  inference.max_detections = 50
+  inference.instance_min_area = 16.0
+  return config
