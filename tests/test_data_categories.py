@@ -76,3 +76,20 @@ def test_bad_category_entries(tmp_path):
   path.write_text(json.dumps([{"id": 1}]))
   with pytest.raises(ValueError, match="isthing"):
     categories_lib.load_categories(path)
+
+
+def test_dataset_without_thing_categories_is_an_error_naming_the_file(coco_sample_root, tmp_path):
+  """A stuff-only dataset: a clear error before any model is built (CIAE needs things)."""
+  from ciae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data = json.loads((coco_sample_root / "annotations" / "panoptic_val2017.json").read_text())
+  for category in data["categories"]:
+    category["isthing"] = 0
+  path = tmp_path / "stuff_only.json"
+  path.write_text(json.dumps(data))
+  cfg = pipeline.default_dataset_config()
+  cfg.source, cfg.root, cfg.categories_file = "coco", str(coco_sample_root), str(path)
+  with pytest.raises(ValueError, match=f"{path}: no thing category \\(isthing=1\\) among its "
+                     "133 categories"):
+    pipeline.load_dataset_categories(cfg)
+  cfg.categories_file = ""  # The sample itself has things: read from its JSON.
+  assert pipeline.load_dataset_categories(cfg).num_things == 80

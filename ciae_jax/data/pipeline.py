@@ -164,17 +164,32 @@ def prepare_root(cfg: ml_collections.ConfigDict) -> str:
 
 def load_dataset_categories(
     cfg: ml_collections.ConfigDict) -> categories_lib.CategoryInfo:
-  """The categories of the configured dataset (one set for all splits)."""
+  """The categories of the configured dataset (one set for all splits).
+
+  Raises:
+    ValueError: the file declares no thing category (CIAE's detector needs at least one).
+  """
+  path = _categories_path(cfg)
+  categories = categories_lib.load_categories(path)
+  if categories.num_things == 0:
+    raise ValueError(f"{path}: no thing category (isthing=1) among its "
+                     f"{categories.num_stuff} categories; CIAE detects instances and needs "
+                     "at least one thing class")
+  return categories
+
+
+def _categories_path(cfg: ml_collections.ConfigDict) -> str:
+  """The file the dataset's categories are read from."""
   if cfg.categories_file:
-    return categories_lib.load_categories(cfg.categories_file)
+    return cfg.categories_file
   if cfg.source == "tfds":
     from ciae_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-    return categories_lib.load_categories(tfds_source.COCO_CATEGORIES_FILE)
+    return tfds_source.COCO_CATEGORIES_FILE
   root = prepare_root(cfg)
   for split in (cfg.train_split, cfg.val_split):
     json_path = coco.split_paths(root, split)[1]
     if os.path.isfile(json_path):
-      return categories_lib.load_categories(json_path)
+      return json_path
   raise FileNotFoundError(f"no annotation file for {cfg.train_split!r} or "
                           f"{cfg.val_split!r} under {root}")
 
