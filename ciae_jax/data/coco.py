@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -116,9 +116,14 @@ def _segment(raw: dict[str, Any], json_path: str, image_id: int,
                      area=float(raw.get("area", 0)))
 
 
+# Called with (image id, image path, PNG path, error) for an image left out.
+OnImageError = Callable[[int, str, str, ValueError], None]
+
+
 def load_records(root: PathLike, split: str, *,
                  categories: categories_lib.CategoryInfo | None = None,
-                 check_files: bool = True) -> list[ImageRecord]:
+                 check_files: bool = True,
+                 on_image_error: OnImageError | None = None) -> list[ImageRecord]:
   """Image records of a split, sorted by image id.
 
   Args:
@@ -126,6 +131,8 @@ def load_records(root: PathLike, split: str, *,
     split: e.g. "train2017".
     categories: the categories segments must belong to (default: the JSON's).
     check_files: check that every image and PNG exists (cheap: no decoding).
+    on_image_error: if given, an error of one image (its segments, its files) is passed to
+      it and the image left out, instead of raised; errors of the whole file still raise.
 
   Returns:
     One record per image of the JSON's `images`; an image without an entry in
@@ -143,6 +150,39 @@ def load_records(root: PathLike, split: str, *,
     categories = categories_lib.categories_from_list(data["categories"],
                                                      source=json_path)
   known_ids = set(categories.coco_ids)
+  images, annotations = _index_images(data, json_path)
+  records = []
+  for image_id in sorted(images):
+    im = images[image_id]
+    ann = annotations.get(image_id, {})
+    png_name = ann.get("file_name",
+                       os.path.splitext(im["file_name"])[0] + ".png")
+    image_path = os.path.join(image_dir, im["file_name"])
+    png_path = os.path.join(png_dir, png_name)
+    try:
+      segments = tuple(_segment(s, json_path, image_id, known_ids)
+                       for s in ann.get("segments_info", []))
+      if len({s.id for s in segments}) != len(segments):
+        raise ValueError(f"{json_path}: image id {image_id} has duplicate "
+                         "segment ids")
+      if check_files:
+        for path in (image_path, png_path):
+          if not os.path.isfile(path):
+            raise ValueError(f"{path}: file missing (image id {image_id})")
+    except ValueError as error:
+      if on_image_error is None:
+        raise
+      on_image_error(int(image_id), image_path, png_path, error)
+      continue
+    records.append(ImageRecord(image_id=int(image_id), image_path=image_path,
+                               png_path=png_path, height=int(im["height"]),
+                               width=int(im["width"]), segments=segments))
+  return records
+
+
+def _index_images(data: dict[str, Any], json_path: str
+                  ) -> tuple[dict[Any, dict], dict[Any, dict]]:
+  """({image id: image entry}, {image id: annotation}); ValueError for a malformed file."""
   images = {}
   for im in data["images"]:
     for key in ("id", "file_name", "height", "width"):
@@ -158,28 +198,7 @@ def load_records(root: PathLike, split: str, *,
       raise ValueError(f"{json_path}: annotation for unknown image id "
                        f"{image_id}")
     annotations[image_id] = ann
-  records = []
-  for image_id in sorted(images):
-    im = images[image_id]
-    ann = annotations.get(image_id, {})
-    png_name = ann.get("file_name",
-                       os.path.splitext(im["file_name"])[0] + ".png")
-    segments = tuple(_segment(s, json_path, image_id, known_ids)
-                     for s in ann.get("segments_info", []))
-    if len({s.id for s in segments}) != len(segments):
-      raise ValueError(f"{json_path}: image id {image_id} has duplicate "
-                       "segment ids")
-    record = ImageRecord(image_id=int(image_id),
-                         image_path=os.path.join(image_dir, im["file_name"]),
-                         png_path=os.path.join(png_dir, png_name),
-                         height=int(im["height"]), width=int(im["width"]),
-                         segments=segments)
-    if check_files:
-      for path in (record.image_path, record.png_path):
-        if not os.path.isfile(path):
-          raise ValueError(f"{path}: file missing (image id {image_id})")
-    records.append(record)
-  return records
+  return images, annotations
 
 
 # The PNG id codec lives with the evaluation code (one implementation for reading ground truth

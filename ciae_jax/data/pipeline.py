@@ -234,48 +234,12 @@ def _records_collecting_errors(
   Errors of the whole file (not JSON, missing fields, duplicate image ids,
   annotations of unknown images) still raise ValueError.
   """
-  image_dir, json_path, png_dir = coco.split_paths(root, split)
-  # coco.py's own validators, so that both paths accept the same files.
-  data = coco._read_json(json_path)  # pylint: disable=protected-access
-  parse_segment = coco._segment  # pylint: disable=protected-access
-  known_ids = set(categories.coco_ids)
-  images = {}
-  for im in data["images"]:
-    for key in ("id", "file_name", "height", "width"):
-      if key not in im:
-        raise ValueError(f"{json_path}: image entry without {key!r}: {im!r}")
-    if im["id"] in images:
-      raise ValueError(f"{json_path}: duplicate image id {im['id']}")
-    images[im["id"]] = im
-  annotations = {}
-  for ann in data["annotations"]:
-    if ann.get("image_id") not in images:
-      raise ValueError(f"{json_path}: annotation for unknown image id "
-                       f"{ann.get('image_id')}")
-    annotations[ann["image_id"]] = ann
-  records, skipped = [], []
-  for image_id in sorted(images):
-    im, ann = images[image_id], annotations.get(image_id, {})
-    png_name = ann.get("file_name",
-                       os.path.splitext(im["file_name"])[0] + ".png")
-    image_path = os.path.join(image_dir, im["file_name"])
-    png_path = os.path.join(png_dir, png_name)
-    try:
-      segments = tuple(parse_segment(s, json_path, image_id, known_ids)
-                       for s in ann.get("segments_info", []))
-      if len({s.id for s in segments}) != len(segments):
-        raise ValueError(f"{json_path}: image id {image_id} has duplicate "
-                         "segment ids")
-      for path in (image_path, png_path):
-        if not os.path.isfile(path):
-          raise ValueError(f"{path}: file missing (image id {image_id})")
-    except ValueError as e:
-      skipped.append(SkippedExample(int(image_id), f"image {image_path}, PNG "
-                                    f"{png_path}", str(e)))
-      continue
-    records.append(coco.ImageRecord(
-        image_id=int(image_id), image_path=image_path, png_path=png_path,
-        height=int(im["height"]), width=int(im["width"]), segments=segments))
+  skipped = []
+
+  def leave_out(image_id: int, image_path: str, png_path: str, error: ValueError) -> None:
+    skipped.append(SkippedExample(image_id, f"image {image_path}, PNG {png_path}", str(error)))
+
+  records = coco.load_records(root, split, categories=categories, on_image_error=leave_out)
   return records, skipped
 
 
