@@ -186,20 +186,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Config as flat {'a.b': scalar} for TensorBoard's hparams (tuples become strings)."""
-  flat = {}
-
-  def visit(prefix, node):
-    for key, value in node.items():
-      name = f"{prefix}{key}"
-      if isinstance(value, (ml_collections.ConfigDict, dict)):
-        visit(name + ".", value)
-      elif isinstance(value, (bool, int, float, str)):
-        flat[name] = value
-      else:
-        flat[name] = str(value)
-  visit("", config)
-  return flat
+  """Config as flat {'a.b': scalar} for TensorBoard's hparams (lists become strings)."""
+  return {name: value if isinstance(value, (bool, int, float, str)) else str(value)
+          for name, value in workdir_lib.flat_config(config).items()}
 
 
 def _create_writer(workdir: str):
