@@ -205,6 +205,24 @@ def apply_step(step, pred, segs, gt_map, gt_segments, cat_ids, rng, used):
   return pred, segs
 
 
+def write_perturbed_predictions(case, sample, tmp_path, rng):
+  """Every ground-truth image of `sample` perturbed by `case`, written as a prediction set.
+
+  Returns (pred_json, pred_folder, annotations, id maps).
+  """
+  _, _, gt, maps = sample
+  anns, id_maps = [], []
+  for gt_ann in gt["annotations"]:
+    pred_map, segs = perturb(case, maps[gt_ann["image_id"]],
+                             gt_ann["segments_info"], gt["categories"], rng)
+    anns.append({"image_id": gt_ann["image_id"],
+                 "file_name": gt_ann["file_name"], "segments_info": segs})
+    id_maps.append(pred_map)
+  pred_json, pred_folder = write_set(str(tmp_path), "pred", anns, id_maps,
+                                     gt["categories"])
+  return pred_json, pred_folder, anns, id_maps
+
+
 CASES = ["identical", "dropped", "merged", "split", "shifted_small",
          "shifted_large", "relabelled", "void_mostly", "void_partly",
          "crowd_same_class", "crowd_other_class", "crowd_half", "extra",
@@ -215,15 +233,8 @@ CASES = ["identical", "dropped", "merged", "split", "shifted_small",
 def test_matches_pq_compute_on_coco_sample(case, sample, tmp_path):
   gt_json, gt_folder, gt, maps = sample
   rng = np.random.default_rng(abs(hash(case)) % 2**32)
-  anns, id_maps = [], []
-  for gt_ann in gt["annotations"]:
-    pred_map, segs = perturb(case, maps[gt_ann["image_id"]],
-                             gt_ann["segments_info"], gt["categories"], rng)
-    anns.append({"image_id": gt_ann["image_id"],
-                 "file_name": gt_ann["file_name"], "segments_info": segs})
-    id_maps.append(pred_map)
-  pred_json, pred_folder = write_set(str(tmp_path), "pred", anns, id_maps,
-                                     gt["categories"])
+  pred_json, pred_folder, anns, id_maps = write_perturbed_predictions(
+      case, sample, tmp_path, rng)
   ref = reference_pq(gt_json, gt_folder, pred_json, pred_folder)
   ours = pq.pq_compute_files(gt_json, gt_folder, pred_json, pred_folder,
                              num_workers=1)
@@ -243,15 +254,8 @@ def test_full_pq_compute_and_merge_on_coco_sample(sample, tmp_path, capsys):
   """End to end against pq_compute itself (its pool); merge of two halves."""
   gt_json, gt_folder, gt, maps = sample
   rng = np.random.default_rng(7)
-  anns, id_maps = [], []
-  for gt_ann in gt["annotations"]:
-    pred_map, segs = perturb("everything", maps[gt_ann["image_id"]],
-                             gt_ann["segments_info"], gt["categories"], rng)
-    anns.append({"image_id": gt_ann["image_id"],
-                 "file_name": gt_ann["file_name"], "segments_info": segs})
-    id_maps.append(pred_map)
-  pred_json, pred_folder = write_set(str(tmp_path), "pred", anns, id_maps,
-                                     gt["categories"])
+  pred_json, pred_folder, anns, id_maps = write_perturbed_predictions(
+      "everything", sample, tmp_path, rng)
   ref = panopticapi_eval.pq_compute(gt_json, pred_json, gt_folder, pred_folder)
   printed = capsys.readouterr().out
   ours = pq.pq_compute_files(gt_json, gt_folder, pred_json, pred_folder,
@@ -323,15 +327,8 @@ def test_matches_hotcoco_on_one_case(sample, tmp_path, capsys):
   hotcoco_panoptic = pytest.importorskip("hotcoco.panoptic")
   gt_json, gt_folder, gt, maps = sample
   rng = np.random.default_rng(11)
-  anns, id_maps = [], []
-  for gt_ann in gt["annotations"]:
-    pred_map, segs = perturb("everything", maps[gt_ann["image_id"]],
-                             gt_ann["segments_info"], gt["categories"], rng)
-    anns.append({"image_id": gt_ann["image_id"],
-                 "file_name": gt_ann["file_name"], "segments_info": segs})
-    id_maps.append(pred_map)
-  pred_json, pred_folder = write_set(str(tmp_path), "pred", anns, id_maps,
-                                     gt["categories"])
+  pred_json, pred_folder, _, _ = write_perturbed_predictions(
+      "everything", sample, tmp_path, rng)
   theirs = hotcoco_panoptic.pq_compute(gt_json, pred_json, gt_folder,
                                        pred_folder)
   ours = pq.pq_compute_files(gt_json, gt_folder, pred_json, pred_folder,
@@ -547,15 +544,8 @@ def test_pillow_reader_gives_the_same_result(reader, sample, tmp_path,
   from ciae_jax.evaluation import export  # pylint: disable=import-outside-toplevel
   gt_json, gt_folder, gt, maps = sample
   rng = np.random.default_rng(13)
-  anns, id_maps = [], []
-  for gt_ann in gt["annotations"]:
-    pred_map, segs = perturb("everything", maps[gt_ann["image_id"]],
-                             gt_ann["segments_info"], gt["categories"], rng)
-    anns.append({"image_id": gt_ann["image_id"],
-                 "file_name": gt_ann["file_name"], "segments_info": segs})
-    id_maps.append(pred_map)
-  pred_json, pred_folder = write_set(str(tmp_path), "pred", anns, id_maps,
-                                     gt["categories"])
+  pred_json, pred_folder, _, _ = write_perturbed_predictions(
+      "everything", sample, tmp_path, rng)
   ref = reference_pq(gt_json, gt_folder, pred_json, pred_folder)
   if reader == "pillow_by_env":
     monkeypatch.setenv(export.PNG_DECODER_ENV, "pillow")
