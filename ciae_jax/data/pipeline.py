@@ -222,8 +222,8 @@ class SkippedExample:
   reason: str
 
 
-def _files(record: coco.ImageRecord) -> str:
-  return f"image {record.image_path}, PNG {record.png_path}"
+def _files(image_path: str, png_path: str) -> str:
+  return f"image {image_path}, PNG {png_path}"
 
 
 def _records_collecting_errors(
@@ -237,7 +237,7 @@ def _records_collecting_errors(
   skipped = []
 
   def leave_out(image_id: int, image_path: str, png_path: str, error: ValueError) -> None:
-    skipped.append(SkippedExample(image_id, f"image {image_path}, PNG {png_path}", str(error)))
+    skipped.append(SkippedExample(image_id, _files(image_path, png_path), str(error)))
 
   records = coco.load_records(root, split, categories=categories, on_image_error=leave_out)
   return records, skipped
@@ -268,7 +268,7 @@ def validate_records(
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     errors = list(pool.map(lambda r: _decode_error(r, categories), records))
   good = [r for r, e in zip(records, errors) if e is None]
-  bad = [SkippedExample(r.image_id, _files(r), e)
+  bad = [SkippedExample(r.image_id, _files(r.image_path, r.png_path), e)
          for r, e in zip(records, errors) if e is not None]
   logging.info("Checked %d images in %.1f s (%d threads): %d bad",
                len(records), time.time() - start, num_threads, len(bad))
@@ -303,7 +303,7 @@ class CocoSource:
       records = coco.load_records(root, split, categories=categories)
     too_many = [r for r in records if len(r.segments) > max_segments]
     if train:
-      empty = [SkippedExample(r.image_id, _files(r), "no segments")
+      empty = [SkippedExample(r.image_id, _files(r.image_path, r.png_path), "no segments")
                for r in records if not r.segments]
       if empty:
         logging.info("%s: %d of %d images have no segments; skipped in "
@@ -312,8 +312,9 @@ class CocoSource:
       records = [r for r in records if r.segments]
       if skip_bad_examples and too_many:
         over = [SkippedExample(
-            r.image_id, _files(r), f"{len(r.segments)} segments, more than "
-            f"dataset.max_segments={max_segments}") for r in too_many]
+            r.image_id, _files(r.image_path, r.png_path),
+            f"{len(r.segments)} segments, more than dataset.max_segments={max_segments}")
+                for r in too_many]
         _log_skipped(self.json_path, over, "are left out of training")
         skipped += over
         records = [r for r in records if len(r.segments) <= max_segments]
