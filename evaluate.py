@@ -24,10 +24,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from ciae_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
   from ciae_jax.evaluation import pq  # pylint: disable=g-import-not-at-top
-  metrics, output_dir = eval_lib.evaluate_checkpoint(
-      _CONFIG.value, _WORKDIR.value, checkpoint_step=_STEP.value, output_dir=_OUTPUT_DIR.value)
+  from ciae_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  metrics, output_dir = runner.evaluate_checkpoint(
+      hparams.HParams.from_config(_CONFIG.value), _WORKDIR.value, checkpoint_step=_STEP.value,
+      output_dir=_OUTPUT_DIR.value)
   print(pq.format_pq_table(metrics))
   print("box AP: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["box_ap"].items()))
   print(f"wrote {output_dir}")

@@ -42,11 +42,13 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  from ciae_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
+  from ciae_jax.training import loop  # pylint: disable=g-import-not-at-top
+  hp = hparams.HParams.from_config(_CONFIG.value)
   logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  state = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  if int(state.step) < _CONFIG.value.total_steps:
+  state = loop.train_and_evaluate(hp, _WORKDIR.value)
+  if int(state.step) < hp.total_steps:
     logging.info("Stopped at step %d of %d (preempted); the next start resumes there.",
                  int(state.step), _CONFIG.value.total_steps)
 

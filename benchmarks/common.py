@@ -31,9 +31,6 @@ from ciae_jax.models import ciae as ciae_model  # noqa: E402
 
 NUM_STUFF = 53  # COCO panoptic
 NUM_THINGS = 80
-# The model's parameters do not depend on the input size; initialise on the smallest input
-# with all five levels (as the training loop does).
-INIT_IMAGE_HW = (128, 128)
 # Our inputs are padded to multiples of the coarsest FCOS stride (docs/interfaces.md).
 CONTRACT_MULTIPLE = 128
 
@@ -64,8 +61,8 @@ def build_model(backbone: str, dtype: str, num_things: int = NUM_THINGS) -> ciae
 
 def init_variables(model: ciae_model.CIAE, seed: int = 0) -> Any:
   """Random model variables (frozen-BN statistics at their identity values)."""
-  images = jnp.zeros((1, *INIT_IMAGE_HW, 3), jnp.float32)  # [1, 128, 128, 3]
-  init = jax.jit(lambda rng: model.init(rng, images, train=False))
+  images = jnp.zeros((1, *ciae_model.INIT_IMAGE_HW, 3), jnp.float32)  # [1, 128, 128, 3]
+  init = jax.jit(lambda rng: model.init(rng, images))
   # The "unsafe_rbg" generator compiles ~4x faster than threefry on CPU (37 s -> 9 s for the
   # tiny model); the weights only need the right shapes and scales here.
   return init(jax.random.key(seed, impl="unsafe_rbg"))

@@ -39,18 +39,25 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ciae_jax import detection  # noqa: E402
+from ciae_jax import hparams  # noqa: E402
 from ciae_jax import inference  # noqa: E402
+from ciae_jax import ops  # noqa: E402
 
 OUTPUT_KEYS = ("cls_logits", "centerness", "box_reg", "embedding")
 
 
+# The paper's inference settings (instance_score_thresh as in the configs).
+INFERENCE = hparams.InferenceHParams()
+
+
 def postprocess_fn(*, num_stuff: int) -> Callable[..., dict[str, jax.Array]]:
   """`(outputs [B, ...], memory, image_size [B, 2]) -> per-image inference dict [B, ...]`."""
-  per_image = functools.partial(inference.panoptic_inference, num_stuff=num_stuff)
 
   def postprocess(outputs, memory, image_size):
     outputs = {k: outputs[k] for k in OUTPUT_KEYS}
-    return jax.vmap(lambda o, size: per_image(o, memory, size))(outputs, image_size)
+    return jax.vmap(lambda o, size: inference.panoptic_inference(
+        o, memory, size, INFERENCE, num_stuff=num_stuff, merge_things=True))(outputs, image_size)
   return postprocess
 
 
@@ -62,7 +69,7 @@ def make_end_to_end(model: Any, *, num_stuff: int) -> Callable[..., dict[str, ja
   postprocess = postprocess_fn(num_stuff=num_stuff)
 
   def predict(variables, memory, images, image_size):
-    outputs = model.apply(variables, images, train=False)
+    outputs = model.apply(variables, images)
     return postprocess(outputs, memory, image_size)
   return jax.jit(predict)
 
@@ -71,10 +78,13 @@ def make_detection() -> Callable[..., dict[str, jax.Array]]:
   """Jitted FCOS decoding + class-wise NMS alone: `(outputs [B, ...], image_size [B, 2])`."""
 
   def detect_one(outputs, image_size):
-    candidates = inference.decode_detections(
-        outputs["cls_logits"], outputs["centerness"], outputs["box_reg"], image_size)
-    keep, valid = inference.class_nms(candidates["box"], candidates["score"],
-                                      candidates["thing_class"], candidates["valid"])
+    candidates = detection.decode_detections(
+        outputs["cls_logits"], outputs["centerness"], outputs["box_reg"], image_size,
+        pre_nms_thresh=INFERENCE.pre_nms_thresh, pre_nms_top_n=INFERENCE.pre_nms_top_n)
+    keep, valid = detection.class_nms(candidates["box"], candidates["score"],
+                                      candidates["thing_class"], candidates["valid"],
+                                      nms_thresh=INFERENCE.nms_thresh,
+                                      max_detections=INFERENCE.max_detections)
     return {"box": candidates["box"][keep], "valid": valid}  # [K, 4], [K]
 
   def detect(outputs, image_size):
@@ -88,22 +98,22 @@ def make_fusion(*, num_stuff: int) -> Callable[..., dict[str, jax.Array]]:
 
   Takes `embedding [B, H, W, D]`, memory, `det_box [B, K, 4]`, `det_score [B, K]`,
   `det_class [B, K]`, `det_valid [B, K]`, `location [B, K, 2]`, `image_size [B, 2]`: the same
-  steps `panoptic_inference` runs after NMS (its private helpers, so the two cannot drift).
+  steps `panoptic_inference` runs after NMS (its own helpers, so the two cannot drift).
   """
   def fuse_one(embedding, memory, box, score, thing_class, valid, location, image_size):
     height, width = image_size[0], image_size[1]
     query_x = jnp.clip(location[:, 0], 0, width - 1)  # [K]
     query_y = jnp.clip(location[:, 1], 0, height - 1)  # [K]
-    normalize = inference._l2_normalize  # pylint: disable=protected-access
-    thing_queries = normalize(embedding[query_y, query_x])  # [K, D]
-    stuff_queries = normalize(memory[:num_stuff])  # [num_stuff, D]
-    assignment, inside = inference._assign_pixels(  # pylint: disable=protected-access
+    thing_queries = ops.l2_normalize(embedding[query_y, query_x])  # [K, D]
+    stuff_queries = ops.l2_normalize(memory[:num_stuff])  # [num_stuff, D]
+    assignment, inside = inference.assign_pixels(
         embedding, stuff_queries, thing_queries, box, valid, height, width,
-        box_expand=1.0, outside_box_similarity=0.0)
-    return inference._finish(  # pylint: disable=protected-access
+        box_expand=INFERENCE.box_expand_infer,
+        outside_box_similarity=INFERENCE.outside_box_similarity)
+    return inference.finish(
         assignment, inside, num_stuff=num_stuff, thing_usable=valid,
-        thing_class=num_stuff + thing_class, thing_score=score, thing_box=box,
-        stuff_area=4096.0, instance_min_area=64.0, resize_scale=1.0)
+        thing_class=num_stuff + thing_class, thing_score=score, thing_box=box, hp=INFERENCE,
+        resize_scale=1.0)
 
   def fuse(embedding, memory, box, score, thing_class, valid, location, image_size):
     return jax.vmap(fuse_one, in_axes=(0, None, 0, 0, 0, 0, 0, 0))(
@@ -132,7 +142,7 @@ def bench_ours(args: argparse.Namespace, dtype: str, padded: tuple[int, int]
   """Timings of our end-to-end function and its parts, in one dtype."""
   model = common.build_model(args.backbone, dtype)
   variables = common.init_variables(model)
-  memory = common.random_memory(common.NUM_STUFF, model.embed_dim)  # [M, D]
+  memory = common.random_memory(common.NUM_STUFF, model.hp.embed_dim)  # [M, D]
   images = jax.device_put(common.normalised_images(args.batch, padded))  # [B, H, W, 3]
   image_size = jnp.asarray(np.tile(np.asarray(args.size, np.int32), (args.batch, 1)))  # [B, 2]
   run = functools.partial(common.time_calls, repeats=args.repeats, warmup=args.warmup)
@@ -140,7 +150,7 @@ def bench_ours(args: argparse.Namespace, dtype: str, padded: tuple[int, int]
   end_to_end = make_end_to_end(model, num_stuff=common.NUM_STUFF)
   e2e = run(lambda: end_to_end(variables, memory, images, image_size))
 
-  network = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  network = jax.jit(lambda v, x: model.apply(v, x))
   net = run(lambda: network(variables, images))
   outputs = network(variables, images)
   post = jax.jit(postprocess_fn(num_stuff=common.NUM_STUFF))

@@ -61,14 +61,12 @@ def time_pipeline(root: str, threads: int, batch: int, batches: int,
   a shared machine they measure the work per image even when other jobs
   steal cores, where wall time cannot.
   """
+  from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
   from ciae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  cfg = pipeline.default_dataset_config()
-  cfg.root = root
-  cfg.train_split = cfg.val_split = "bench"
-  cfg.image_size = tuple(args.image_size)
-  cfg.train_min_size_range = (640, 800)
-  cfg.max_size = 1333
-  cfg.num_parallel_calls = threads
+  cfg = hparams.DatasetHParams(root=root, train_split="bench", val_split="bench",
+                               image_size=tuple(args.image_size),
+                               train_min_size_range=(640, 800), max_size=1333,
+                               num_parallel_calls=threads)
   ds, _ = pipeline.build_tf_dataset(cfg, "bench", train=True,
                                     global_batch_size=batch, seed=0,
                                     num_threads=threads)

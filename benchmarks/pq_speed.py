@@ -39,10 +39,10 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 from ciae_jax.evaluation import pq as ours  # noqa: E402
-from ciae_jax.evaluation.export import PNG_DECODER_ENV  # noqa: E402
-from ciae_jax.evaluation.export import encode_panoptic_png  # noqa: E402
-from ciae_jax.evaluation.export import fast_png_decoder  # noqa: E402
-from ciae_jax.evaluation.export import id_map_to_rgb  # noqa: E402
+from ciae_jax.panoptic_png import PNG_DECODER_ENV  # noqa: E402
+from ciae_jax.panoptic_png import encode_panoptic_png  # noqa: E402
+from ciae_jax.panoptic_png import fast_png_decoder  # noqa: E402
+from ciae_jax.panoptic_png import id_map_to_rgb  # noqa: E402
 
 NUM_THING_CATEGORIES = 80
 NUM_STUFF_CATEGORIES = 53

@@ -1,6 +1,6 @@
 r"""Training speed and memory of CIAE, against a torchvision FCOS-R50 training step in the same run.
 
-Ours, per dtype: the real data-parallel step (`ciae_jax.training.loop.make_train_step` with the
+Ours, per dtype: the real data-parallel step (`ciae_jax.training.step.make_train_step` with the
 paper's config, wrapped by `parallel.parallelize`, state donated) on every local device, with
 `--per_device_batch` synthetic images of `--size` per device (a fixed batch already on the
 devices: the input pipeline is measured apart, benchmarks/input_pipeline.py). Images/s is
@@ -29,7 +29,6 @@ Prints a table and a one-line JSON summary (`train_speed {...}`). Imports no Ten
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -42,6 +41,7 @@ import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ciae_jax import hparams  # noqa: E402
 from ciae_jax import memory as memory_lib  # noqa: E402
 from ciae_jax.models import ciae as ciae_model  # noqa: E402
 from ciae_jax.training import optim  # noqa: E402
@@ -55,26 +55,11 @@ TOTAL_STEPS = 90_000  # The paper's schedule (sets the memory momentum; no effec
 def make_step(model: ciae_model.CIAE, params: Any, *, global_batch: int, loss_stride: int = 1
               ) -> tuple[Callable, Any, str]:
   """(per-device step, optimizer, where it came from) with the paper's hyper-parameters."""
-  try:
-    from ciae_jax.training import config_lib  # pylint: disable=g-import-not-at-top
-    from ciae_jax.training import loop  # pylint: disable=g-import-not-at-top
-  except ImportError as error:
-    print(f"note: {error}: binding ciae_jax.training.step.train_step with its paper defaults "
-          "(the config path needs ml_collections and clu)")
-    schedule = optim.learning_rate_schedule(
-        lr=optim.scaled_learning_rate(batch_size=global_batch))
-    optimizer = optim.build_optimizer(params, learning_rate=schedule)
-    step = functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
-                             learning_rate_fn=schedule, num_stuff=common.NUM_STUFF,
-                             total_steps=TOTAL_STEPS, loss_stride=loss_stride)
-    return step, optimizer, "step.train_step defaults"
-  config = config_lib.base_config()
-  config.batch_size = global_batch
-  config.total_steps = TOTAL_STEPS
-  config.loss.loss_stride = loss_stride
-  optimizer, schedule = loop.build_optimizer(config, params)
-  step = loop.make_train_step(config, model, optimizer, schedule, num_stuff=common.NUM_STUFF)
-  return step, optimizer, "loop.make_train_step(base_config)"
+  hp = hparams.HParams(batch_size=global_batch, total_steps=TOTAL_STEPS,
+                       loss=hparams.LossHParams(loss_stride=loss_stride))
+  optimizer, schedule = optim.create(hp.optimizer, params, batch_size=hp.batch_size)
+  step = step_lib.make_train_step(hp, model, optimizer, schedule, num_stuff=common.NUM_STUFF)
+  return step, optimizer, "step.make_train_step(HParams())"
 
 
 def bench_ours(args: argparse.Namespace, dtype: str, size: tuple[int, int]) -> dict[str, Any]:
@@ -82,11 +67,11 @@ def bench_ours(args: argparse.Namespace, dtype: str, size: tuple[int, int]) -> d
   devices = jax.local_device_count()
   global_batch = devices * args.per_device_batch
   model = common.build_model(args.backbone, dtype)
-  params, model_state = train_state_lib.split_variables(common.init_variables(model))
+  params, model_state = ciae_model.split_variables(common.init_variables(model))
   step, optimizer, source = make_step(model, params, global_batch=global_batch,
                                       loss_stride=args.loss_stride)
   memory = memory_lib.init_memory(jax.random.PRNGKey(1), common.NUM_STUFF + 1,
-                                  model.embed_dim)  # [M, D]
+                                  model.hp.embed_dim)  # [M, D]
   host_state = train_state_lib.create_train_state(
       params=params, optimizer=optimizer, memory=memory, rng=jax.random.PRNGKey(2),
       model_state=model_state)

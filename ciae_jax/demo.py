@@ -20,10 +20,11 @@ import numpy as np
 from ml_collections import config_flags
 from PIL import Image
 
-from ciae_jax import eval_lib
-from ciae_jax import inference
+from ciae_jax import hparams
 from ciae_jax import visualize
 from ciae_jax.data import transforms
+from ciae_jax.evaluation import coco_format
+from ciae_jax.evaluation import runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -49,26 +50,26 @@ def prepare_image(image: np.ndarray, *, min_size: int, max_size: int,
   return padded, (new_h, new_w)
 
 
-def run_demo(config, workdir: str, image_path: str, output: str,
+def run_demo(hp: hparams.HParams, workdir: str, image_path: str, output: str,
              checkpoint_step: int | None = None) -> tuple[str, str]:
   """Writes the panoptic picture and the embedding picture; returns their paths."""
-  restored = eval_lib.restore_for_inference(config, workdir, checkpoint_step)
+  restored = runner.restore_for_inference(hp, workdir, checkpoint_step)
   categories = restored.categories
   image = np.asarray(Image.open(image_path).convert("RGB"))  # [h0, w0, 3]
-  dataset = config.dataset
+  dataset = hp.dataset
   padded, valid_hw = prepare_image(image, min_size=dataset.eval_min_size,
                                    max_size=dataset.eval_max_size,
                                    padded_size=tuple(dataset.image_size))
   batch = {"image": padded[None], "image_size": np.array([valid_hw], np.int32),
            "orig_size": np.array([image.shape[:2]], np.int32)}
-  predict = eval_lib.make_predict_fn(restored.model, config, categories.num_stuff)
+  predict = runner.make_predict_fn(restored.model, hp, categories.num_stuff)
   result = jax.tree.map(lambda x: np.asarray(x)[0], predict(
       restored.variables, restored.memory, {k: jnp.asarray(v) for k, v in batch.items()}))
-  id_map, segments = inference.to_coco_panoptic(result, valid_hw, image.shape[:2],
-                                                categories.coco_ids)
+  id_map, segments = coco_format.to_coco_panoptic(result, valid_hw, image.shape[:2],
+                                                  categories.coco_ids)
   scale = (valid_hw[0] / image.shape[0], valid_hw[1] / image.shape[1])
-  detections = inference.detections_to_coco(result, 0, scale, categories.coco_ids)
-  min_score = float(config.inference.get("instance_score_thresh", 0.0)) or 0.3
+  detections = coco_format.detections_to_coco(result, 0, scale, categories.coco_ids)
+  min_score = hp.inference.instance_score_thresh
   colours = dict(zip(categories.coco_ids, categories.colors))
   names = dict(zip(categories.coco_ids, categories.names))
   things = frozenset(c for c, t in zip(categories.coco_ids, categories.isthing) if t)
@@ -88,7 +89,8 @@ def run_demo(config, workdir: str, image_path: str, output: str,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  paths = run_demo(_CONFIG.value, _WORKDIR.value, _IMAGE.value, _OUTPUT.value, _STEP.value)
+  paths = run_demo(hparams.HParams.from_config(_CONFIG.value), _WORKDIR.value, _IMAGE.value,
+                   _OUTPUT.value, _STEP.value)
   print("wrote", *paths)
 
 

@@ -8,35 +8,27 @@ row per thing class (`num_stuff + j`, i.e. the contiguous class index).
 Each training step the caller
   1. computes the loss with the current memory `M_{t-1}`,
   2. sums `class_sums(...)` over the batch and `psum`s them over devices,
-  3. calls `update_memory(memory, sums, counts, step, total_steps)` to get `M_t`.
+  3. calls `update_memory(memory, sums, counts, step, total_steps, hp.memory)` to get `M_t`.
 """
 from typing import Tuple
 
 import jax
 import jax.numpy as jnp
 
+from ciae_jax import hparams
+from ciae_jax import ops
+from ciae_jax.segments import Segments
+
 Array = jax.Array
 
-# Norms below this are treated as zero when normalising (empty sums stay zero, no NaN).
-_NORM_EPS = 1e-12
-
-
-def l2_normalize(x: Array, axis: int = -1, eps: float = _NORM_EPS) -> Array:
-  """Scales `x` to unit L2 norm along `axis`; all-zero vectors stay zero (no NaN)."""
-  x = jnp.asarray(x, jnp.float32)
-  sq_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  # rsqrt of the clamped squared norm keeps the gradient finite at zero vectors.
-  return x * jax.lax.rsqrt(jnp.maximum(sq_norm, eps * eps))
-
-
-def num_memory(num_stuff: int, num_things: int, merge_things: bool = True) -> int:
+def num_memory(num_stuff: int, num_things: int, merge_things: bool) -> int:
   """Memory rows: `num_stuff + 1` when things are merged, else `num_stuff + num_things`."""
   if num_stuff < 0 or num_things < 0:
     raise ValueError(f"num_stuff ({num_stuff}) and num_things ({num_things}) must be >= 0")
   return num_stuff + 1 if merge_things else num_stuff + num_things
 
 
-def memory_index(seg_class: Array, num_stuff: int, merge_things: bool = True) -> Array:
+def memory_index(seg_class: Array, num_stuff: int, merge_things: bool) -> Array:
   """Maps contiguous classes to memory rows (same shape as `seg_class`, int32).
 
   Stuff class `c < num_stuff` -> row `c`. A thing class -> row `num_stuff` when
@@ -51,17 +43,14 @@ def memory_index(seg_class: Array, num_stuff: int, merge_things: bool = True) ->
 def init_memory(rng: Array, num: int, dim: int) -> Array:
   """Random unit rows `[num, dim]` float32 (M_0 of the paper): normalised Gaussian draws."""
   rows = jax.random.normal(rng, (num, dim), jnp.float32)  # [M, D]
-  return l2_normalize(rows)  # [M, D]
+  return ops.l2_normalize(rows)  # [M, D]
 
 
 def class_sums(embedding_prenorm: Array,
-               segment_map: Array,
-               seg_class: Array,
-               seg_valid: Array,
-               seg_is_crowd: Array,
+               segments: Segments,
                *,
                num_stuff: int,
-               merge_things: bool = True,
+               merge_things: bool,
                num_memory: int) -> Tuple[Array, Array]:  # pylint: disable=redefined-outer-name
   """Per-memory-row sums of pre-norm pixel embeddings and pixel counts, for one image.
 
@@ -70,10 +59,8 @@ def class_sums(embedding_prenorm: Array,
 
   Args:
     embedding_prenorm: `[H, W, D]` embeddings before the final L2 norm.
-    segment_map: `[H, W]` int, 0 = void, `k` = segment row `k - 1`.
-    seg_class: `[S]` contiguous class of each segment row.
-    seg_valid: `[S]` bool, False for padding rows.
-    seg_is_crowd: `[S]` bool.
+    segments: the image's ground truth (`segment_map [H, W]`; `seg_class`, `seg_valid`,
+      `seg_is_crowd` are read).
     num_stuff: number of stuff classes.
     merge_things: whether all thing classes share one memory row.
     num_memory: number of memory rows M (see `num_memory()`).
@@ -82,11 +69,12 @@ def class_sums(embedding_prenorm: Array,
     `(sums [M, D] float32, counts [M] int32)`.
   """
   height, width, dim = embedding_prenorm.shape
+  segment_map = segments.segment_map
   if segment_map.shape != (height, width):
     raise ValueError(f"segment_map shape {segment_map.shape} does not match embedding_prenorm "
                      f"shape {embedding_prenorm.shape}")
-  seg_class, seg_valid, seg_is_crowd = (jnp.asarray(a) for a in (seg_class, seg_valid,
-                                                                  seg_is_crowd))
+  seg_class, seg_valid, seg_is_crowd = (
+      jnp.asarray(a) for a in (segments.seg_class, segments.seg_valid, segments.seg_is_crowd))
   flat_emb = jnp.reshape(embedding_prenorm, (height * width, dim)).astype(jnp.float32)  # [HW, D]
   seg_id = jnp.reshape(segment_map, (-1,)).astype(jnp.int32)  # [HW]
   row = jnp.maximum(seg_id - 1, 0)  # [HW] segment row (garbage where void, masked below)
@@ -100,13 +88,13 @@ def class_sums(embedding_prenorm: Array,
   return sums[:num_memory], counts[:num_memory]
 
 
-def momentum(step: Array, total_steps: int, coeff: float = 1e-4, power: float = 3.0) -> Array:
+def momentum(step: Array, total_steps: int, hp: hparams.MemoryHParams) -> Array:
   """Memory momentum `lam_t = 1 - coeff * (1 - t / T)^power` (Eq. 13), t/T clipped to [0, 1]."""
   if total_steps <= 0:
     raise ValueError(f"total_steps must be > 0, got {total_steps}")
   # Clipping keeps lam_t in [1 - coeff, 1] if training runs past T (odd powers would exceed 1).
   progress = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)  # []
-  return 1.0 - coeff * (1.0 - progress) ** power  # []
+  return 1.0 - hp.momentum_coeff * (1.0 - progress) ** hp.momentum_power  # []
 
 
 def update_memory(memory: Array,
@@ -114,9 +102,7 @@ def update_memory(memory: Array,
                   counts: Array,
                   step: Array,
                   total_steps: int,
-                  *,
-                  coeff: float = 1e-4,
-                  power: float = 3.0) -> Array:
+                  hp: hparams.MemoryHParams) -> Array:
   """One momentum update of the memory (Eq. 14), for the rows with `counts > 0`.
 
   `M_c = L2norm(sums)`, `M_t = L2norm(lam_t * M_{t-1} + (1 - lam_t) * M_c)`; rows of classes absent
@@ -128,8 +114,7 @@ def update_memory(memory: Array,
     counts: `[M]` pixel counts matching `sums`.
     step: current step `t` (scalar).
     total_steps: total number of steps `T`.
-    coeff: `1e-4` in Eq. 13.
-    power: `3` in Eq. 13.
+    hp: `momentum_coeff` (1e-4 in Eq. 13) and `momentum_power` (3).
 
   Returns:
     `[M, D]` float32 memory `M_t`.
@@ -139,8 +124,8 @@ def update_memory(memory: Array,
                      "do not match")
   memory = jax.lax.stop_gradient(jnp.asarray(memory, jnp.float32))  # [M, D]
   sums = jax.lax.stop_gradient(jnp.asarray(sums, jnp.float32))  # [M, D]
-  lam = momentum(step, total_steps, coeff=coeff, power=power)  # []
-  batch_means = l2_normalize(sums)  # [M, D]
-  updated = l2_normalize(lam * memory + (1.0 - lam) * batch_means)  # [M, D]
+  lam = momentum(step, total_steps, hp)  # []
+  batch_means = ops.l2_normalize(sums)  # [M, D]
+  updated = ops.l2_normalize(lam * memory + (1.0 - lam) * batch_means)  # [M, D]
   present = (counts > 0)[:, None]  # [M, 1]
   return jnp.where(present, updated, memory)  # [M, D]

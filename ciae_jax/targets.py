@@ -22,15 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Array = jax.Array
+from ciae_jax import hparams
+from ciae_jax.segments import Segments
 
-DEFAULT_STRIDES = (8, 16, 32, 64, 128)
-DEFAULT_SIZES = (64, 128, 256, 512)
-_POSITIVE_REGIONS = ("mask", "box")
+Array = jax.Array
 
 
 def level_shapes_for(image_hw: Tuple[int, int],
-                     strides: Sequence[int] = DEFAULT_STRIDES) -> Tuple[Tuple[int, int], ...]:
+                     strides: Sequence[int] = hparams.LEVEL_STRIDES) -> Tuple[Tuple[int, int], ...]:
   """Feature-map shape `(ceil(H / s), ceil(W / s))` of each level, as a static tuple."""
   height, width = (int(v) for v in image_hw)
   if height <= 0 or width <= 0:
@@ -39,7 +38,7 @@ def level_shapes_for(image_hw: Tuple[int, int],
 
 
 def fcos_locations(level_shapes: Sequence[Tuple[int, int]],
-                   strides: Sequence[int] = DEFAULT_STRIDES) -> Tuple[np.ndarray, np.ndarray]:
+                   strides: Sequence[int] = hparams.LEVEL_STRIDES) -> Tuple[np.ndarray, np.ndarray]:
   """Static location points and level index of every flattened location.
 
   Returns:
@@ -77,31 +76,21 @@ def centerness_from_ltrb(ltrb: Array) -> Array:
   return jnp.sqrt(horiz * vert)  # [...]
 
 
-def fcos_targets(segment_map: Array,
-                 seg_class: Array,
-                 seg_is_thing: Array,
-                 seg_is_crowd: Array,
-                 seg_box: Array,
-                 seg_valid: Array,
+def fcos_targets(segments: Segments,
                  *,
                  num_stuff: int,
-                 strides: Sequence[int] = DEFAULT_STRIDES,
-                 sizes: Sequence[float] = DEFAULT_SIZES,
-                 positive_region: str = "mask",
+                 hp: hparams.FcosHParams,
+                 strides: Sequence[int] = hparams.LEVEL_STRIDES,
                  level_shapes: Optional[Sequence[Tuple[int, int]]] = None) -> Dict[str, Array]:
   """FCOS classification, box and centerness targets of one image (vmap over the batch).
 
   Args:
-    segment_map: `[H, W]` int, 0 = void, `k` = segment row `k - 1`.
-    seg_class: `[S]` contiguous class (things are `num_stuff..`).
-    seg_is_thing: `[S]` bool.
-    seg_is_crowd: `[S]` bool; crowd segments give no positives.
-    seg_box: `[S, 4]` float `x0, y0, x1, y1` in input pixels.
-    seg_valid: `[S]` bool, False for padding rows.
+    segments: the image's ground truth (`segment_map [H, W]`, rows `[S]`; things are classes
+      `num_stuff..`; crowd segments give no positives).
     num_stuff: number of stuff classes (thing index = class - num_stuff).
+    hp: `sizes` (the `L - 1` boundaries of the per-level ranges of max(l, t, r, b)) and
+      `positive_region` (`"mask"`, the paper, or `"box"`, original FCOS).
     strides: stride of each level (P3..P7).
-    sizes: the `L - 1` boundaries of the per-level ranges of max(l, t, r, b).
-    positive_region: `"mask"` (paper) or `"box"` (original FCOS).
     level_shapes: static `(Hl, Wl)` per level; default `level_shapes_for(segment_map.shape)`.
 
   Returns:
@@ -109,9 +98,11 @@ def fcos_targets(segment_map: Array,
     (l, t, r, b; 0 on negatives), `centerness_target [N]` float32 (0 on negatives),
     `positive [N] bool`, `matched_segment [N] int32` (segment row, -1).
   """
-  if positive_region not in _POSITIVE_REGIONS:
-    raise ValueError(f"positive_region must be one of {_POSITIVE_REGIONS}, got "
-                     f"{positive_region!r}")
+  segment_map = jnp.asarray(segments.segment_map)
+  seg_class, seg_is_thing, seg_is_crowd, seg_valid = (
+      jnp.asarray(a) for a in (segments.seg_class, segments.seg_is_thing,
+                               segments.seg_is_crowd, segments.seg_valid))
+  seg_box = jnp.asarray(segments.seg_box)
   if segment_map.ndim != 2:
     raise ValueError(f"segment_map must be [H, W], got shape {segment_map.shape}")
   num_segments = seg_class.shape[0]
@@ -121,13 +112,11 @@ def fcos_targets(segment_map: Array,
       raise ValueError(f"{name} has shape {value.shape}, expected ({num_segments},)")
   if seg_box.shape != (num_segments, 4):
     raise ValueError(f"seg_box has shape {seg_box.shape}, expected ({num_segments}, 4)")
-  segment_map, seg_class, seg_is_thing, seg_is_crowd, seg_valid = (
-      jnp.asarray(a) for a in (segment_map, seg_class, seg_is_thing, seg_is_crowd, seg_valid))
   height, width = segment_map.shape
   if level_shapes is None:
     level_shapes = level_shapes_for((height, width), strides)
   points, level = fcos_locations(level_shapes, strides)  # [N, 2], [N]
-  ranges = _size_ranges(sizes, len(strides))[level]  # [N, 2]
+  ranges = _size_ranges(hp.sizes, len(strides))[level]  # [N, 2]
 
   seg_box = jnp.asarray(seg_box, jnp.float32)  # [S, 4]
   px = jnp.asarray(points[:, 0], jnp.float32)[:, None]  # [N, 1]
@@ -135,7 +124,7 @@ def fcos_targets(segment_map: Array,
   ltrb = jnp.stack([px - seg_box[None, :, 0], py - seg_box[None, :, 1],
                     seg_box[None, :, 2] - px, seg_box[None, :, 3] - py], -1)  # [N, S, 4]
 
-  if positive_region == "mask":
+  if hp.positive_region == "mask":
     # The pixel at the location, clipped to the image (ceil-divided levels may overhang).
     pix_y = np.minimum(points[:, 1], height - 1)  # [N]
     pix_x = np.minimum(points[:, 0], width - 1)  # [N]

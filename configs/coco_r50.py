@@ -17,7 +17,7 @@ pipeline that groups by orientation.
 """
 import ml_collections
 
-from ciae_jax.training import config_lib
+from ciae_jax import config_lib
 
 VARIANTS = ("r101", "long")
 

@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from ciae_jax.training import config_lib
+from ciae_jax import config_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_ROOT = os.path.join(REPO_ROOT, os.pardir, "shared", "data", "coco_panoptic_sample")

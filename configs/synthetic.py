@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from ciae_jax.training import config_lib
+from ciae_jax import config_lib
 
 VARIANTS = ("small",)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ciae_jax import eval_lib
+from ciae_jax import hparams
+from ciae_jax.evaluation import runner
 from ciae_jax.models import ciae as ciae_model
-from ciae_jax.training import config_lib
 from ciae_jax.training import step as step_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -126,13 +126,11 @@ def test_inference_compiles_once_per_padded_size():
   model = ciae_model.build_model(dict(backbone="resnet_tiny", norm="gn", fpn_dim=16,
                                       head_convs=1, semantic_dim=16, embed_dim=8), 2)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                jnp.zeros((1, 128, 128, 3)), train=False))
+                                                jnp.zeros((1, 128, 128, 3))))
   variables = jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype), variables)
   memory = jnp.ones((3, 8), jnp.float32) / np.sqrt(8)  # [num_stuff + 1, D]
-  config = config_lib.base_config()
-  config.inference.max_detections = 5
-  config.inference.pre_nms_top_n = 20
-  predict = eval_lib.make_predict_fn(model, config, num_stuff=2)
+  hp = hparams.HParams(inference=hparams.InferenceHParams(max_detections=5, pre_nms_top_n=20))
+  predict = runner.make_predict_fn(model, hp, num_stuff=2)
   end_to_end = inference_speed.make_end_to_end(model, num_stuff=2)
 
   def batch(padded, valid, orig):

@@ -20,6 +20,7 @@ from ciae_jax import targets as targets_lib
 from ciae_jax.losses import ciae as ciae_losses
 from ciae_jax.losses import fcos as fcos_lib
 from ciae_jax.models import ciae as ciae_model
+from ciae_jax.segments import Segments
 from ciae_jax.training import parallel
 import test_train_helpers as helpers
 
@@ -38,7 +39,7 @@ TEST_MODEL = dict(helpers.TINY_MODEL, fpn_dim=64)
 
 def numpy_variables(model: ciae_model.CIAE, seed: int = 0):
   """Every variable collection from NumPy: He-normal kernels, random frozen-BN statistics."""
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jnp.zeros((1, *helpers.IMAGE_HW, 3), jnp.float32))
   rng = np.random.default_rng(seed)
 
@@ -70,7 +71,7 @@ def _flat(tree) -> np.ndarray:
 
 def _conv_operand_dtypes(model, variables, images) -> set:
   """Dtypes of the operands of every convolution in the model's jaxpr."""
-  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, images)
   found = set()
 
   def visit(jpr):
@@ -92,8 +93,8 @@ def test_bfloat16_outputs_agree_with_float32():
   assert _conv_operand_dtypes(model_f32, variables, images) == {"float32"}
   assert _conv_operand_dtypes(model_bf16, variables, images) == {"bfloat16"}
 
-  out_f32 = jax.jit(lambda v, x: model_f32.apply(v, x, train=False))(variables, images)
-  out_bf16 = jax.jit(lambda v, x: model_bf16.apply(v, x, train=False))(variables, images)
+  out_f32 = jax.jit(lambda v, x: model_f32.apply(v, x))(variables, images)
+  out_bf16 = jax.jit(lambda v, x: model_bf16.apply(v, x))(variables, images)
   assert out_f32.keys() == out_bf16.keys()
   for key in out_f32:
     for leaf in jax.tree.leaves(out_bf16[key]):
@@ -149,22 +150,21 @@ def test_bfloat16_train_step_keeps_float32_and_agrees():
 @functools.partial(jax.jit, static_argnums=0)
 def _reference_losses(model, params, memory, batch):
   """Float32 step-1 losses: FCOS losses over the batch's positives + CIAE loss against M_0."""
-  segment_keys = ("segment_map", "seg_class", "seg_is_thing", "seg_is_crowd", "seg_box",
-                  "seg_valid")
-  outputs = model.apply({"params": params}, batch["image"], train=True)
-  targets = jax.vmap(functools.partial(targets_lib.fcos_targets, num_stuff=helpers.NUM_STUFF))(
-      *(batch[k] for k in segment_keys))
+  hp = helpers.STEP_HPARAMS
+  segments = Segments.from_batch(batch)
+  outputs = model.apply({"params": params}, batch["image"])
+  targets = jax.vmap(functools.partial(targets_lib.fcos_targets, num_stuff=helpers.NUM_STUFF,
+                                       hp=hp.fcos))(segments)
   num_positives = jnp.sum(targets["positive"])
   centerness_sum = jnp.sum(targets["centerness_target"] * targets["positive"])
   fcos = fcos_lib.fcos_losses(ciae_model.flatten_levels(outputs["cls_logits"]),
                               ciae_model.flatten_levels(outputs["box_reg"]),
                               ciae_model.flatten_levels(outputs["centerness"]),
-                              targets, num_positives, centerness_sum)
-  per_image = jax.vmap(functools.partial(ciae_losses.ciae_loss, num_stuff=helpers.NUM_STUFF),
-                       in_axes=(0,) * 8 + (None,))(
-      outputs["embedding"], outputs["embedding_prenorm"], *(batch[k] for k in segment_keys),
-      memory)
-  ciae = ciae_losses.ciae_total(jax.tree.map(lambda x: jnp.sum(x, axis=0), per_image))
+                              targets, num_positives, centerness_sum, hp.fcos)
+  per_image = jax.vmap(lambda e, p, s: ciae_losses.ciae_loss(
+      e, p, s, memory, hp.loss, num_stuff=helpers.NUM_STUFF))(
+          outputs["embedding"], outputs["embedding_prenorm"], segments)
+  ciae = ciae_losses.ciae_total(jax.tree.map(lambda x: jnp.sum(x, axis=0), per_image), hp.loss)
   losses = {**fcos, **ciae}
   losses["loss"] = (losses["loss_cls"] + losses["loss_reg"] + losses["loss_ctr"]
                     + losses["loss_ciae"])

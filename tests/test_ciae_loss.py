@@ -12,7 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ciae_jax import hparams
+from ciae_jax import segments as segments_lib
 from ciae_jax.losses import ciae as ciae_lib
+from ciae_jax.segments import SEGMENT_KEYS
+from ciae_jax.segments import Segments
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -138,8 +142,15 @@ def _reference(case, memory, *, margin=0.15, top_k=5, thing_weight=5.0, box_expa
   return cae, iae, count
 
 
+def _loss(embedding, embedding_prenorm, memory, *, num_stuff=NUM_STUFF, **fields):
+  """`ciae_loss` of a case dict: the segment keys become `Segments`, the rest `LossHParams`."""
+  segments = Segments(**{k: fields.pop(k) for k in SEGMENT_KEYS})
+  return ciae_lib.ciae_loss(embedding, embedding_prenorm, segments, memory,
+                            hparams.LossHParams(**fields), num_stuff=num_stuff)
+
+
 def _run(case, memory, **kwargs):
-  fn = functools.partial(ciae_lib.ciae_loss, num_stuff=NUM_STUFF, **kwargs)
+  fn = functools.partial(_loss, **kwargs)
   return jax.tree.map(float, jax.jit(fn)(**case, memory=memory))
 
 
@@ -165,7 +176,7 @@ def test_ciae_loss_matches_naive_loop(setting):
   np.testing.assert_allclose(got["loss_cae_sum"], cae, rtol=2e-5)
   np.testing.assert_allclose(got["loss_iae_sum"], iae, rtol=2e-5)
   np.testing.assert_allclose(got["loss_ciae_sum"], cae + 2.0 * iae, rtol=2e-5)
-  total = ciae_lib.ciae_total(got, alpha=2.0)
+  total = ciae_lib.ciae_total(got, hparams.LossHParams(alpha=2.0))
   np.testing.assert_allclose(total["loss_cae"], cae / count, rtol=2e-5)
   np.testing.assert_allclose(total["loss_iae"], iae / count, rtol=2e-5)
   np.testing.assert_allclose(total["loss_ciae"], (cae + 2.0 * iae) / count, rtol=2e-5)
@@ -273,10 +284,9 @@ def test_perfect_embeddings_give_zero_and_swaps_do_not(merge_things):
 
 def _loss_of_prenorm(prenorm, case, memory, **kwargs):
   embedding = prenorm / jnp.linalg.norm(prenorm, axis=-1, keepdims=True)  # [H, W, D]
-  sums = ciae_lib.ciae_loss(embedding, prenorm, case["segment_map"], case["seg_class"],
-                            case["seg_is_thing"], case["seg_is_crowd"], case["seg_box"],
-                            case["seg_valid"], memory, num_stuff=NUM_STUFF, **kwargs)
-  return ciae_lib.ciae_total(sums)["loss_ciae"]
+  fields = {k: case[k] for k in SEGMENT_KEYS}
+  sums = _loss(embedding, prenorm, memory, **fields, **kwargs)
+  return ciae_lib.ciae_total(sums, hparams.LossHParams(**kwargs))["loss_ciae"]
 
 
 def test_gradient_is_finite():
@@ -298,7 +308,7 @@ def test_vmap_over_batch_sums_per_image():
   cases = [_random_case(rng) for _ in range(2)]
   memory = _random_memory(rng, True)
   batch = jax.tree.map(lambda *a: np.stack(a), *cases)
-  fn = functools.partial(ciae_lib.ciae_loss, num_stuff=NUM_STUFF, memory=memory)
+  fn = functools.partial(_loss, memory=memory)
   got = jax.jit(jax.vmap(fn))(**batch)
   for i, case in enumerate(cases):
     cae, iae, count = _reference(case, memory)
@@ -319,7 +329,8 @@ def test_triplet_loss_padding_queries_and_top_k():
   weight = np.array([1.0, 2.0, 0.0, 1.0, 1.0, 3.0])
   for top_k in (1, 5):
     got_sum, got_count = ciae_lib.embedding_triplet_loss(
-        pixels, queries, target, query_mask, weight, top_k=top_k, query_valid=query_valid)
+        pixels, queries, target, query_mask, weight, margin=0.15, top_k=top_k,
+        include_own=False, query_valid=query_valid)
     want = 0.0
     for i in range(6):
       forced = [not m for m in query_mask[i, :3]]
@@ -333,7 +344,7 @@ def test_instance_and_class_means_match_loop():
   rng = np.random.default_rng(6)
   case = _random_case(rng)
   seg, pre = case["segment_map"], case["embedding_prenorm"].astype(np.float64)
-  means = np.asarray(ciae_lib.instance_means(pre, seg, 9))
+  means = np.asarray(segments_lib.instance_means(pre, seg, 9))
   classes = np.asarray(ciae_lib.class_means(pre, seg, case["seg_class"], 6))
   for k in range(9):
     np.testing.assert_allclose(means[k], _unit(pre[seg == k + 1].sum(0)), atol=1e-5)
@@ -360,7 +371,6 @@ def test_bad_arguments_raise():
   rng = np.random.default_rng(12)
   case = _random_case(rng)
   with pytest.raises(ValueError, match="memory has 6 rows"):
-    ciae_lib.ciae_loss(**case, memory=_random_memory(rng, False), num_stuff=NUM_STUFF)
+    _loss(**case, memory=_random_memory(rng, False))
   with pytest.raises(ValueError, match="segment_map"):
-    ciae_lib.ciae_loss(**dict(case, segment_map=case["segment_map"][:8]),
-                       memory=_random_memory(rng, True), num_stuff=NUM_STUFF)
+    _loss(**dict(case, segment_map=case["segment_map"][:8]), memory=_random_memory(rng, True))

@@ -111,17 +111,18 @@ def _tiny_config() -> ml_collections.ConfigDict:
 
 def test_few_steps_train_evaluate_and_export(coco_sample_root, tmp_path, capsys):
   """Two steps through the real loop, its in-memory evaluation, then the exported files."""
-  from ciae_jax import eval_lib  # pylint: disable=g-import-not-at-top
-  from ciae_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
+  from ciae_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  from ciae_jax.training import loop  # pylint: disable=g-import-not-at-top
 
-  config = _tiny_config()
+  config = hparams.HParams.from_config(_tiny_config())
   workdir = tmp_path / "run"
-  state = train_lib.train_and_evaluate(config, str(workdir))
+  state = loop.train_and_evaluate(config, str(workdir))
   assert int(state.step) == TOTAL_STEPS
   out = capsys.readouterr().out
   assert f"Panoptic quality at step {TOTAL_STEPS} (2 images)" in out, out[-2000:]
 
-  metrics, output_dir = eval_lib.evaluate_checkpoint(config, str(workdir))
+  metrics, output_dir = runner.evaluate_checkpoint(config, str(workdir))
   assert pathlib.Path(output_dir) == workdir / "eval" / str(TOTAL_STEPS)
   written = json.loads((workdir / "eval" / str(TOTAL_STEPS) / "metrics.json").read_text())
   assert written["num_images"] == 2

@@ -82,7 +82,7 @@ def expected_place(key: str, ndim: int) -> tuple[str, tuple[str, ...]]:
 @pytest.fixture(scope="module")
 def r50_variables():
   """CIAE-R50 variables as ShapeDtypeStructs (no compile, no memory)."""
-  model = ciae.CIAE(num_thing_classes=80, backbone="resnet50", norm="frozen_bn")
+  model = ciae.build_model(dict(backbone="resnet50", norm="frozen_bn"), 80)
   return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 128, 128, 3)))
 
 
@@ -162,7 +162,7 @@ def test_fc_and_counters_are_ignored_not_required(state_dict):
 
 
 def test_gn_model_is_refused(tmp_path, weight_files):
-  gn_model = ciae.CIAE(num_thing_classes=3, backbone="resnet50", norm="gn")
+  gn_model = ciae.build_model(dict(backbone="resnet50", norm="gn"), 3)
   gn_vars = jax.eval_shape(gn_model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   with pytest.raises(ValueError, match="does not fit"):
     convert.load_backbone_params(weight_files["npz"], gn_vars)

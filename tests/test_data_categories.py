@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from ciae_jax import hparams
 from ciae_jax.data import categories as categories_lib
 
 
@@ -86,10 +87,10 @@ def test_dataset_without_thing_categories_is_an_error_naming_the_file(coco_sampl
     category["isthing"] = 0
   path = tmp_path / "stuff_only.json"
   path.write_text(json.dumps(data))
-  cfg = pipeline.default_dataset_config()
-  cfg.source, cfg.root, cfg.categories_file = "coco", str(coco_sample_root), str(path)
+  cfg = hparams.DatasetHParams(source="coco", root=str(coco_sample_root),
+                               categories_file=str(path))
   with pytest.raises(ValueError, match=f"{path}: no thing category \\(isthing=1\\) among its "
                      "133 categories"):
     pipeline.load_dataset_categories(cfg)
-  cfg.categories_file = ""  # The sample itself has things: read from its JSON.
+  cfg = cfg.replace(categories_file="")  # The sample itself has things: read from its JSON.
   assert pipeline.load_dataset_categories(cfg).num_things == 80

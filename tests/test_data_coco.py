@@ -11,6 +11,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from ciae_jax import hparams
+from ciae_jax import panoptic_png
 from ciae_jax.data import categories as categories_lib
 from ciae_jax.data import coco
 from ciae_jax.data import pipeline
@@ -74,7 +76,7 @@ def test_ground_truth_paths(coco_sample_root):
 
 def test_rgb_id_round_trip():
   ids = np.array([[0, 1, 255], [256, 65535, 256**3 - 1]])
-  np.testing.assert_array_equal(coco.rgb_to_id(coco.id_to_rgb(ids)), ids)
+  np.testing.assert_array_equal(panoptic_png.rgb_to_id_map(panoptic_png.id_map_to_rgb(ids)), ids)
 
 
 # ---------------------------------------------------------------- bad inputs.
@@ -167,15 +169,9 @@ def test_numpy_decoder_names_file_and_image_id(broken_root, defect):
 
 
 def _tiny_config(root):
-  cfg = pipeline.default_dataset_config()
-  cfg.root = str(root)
-  cfg.train_split = cfg.val_split = "val2017"
-  cfg.image_size = (256, 256)
-  cfg.train_min_size_range = (128, 160)
-  cfg.max_size = 256
-  cfg.eval_min_size = 128
-  cfg.eval_max_size = 256
-  return cfg
+  return hparams.DatasetHParams(root=str(root), train_split="val2017", val_split="val2017",
+                                image_size=(256, 256), train_min_size_range=(128, 160),
+                                max_size=256, eval_min_size=128, eval_max_size=256)
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from ciae_jax import hparams
 from ciae_jax.data import categories as categories_lib
 from ciae_jax.data import coco
 from ciae_jax.data import pipeline
@@ -133,16 +134,11 @@ def test_command_line(tmp_path, capsys):
 
 
 def test_synthetic_source_through_the_pipeline(tmp_path):
-  cfg = pipeline.default_dataset_config()
-  cfg.source = "synthetic"
-  cfg.root = str(tmp_path / "syn")
-  cfg.synthetic.num_train, cfg.synthetic.num_val = 8, 3
-  cfg.synthetic.image_size = (96, 96)
-  cfg.image_size = (128, 128)
-  cfg.train_min_size_range = (96, 128)
-  cfg.max_size = 128
-  cfg.eval_min_size = cfg.eval_max_size = 128
-  cfg.max_segments = 16
+  cfg = hparams.DatasetHParams(
+      source="synthetic", root=str(tmp_path / "syn"),
+      synthetic=hparams.SyntheticHParams(num_train=8, num_val=3, image_size=(96, 96)),
+      image_size=(128, 128), train_min_size_range=(96, 128), max_size=128, eval_min_size=128,
+      eval_max_size=128, max_segments=16)
   batch = next(pipeline.build_input(cfg, cfg.train_split, train=True,
                                     global_batch_size=8, seed=0))
   assert batch["image"].shape == (8, 1, 128, 128, 3)
@@ -163,9 +159,7 @@ def test_synthetic_source_reads_an_existing_coco_root_as_it_is(coco_sample_root,
   real = tmp_path / "real"
   shutil.copytree(coco_sample_root, real)
   before = sorted(p.relative_to(real) for p in real.rglob("*"))
-  cfg = pipeline.default_dataset_config()
-  cfg.source = "synthetic"
-  cfg.root = str(real)
+  cfg = hparams.DatasetHParams(source="synthetic", root=str(real))
   assert pipeline.prepare_root(cfg) == str(real)
   assert sorted(p.relative_to(real) for p in real.rglob("*")) == before
   assert not [p for p in tmp_path.iterdir() if "partial" in p.name]  # No staging written.

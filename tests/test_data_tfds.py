@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ciae_jax import hparams
 from ciae_jax.data import categories as categories_lib
 from ciae_jax.data import pipeline
 from ciae_jax.data import tfds_source
@@ -25,19 +26,12 @@ def _tfds_temp_dirs_in_tmp_path(tmp_path, monkeypatch):
 
 
 def _config(coco_sample_root, source):
-  cfg = pipeline.default_dataset_config()
-  cfg.source = source
-  cfg.root = str(coco_sample_root)
-  cfg.tfds_data_dir = "/tmp/ciae_jax_no_tfds_data"
-  cfg.categories_file = str(coco_sample_root / "panoptic_coco_categories.json")
-  cfg.train_split = cfg.val_split = "val2017"
-  cfg.image_size = (256, 384)
-  cfg.train_min_size_range = (160, 224)
-  cfg.max_size = 384
-  cfg.eval_min_size = 192
-  cfg.eval_max_size = 320
-  cfg.shuffle_buffer = 4
-  return cfg
+  return hparams.DatasetHParams(
+      source=source, root=str(coco_sample_root), tfds_data_dir="/tmp/ciae_jax_no_tfds_data",
+      categories_file=str(coco_sample_root / "panoptic_coco_categories.json"),
+      train_split="val2017", val_split="val2017", image_size=(256, 384),
+      train_min_size_range=(160, 224), max_size=384, eval_min_size=192, eval_max_size=320,
+      shuffle_buffer=4)
 
 
 def _sample_examples(root):
@@ -131,7 +125,8 @@ def test_tfds_batches_equal_coco_file_batches(coco_sample_root, max_segments):
   examples = _sample_examples(coco_sample_root)
   tfds_cfg = _config(coco_sample_root, "tfds")
   coco_cfg = _config(coco_sample_root, "coco")
-  tfds_cfg.max_segments = coco_cfg.max_segments = max_segments
+  tfds_cfg = tfds_cfg.replace(max_segments=max_segments)
+  coco_cfg = coco_cfg.replace(max_segments=max_segments)
   with tfds.testing.mock_data(as_dataset_fn=_as_dataset_fn(examples)):
     tfds_eval = list(pipeline.build_input(tfds_cfg, "val2017", train=False,
                                           global_batch_size=8, seed=0))

@@ -8,11 +8,13 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ciae_jax import detection
+from ciae_jax import hparams
 from ciae_jax import inference
+from ciae_jax.segments import Segments
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -74,8 +76,9 @@ def test_decode_boxes_scores_and_threshold():
   put_detection(outputs, 0, 3, 3, 0, 4.0, 4.0, (1, 0, 1, 2))
   image_size = np.array([28, 26], np.int32)
   decoded = run_jitted(
-      lambda o, size: inference.decode_detections(
-          o["cls_logits"], o["centerness"], o["box_reg"], size, strides=STRIDES),
+      lambda o, size: detection.decode_detections(
+          o["cls_logits"], o["centerness"], o["box_reg"], size, strides=STRIDES,
+          pre_nms_thresh=0.05, pre_nms_top_n=1000),
       outputs, image_size)
   assert decoded["box"].shape == (16 * 3 + 4 * 3, 4)  # min(1000, Hl*Wl*C) per level
   expected = {  # (level, flat index, class) -> (box, score, location)
@@ -99,9 +102,9 @@ def test_decode_keeps_top_n_per_level():
   for cell_x, probability in enumerate((0.3, 0.9, 0.5, 0.7)):
     put_detection(outputs, 0, 2, cell_x, 0, logit(probability), 0.0, (1, 1, 1, 1))
   put_detection(outputs, 1, 0, 0, 1, logit(0.2), 0.0, (1, 1, 1, 1))
-  decoded = inference.decode_detections(
+  decoded = detection.decode_detections(
       outputs["cls_logits"], outputs["centerness"], outputs["box_reg"], (32, 32),
-      strides=STRIDES, pre_nms_top_n=2)
+      strides=STRIDES, pre_nms_thresh=0.05, pre_nms_top_n=2)
   assert decoded["box"].shape == (4, 4)  # 2 per level
   np.testing.assert_array_equal(decoded["valid"], [True, True, True, False])
   np.testing.assert_array_equal(decoded["flat_index"][:3], [2 * 4 + 1, 2 * 4 + 3, 16])
@@ -158,12 +161,31 @@ def scene_expected(*, a_cols=(2, 10), stuff1_kept=False, a_kept=True, b_kept=Tru
   return expected
 
 
+def panoptic(outputs, memory, image_size, *, num_stuff, strides, merge_things=True,
+             resize_scale=1.0, **fields):
+  """`panoptic_inference` with the keyword fields of `InferenceHParams`."""
+  return inference.panoptic_inference(outputs, memory, image_size,
+                                      hparams.InferenceHParams(**fields), num_stuff=num_stuff,
+                                      merge_things=merge_things, strides=strides,
+                                      resize_scale=resize_scale)
+
+
+def oracle(outputs, memory, *gt, image_size, num_stuff, include_crowd=True, resize_scale=1.0,
+           **fields):
+  """`oracle_inference` of the ground-truth arrays `gt` (in `Segments` field order)."""
+  return inference.oracle_inference(outputs, memory, Segments(*gt),
+                                    hparams.InferenceHParams(**fields), image_size=image_size,
+                                    num_stuff=num_stuff, include_crowd=include_crowd,
+                                    resize_scale=resize_scale)
+
+
+# The scene's settings; detections of every score take part (instance_score_thresh 0).
 PANOPTIC_DEFAULTS = dict(num_stuff=NUM_STUFF, strides=STRIDES, max_detections=5, stuff_area=64,
-                         instance_min_area=0, resize_scale=0.5)
+                         instance_min_area=0, resize_scale=0.5, instance_score_thresh=0.0)
 
 
 def test_scene_regions_box_filter_and_stuff_area():
-  result = run_jitted(inference.panoptic_inference, scene_outputs(), scene_memory(),
+  result = run_jitted(panoptic, scene_outputs(), scene_memory(),
                       IMAGE_SIZE, **PANOPTIC_DEFAULTS)
   # A's columns 10..13 lie outside its box: similarity 0 there, so stuff 0 (0.2 > 0) wins.
   # The stuff-1 patch has 12 px < 64 * 0.5**2 = 16 px: void. Outside image_size: void.
@@ -196,7 +218,7 @@ def test_scene_regions_box_filter_and_stuff_area():
 ])
 def test_scene_filters(options, expected_kwargs):
   kwargs = {**PANOPTIC_DEFAULTS, **options}
-  result = run_jitted(inference.panoptic_inference, scene_outputs(), scene_memory(),
+  result = run_jitted(panoptic, scene_outputs(), scene_memory(),
                       IMAGE_SIZE, **kwargs)
   np.testing.assert_array_equal(result["panoptic"], scene_expected(**expected_kwargs))
   assert result["det_valid"][:3].all()  # the filters act on segments, not on detections
@@ -204,9 +226,9 @@ def test_scene_filters(options, expected_kwargs):
 
 def test_category_from_memory_picks_nearest_thing_row():
   kwargs = {**PANOPTIC_DEFAULTS, "merge_things": False}
-  by_box = run_jitted(inference.panoptic_inference, scene_outputs(), scene_memory(False),
+  by_box = run_jitted(panoptic, scene_outputs(), scene_memory(False),
                       IMAGE_SIZE, **kwargs)
-  by_memory = run_jitted(inference.panoptic_inference, scene_outputs(), scene_memory(False),
+  by_memory = run_jitted(panoptic, scene_outputs(), scene_memory(False),
                          IMAGE_SIZE, category_from="memory", **kwargs)
   # Box classifier: A class 1, B class 2. Memory: A is nearest thing row 2 (e6), B row 0 (e4).
   np.testing.assert_array_equal(by_box["query_class"][2:4], [NUM_STUFF + 1, NUM_STUFF + 2])
@@ -233,7 +255,7 @@ def test_bad_input_raises(change, message):
     del outputs[change.pop("drop")]
   kwargs = {**PANOPTIC_DEFAULTS, **change}
   with pytest.raises(ValueError, match=message):
-    inference.panoptic_inference(outputs, memory, IMAGE_SIZE, **kwargs)
+    panoptic(outputs, memory, IMAGE_SIZE, **kwargs)
 
 
 def test_vmapped_batch_equals_single_images():
@@ -241,12 +263,12 @@ def test_vmapped_batch_equals_single_images():
   second["cls_logits"][1][1, 1, 2] = -10.0  # no B in the second image
   batch = jax.tree.map(lambda *xs: np.stack(xs), first, second)
   sizes = np.stack([IMAGE_SIZE, np.array([32, 32], np.int32)])
-  fn = functools.partial(inference.panoptic_inference, **PANOPTIC_DEFAULTS)
+  fn = functools.partial(panoptic, **PANOPTIC_DEFAULTS)
   batched = jax.tree.map(np.asarray,
                          jax.jit(jax.vmap(fn, in_axes=(0, None, 0)))(batch, scene_memory(), sizes))
   np.testing.assert_array_equal(batched["panoptic"][0], scene_expected())
   for image, outputs in enumerate((first, second)):
-    single = run_jitted(inference.panoptic_inference, outputs, scene_memory(), sizes[image],
+    single = run_jitted(panoptic, outputs, scene_memory(), sizes[image],
                         **PANOPTIC_DEFAULTS)
     for key, value in single.items():
       np.testing.assert_array_equal(batched[key][image], value, err_msg=key)
@@ -360,7 +382,7 @@ def test_random_scene_matches_numpy_reference(seed, options):
                 instance_score_thresh=0.0, box_expand_infer=1.0, outside_box_similarity=0.0,
                 resize_scale=1.0)
   kwargs.update(options)
-  result = run_jitted(inference.panoptic_inference, outputs, memory, image_size, **kwargs)
+  result = run_jitted(panoptic, outputs, memory, image_size, **kwargs)
   expected_map, kept = reference_panoptic(outputs, memory, image_size, **kwargs)
   assert len(kept) == 5, "the scene should fill every detection slot"
   np.testing.assert_allclose(result["det_box"], [d["box"] for d in kept], atol=1e-4)
@@ -412,7 +434,7 @@ def oracle_scene(rng: np.random.Generator):
 def test_oracle_reproduces_ground_truth_with_perfect_embeddings(include_crowd):
   outputs, memory, gt = oracle_scene(np.random.default_rng(0))
   segment_map, seg_class = gt[0], gt[1]
-  result = run_jitted(inference.oracle_inference, outputs, memory, *gt,
+  result = run_jitted(oracle, outputs, memory, *gt,
                       image_size=np.array([28, 32], np.int32), num_stuff=NUM_STUFF,
                       stuff_area=0, instance_min_area=0, include_crowd=include_crowd)
   assert result["panoptic"].shape == (SIZE, SIZE)

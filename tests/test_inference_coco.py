@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ciae_jax import inference
+from ciae_jax.evaluation import coco_format
 
 
 def reference_segments(id_map: np.ndarray) -> dict[int, tuple[int, list[int]]]:
@@ -47,7 +47,7 @@ def test_to_coco_panoptic_matches_pil_resize_and_pixel_loops(seed, image_size, o
   num_queries = 80
   result = blocky_result(rng, num_queries, image_size, (48, 48))
   coco_ids = [1000 + 3 * c for c in range(num_queries)]
-  id_map, segments_info = inference.to_coco_panoptic(result, image_size, orig_size, coco_ids)
+  id_map, segments_info = coco_format.to_coco_panoptic(result, image_size, orig_size, coco_ids)
 
   # Independent resize: PIL's NEAREST (odd input sizes leave no rounding ties).
   crop = result["panoptic"][:image_size[0], :image_size[1]]
@@ -82,7 +82,7 @@ def test_to_coco_panoptic_round_trips_coco_annotation(coco_sample_root):
     for k, segment in enumerate(segments):
       panoptic[:height, :width][coco_id_map == segment["id"]] = k + 1
     result = {"panoptic": panoptic, "query_class": np.arange(len(segments), dtype=np.int32)}
-    id_map, segments_info = inference.to_coco_panoptic(
+    id_map, segments_info = coco_format.to_coco_panoptic(
         result, (height, width), (height, width), [s["category_id"] for s in segments])
     assert len(segments_info) == len(segments)
     for info, segment in zip(segments_info, segments):
@@ -95,13 +95,13 @@ def test_to_coco_panoptic_round_trips_coco_annotation(coco_sample_root):
 def test_to_coco_panoptic_rejects_bad_input():
   result = {"panoptic": np.zeros((8, 8), np.int32), "query_class": np.zeros(3, np.int32)}
   with pytest.raises(ValueError, match="image_size"):
-    inference.to_coco_panoptic(result, (9, 8), (10, 10), [1, 2, 3])
+    coco_format.to_coco_panoptic(result, (9, 8), (10, 10), [1, 2, 3])
   with pytest.raises(ValueError, match="one image"):
-    inference.to_coco_panoptic({**result, "panoptic": np.zeros((1, 8, 8), np.int32)}, (8, 8),
+    coco_format.to_coco_panoptic({**result, "panoptic": np.zeros((1, 8, 8), np.int32)}, (8, 8),
                                (10, 10), [1, 2, 3])
   result["panoptic"][0, 0] = 3
   with pytest.raises(ValueError, match="outside category_coco_ids"):
-    inference.to_coco_panoptic({**result, "query_class": np.array([0, 1, 7])}, (8, 8), (8, 8),
+    coco_format.to_coco_panoptic({**result, "query_class": np.array([0, 1, 7])}, (8, 8), (8, 8),
                                [1, 2, 3])
 
 
@@ -113,7 +113,7 @@ def test_detections_to_coco_original_coordinates():
       "det_valid": np.array([True, False, True]),
   }
   coco_ids = list(range(100, 100 + 133))
-  detections = inference.detections_to_coco(result, 42, 2.0, coco_ids)
+  detections = coco_format.detections_to_coco(result, 42, 2.0, coco_ids)
   assert detections == [
       {"image_id": 42, "category_id": 155, "bbox": [5.0, 10.0, 20.0, 30.0],
        "score": pytest.approx(0.9)},
@@ -121,6 +121,6 @@ def test_detections_to_coco_original_coordinates():
        "score": pytest.approx(0.1)},
   ]
   # Separate (scale_y, scale_x).
-  detections = inference.detections_to_coco(result, 42, (2.0, 0.5), coco_ids)
+  detections = coco_format.detections_to_coco(result, 42, (2.0, 0.5), coco_ids)
   assert detections[0]["bbox"] == [20.0, 10.0, 80.0, 30.0]
   json.dumps(detections)

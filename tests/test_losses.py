@@ -7,10 +7,14 @@ import numpy as np
 import optax
 import pytest
 
+from ciae_jax import hparams
 from ciae_jax.losses import centerness as centerness_lib
 from ciae_jax.losses import fcos as fcos_lib
 from ciae_jax.losses import focal as focal_lib
 from ciae_jax.losses import iou as iou_lib
+
+# FCOS's focal alpha 0.25 and gamma 2, -ln IoU, centerness-weighted regression.
+PAPER = hparams.FcosHParams()
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -50,14 +54,15 @@ def test_focal_matches_optax():
   rng = np.random.default_rng(0)
   logits = (rng.normal(size=(64, 5)) * 6).astype(np.float32)
   labels = (rng.random((64, 5)) < 0.2).astype(np.float32)
-  got = focal_lib.sigmoid_focal_loss(logits, labels)
+  got = focal_lib.sigmoid_focal_loss(logits, labels, alpha=0.25, gamma=2.0)
   want = optax.sigmoid_focal_loss(logits, labels, alpha=0.25, gamma=2.0)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(focal_lib.sigmoid_focal_loss_sum(logits, labels, alpha=0.5,
                                                               gamma=1.0),
                              np.sum(optax.sigmoid_focal_loss(logits, labels, alpha=0.5,
                                                              gamma=1.0)), rtol=1e-5)
-  grad = jax.grad(lambda x: focal_lib.sigmoid_focal_loss_sum(x, labels))(logits * 10)
+  grad = jax.grad(lambda x: focal_lib.sigmoid_focal_loss_sum(x, labels, alpha=0.25,
+                                                            gamma=2.0))(logits * 10)
   assert np.isfinite(grad).all()
 
 
@@ -116,7 +121,7 @@ def test_fcos_losses_match_numpy(weighted):
   num_pos_global = pos.sum() + 7.0
   ctr_sum_global = targets["centerness_target"][pos].sum() + 3.0
   got = fcos_lib.fcos_losses(cls_logits, box_reg, centerness, targets, num_pos_global,
-                             ctr_sum_global, centerness_weighted_reg=weighted)
+                             ctr_sum_global, PAPER.replace(centerness_weighted_reg=weighted))
 
   # NumPy: focal loss written from its definition over every (location, class).
   prob = 1.0 / (1.0 + np.exp(-cls_logits.astype(np.float64)))
@@ -150,7 +155,7 @@ def test_fcos_losses_no_positives_and_batch_axes():
                box_target=np.zeros_like(targets["box_target"]),
                centerness_target=np.zeros_like(targets["centerness_target"]),
                positive=np.zeros_like(targets["positive"]))
-  got = fcos_lib.fcos_losses(cls_logits, box_reg, centerness, empty, 0.0, 0.0)
+  got = fcos_lib.fcos_losses(cls_logits, box_reg, centerness, empty, 0.0, 0.0, PAPER)
   assert float(got["loss_reg"]) == 0.0 and float(got["loss_ctr"]) == 0.0
   # Clamped to one positive: the plain focal sum.
   np.testing.assert_allclose(got["loss_cls"],
@@ -160,13 +165,13 @@ def test_fcos_losses_no_positives_and_batch_axes():
   batch = lambda a, b: np.stack([a, b])  # noqa: E731
   both = fcos_lib.fcos_losses(batch(cls_logits, cls_logits), batch(box_reg, box_reg),
                               batch(centerness, centerness),
-                              jax.tree.map(batch, targets, empty), 5.0, 2.0)
-  one = fcos_lib.fcos_losses(cls_logits, box_reg, centerness, targets, 5.0, 2.0)
-  one_empty = fcos_lib.fcos_losses(cls_logits, box_reg, centerness, empty, 5.0, 2.0)
+                              jax.tree.map(batch, targets, empty), 5.0, 2.0, PAPER)
+  one = fcos_lib.fcos_losses(cls_logits, box_reg, centerness, targets, 5.0, 2.0, PAPER)
+  one_empty = fcos_lib.fcos_losses(cls_logits, box_reg, centerness, empty, 5.0, 2.0, PAPER)
   for key in one:
     np.testing.assert_allclose(both[key], one[key] + one_empty[key], rtol=1e-5, err_msg=key)
   grads = jax.grad(lambda r: fcos_lib.fcos_losses(cls_logits, r, centerness, targets, 5.0,
-                                                  2.0)["loss_reg"])(jnp.asarray(box_reg))
+                                                  2.0, PAPER)["loss_reg"])(jnp.asarray(box_reg))
   assert np.isfinite(grads).all()
   with pytest.raises(ValueError, match="centerness_target_sum_global"):
-    fcos_lib.fcos_losses(cls_logits, box_reg, centerness, targets, 5.0)
+    fcos_lib.fcos_losses(cls_logits, box_reg, centerness, targets, 5.0, None, PAPER)

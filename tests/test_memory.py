@@ -3,7 +3,11 @@ import jax
 import numpy as np
 import pytest
 
+from ciae_jax import hparams
 from ciae_jax import memory as memory_lib
+from ciae_jax.segments import Segments
+
+PAPER = hparams.MemoryHParams()  # Eq. 13: coefficient 1e-4, power 3.
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -30,9 +34,11 @@ def test_class_sums_match_loop(merge_things):
   prenorm, segment_map, seg_class, seg_valid, seg_is_crowd = _random_image(rng)
   num_mem = NUM_STUFF + 1 if merge_things else NUM_STUFF + NUM_THINGS
   assert memory_lib.num_memory(NUM_STUFF, NUM_THINGS, merge_things) == num_mem
-  sums, counts = memory_lib.class_sums(prenorm, segment_map, seg_class, seg_valid, seg_is_crowd,
-                                       num_stuff=NUM_STUFF, merge_things=merge_things,
-                                       num_memory=num_mem)
+  segments = Segments(segment_map=segment_map, seg_class=seg_class,
+                      seg_is_thing=seg_class >= NUM_STUFF, seg_is_crowd=seg_is_crowd,
+                      seg_box=np.zeros(seg_class.shape + (4,), np.float32), seg_valid=seg_valid)
+  sums, counts = memory_lib.class_sums(prenorm, segments, num_stuff=NUM_STUFF,
+                                       merge_things=merge_things, num_memory=num_mem)
   want_sums = np.zeros((num_mem, prenorm.shape[-1]))
   want_counts = np.zeros(num_mem, np.int64)
   for y in range(segment_map.shape[0]):
@@ -68,8 +74,9 @@ def test_momentum_eq13():
   for step in (0, 250, 999, 1000, 1500):
     frac = min(step / total, 1.0)
     want = 1.0 - 1e-4 * (1.0 - frac) ** 3
-    np.testing.assert_allclose(memory_lib.momentum(step, total), want, rtol=1e-7)
-  np.testing.assert_allclose(memory_lib.momentum(500, total, coeff=0.5, power=1.0), 0.75)
+    np.testing.assert_allclose(memory_lib.momentum(step, total, PAPER), want, rtol=1e-7)
+  np.testing.assert_allclose(memory_lib.momentum(500, total, hparams.MemoryHParams(0.5, 1.0)),
+                             0.75)
 
 
 def test_update_memory_eq14_and_absent_rows_untouched():
@@ -80,8 +87,8 @@ def test_update_memory_eq14_and_absent_rows_untouched():
   counts = np.array([3, 0, 10, 0, 1], np.int32)
   step, total = 300, 1000
   coeff, power = 0.2, 3.0  # a large coefficient so the update is visible
-  got = np.asarray(memory_lib.update_memory(mem, sums, counts, step, total, coeff=coeff,
-                                            power=power))
+  got = np.asarray(memory_lib.update_memory(mem, sums, counts, step, total,
+                                            hparams.MemoryHParams(coeff, power)))
   lam = 1 - coeff * (1 - step / total) ** power
   for row in range(5):
     if counts[row] == 0:
@@ -93,13 +100,13 @@ def test_update_memory_eq14_and_absent_rows_untouched():
     np.testing.assert_allclose(got[row], mixed / np.linalg.norm(mixed), rtol=1e-5, atol=1e-6)
     assert np.abs(got[row] - mem[row]).max() > 1e-3
   # Default coefficients barely move the memory at step 0 (lam = 1 - 1e-4).
-  tiny = np.asarray(memory_lib.update_memory(mem, sums, counts, 0, total))
+  tiny = np.asarray(memory_lib.update_memory(mem, sums, counts, 0, total, PAPER))
   assert 0 < np.abs(tiny - mem).max() < 1e-3
 
 
 def test_update_memory_shape_errors():
   mem = np.zeros((3, 4), np.float32)
   with pytest.raises(ValueError, match="counts"):
-    memory_lib.update_memory(mem, mem, np.zeros(2), 0, 10)
+    memory_lib.update_memory(mem, mem, np.zeros(2), 0, 10, PAPER)
   with pytest.raises(ValueError, match="total_steps"):
-    memory_lib.momentum(0, 0)
+    memory_lib.momentum(0, 0, PAPER)

@@ -34,7 +34,7 @@ def flat_paths(tree) -> set[str]:
 
 @pytest.fixture(scope="module")
 def r50():
-  model = ciae.CIAE(num_thing_classes=80, backbone="resnet50", norm="frozen_bn")
+  model = ciae.build_model(dict(backbone="resnet50", norm="frozen_bn"), 80)
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 128, 128, 3)))
   return model, variables
 
@@ -88,7 +88,7 @@ def test_r50_parameter_counts(r50):
 @pytest.fixture(scope="module")
 def tiny():
   """Tiny CIAE run once (init + forward in one compile) on a 2 x 128 x 128 batch."""
-  model = ciae.CIAE(num_thing_classes=5, **TINY)
+  model = ciae.build_model(TINY, 5)
   images = jax.random.normal(jax.random.key(1), (2, 128, 128, 3))
   init = jax.jit(lambda key, x: model.init_with_output(key, x, mutable=True))
   out, variables = init(jax.random.key(0), images)
@@ -140,7 +140,7 @@ def test_prenorm_is_bilinear_4x_of_the_quarter_map(tiny):
 
 def test_bfloat16_matches_float32_loosely(tiny):
   model, images, out, variables, _ = tiny
-  out_bf16 = jax.jit(model.clone(dtype="bfloat16").apply)(variables, images)
+  out_bf16 = jax.jit(model.clone(hp=model.hp.replace(dtype="bfloat16")).apply)(variables, images)
   assert shapes_of(out_bf16) == shapes_of(out)
   for leaf in jax.tree.leaves(out_bf16):
     assert leaf.dtype == jnp.float32
@@ -252,7 +252,7 @@ def test_box_embeddings_are_bilinearly_upsampled_and_summed():
 
 @functools.lru_cache(maxsize=None)
 def _tiny_structure(overrides: tuple[tuple[str, object], ...]):
-  model = ciae.CIAE(num_thing_classes=5, **dict(TINY, **dict(overrides)))
+  model = ciae.build_model(dict(TINY, **dict(overrides)), 5)
   images = jnp.zeros((1, 128, 128, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   return variables, jax.eval_shape(model.apply, variables, images)
@@ -317,7 +317,7 @@ def test_gn_backbone_is_fully_trainable_and_has_no_frozen_collection():
 
 def test_shapes_on_a_multiple_of_32_that_is_not_of_128():
   """96 x 160: odd maps from P5 down (3 x 5, 2 x 3, 1 x 2) must still line up."""
-  model = ciae.CIAE(num_thing_classes=5, norm="gn", **TINY)
+  model = ciae.build_model(dict(TINY, norm="gn"), 5)
   images = jnp.zeros((1, 96, 160, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   out = jax.eval_shape(model.apply, variables, images)
@@ -360,9 +360,10 @@ def test_build_model_reads_config_model():
   cfg = ml_collections.ConfigDict(dict(backbone="resnet_tiny", norm="gn", fpn_dim=64,
                                        embed_dim=16, use_coordconv=False, dtype="bfloat16"))
   model = ciae.build_model(cfg, num_thing_classes=7)
-  assert (model.num_thing_classes, model.backbone, model.norm, model.fpn_dim, model.embed_dim,
-          model.use_coordconv, model.dtype) == (7, "resnet_tiny", "gn", 64, 16, False, "bfloat16")
-  assert model.head_convs == 4 and model.semantic_dim == 128  # paper defaults
+  hp = model.hp
+  assert (model.num_thing_classes, hp.backbone, hp.norm, hp.fpn_dim, hp.embed_dim,
+          hp.use_coordconv, hp.dtype) == (7, "resnet_tiny", "gn", 64, 16, False, "bfloat16")
+  assert hp.head_convs == 4 and hp.semantic_dim == 128  # paper defaults
   with pytest.raises(ValueError, match="fpn_dims"):
     ciae.build_model(ml_collections.ConfigDict(dict(fpn_dims=64)), num_thing_classes=7)
   with pytest.raises(ValueError, match="resnet51"):
@@ -377,6 +378,6 @@ def test_build_model_reads_config_model():
     ({"norm": "gn", "freeze_at": 2}, (1, 64, 64, 3), "freeze_at"),
 ])
 def test_bad_input_is_a_clear_error(overrides, shape, match):
-  model = ciae.CIAE(num_thing_classes=3, **dict(TINY, **overrides))
   with pytest.raises(ValueError, match=match):
+    model = ciae.build_model(dict(TINY, **overrides), 3)
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from ciae_jax import inference
+from ciae_jax import detection
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -52,7 +52,7 @@ def random_problem(rng: np.random.Generator, num_boxes: int):
 @pytest.mark.parametrize("max_detections", [4, 40])
 def test_nms_matches_greedy_reference(seed, max_detections):
   boxes, scores, classes, valid = random_problem(np.random.default_rng(seed), 48)
-  nms = jax.jit(functools.partial(inference.class_nms, nms_thresh=0.5,
+  nms = jax.jit(functools.partial(detection.class_nms, nms_thresh=0.5,
                                   max_detections=max_detections))
   keep, keep_valid = map(np.asarray, nms(boxes, scores, classes, valid))
   expected = reference_nms(boxes, scores, classes, valid, 0.5, max_detections)
@@ -70,7 +70,7 @@ def test_nms_is_class_wise_and_strict():
   scores = np.array([0.9, 0.8, 0.7, 0.6], np.float32)
   classes = np.array([0, 1, 0, 0], np.int32)
   valid = np.ones(4, bool)
-  keep, keep_valid = inference.class_nms(boxes, scores, classes, valid, nms_thresh=0.5,
+  keep, keep_valid = detection.class_nms(boxes, scores, classes, valid, nms_thresh=0.5,
                                          max_detections=4)
   # Box 1 survives (other class); IoU(0, 2) = 0.6 > 0.5 suppressed; IoU(0, 3) = 0.5, kept.
   np.testing.assert_array_equal(np.asarray(keep)[np.asarray(keep_valid)], [0, 1, 3])
@@ -79,7 +79,7 @@ def test_nms_is_class_wise_and_strict():
 def test_nms_vmaps_over_images():
   problems = [random_problem(np.random.default_rng(seed), 32) for seed in (3, 4)]
   stacked = [np.stack(parts) for parts in zip(*problems)]
-  nms = functools.partial(inference.class_nms, nms_thresh=0.6, max_detections=10)
+  nms = functools.partial(detection.class_nms, nms_thresh=0.6, max_detections=10)
   keep, keep_valid = jax.vmap(nms)(*stacked)
   for image, problem in enumerate(problems):
     expected = reference_nms(*problem, 0.6, 10)

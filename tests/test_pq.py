@@ -541,18 +541,18 @@ def test_pillow_reader_gives_the_same_result(reader, sample, tmp_path,
                                              monkeypatch):
   """Without kornia-rs (absent, or disabled by $CIAE_PNG_DECODER) the PNGs go
   through Pillow: the same numbers as pq_compute."""
-  from ciae_jax.evaluation import export  # pylint: disable=import-outside-toplevel
+  from ciae_jax import panoptic_png  # pylint: disable=import-outside-toplevel
   gt_json, gt_folder, gt, maps = sample
   rng = np.random.default_rng(13)
   pred_json, pred_folder, _, _ = write_perturbed_predictions(
       "everything", sample, tmp_path, rng)
   ref = reference_pq(gt_json, gt_folder, pred_json, pred_folder)
   if reader == "pillow_by_env":
-    monkeypatch.setenv(export.PNG_DECODER_ENV, "pillow")
+    monkeypatch.setenv(panoptic_png.PNG_DECODER_ENV, "pillow")
     workers = 2  # the variable reaches the worker processes
   else:
-    monkeypatch.setattr(export, "_kornia_io", False)
+    monkeypatch.setattr(panoptic_png, "_kornia_io", lambda: None)
     workers = 1
-  assert export.fast_png_decoder() is None
+  assert panoptic_png.fast_png_decoder() is None
   assert_same(pq.pq_compute_files(gt_json, gt_folder, pred_json, pred_folder,
                                   num_workers=workers), ref)

@@ -14,7 +14,8 @@ from PIL import Image
 from PIL import ImageFile
 from PIL import PngImagePlugin
 
-from ciae_jax.evaluation import export
+from ciae_jax import panoptic_png
+from ciae_jax.evaluation import coco_format
 from ciae_jax.evaluation import pq
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -24,8 +25,8 @@ SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def fixture_fast():
   """Skips unless the kornia-rs reader is installed and enabled."""
   pytest.importorskip("kornia_rs.io")
-  if export.fast_png_decoder() is None:
-    pytest.skip(f"kornia-rs disabled by ${export.PNG_DECODER_ENV}")
+  if panoptic_png.fast_png_decoder() is None:
+    pytest.skip(f"kornia-rs disabled by ${panoptic_png.PNG_DECODER_ENV}")
 
 
 def chunk(kind, data):
@@ -87,7 +88,7 @@ def outcome(read, path):
 def assert_reads_like_pillow(path):
   """read_panoptic_png and PQ's reader agree with Pillow on `path`."""
   expected = pillow_outcome(path)
-  for read in (export.read_panoptic_png,
+  for read in (panoptic_png.read_panoptic_png,
                lambda p: pq._png_ids(str(p), "test")[0]):  # pylint: disable=protected-access
     got = outcome(read, path)
     assert got[0] == expected[0], (path, got, expected)
@@ -113,10 +114,10 @@ def id_maps():
 
 def written_pngs(id_map):
   """The same map written by our exporter and by Pillow in several ways."""
-  rgb = export.id_map_to_rgb(id_map)
-  yield "ours", export.encode_panoptic_png(id_map)
-  yield "ours_level0", export.encode_panoptic_png(id_map, compress_level=0)
-  yield "ours_level9", export.encode_panoptic_png(id_map, compress_level=9)
+  rgb = panoptic_png.id_map_to_rgb(id_map)
+  yield "ours", panoptic_png.encode_panoptic_png(id_map)
+  yield "ours_level0", panoptic_png.encode_panoptic_png(id_map, compress_level=0)
+  yield "ours_level9", panoptic_png.encode_panoptic_png(id_map, compress_level=9)
   yield "pil", pil_png(rgb)
   yield "pil_optimize", pil_png(rgb, optimize=True)
   yield "pil_level0", pil_png(rgb, compress_level=0)
@@ -148,7 +149,7 @@ def test_equals_pillow_on_coco_sample(coco_sample_root):
   assert paths
   for path in paths:
     data = path.read_bytes()
-    rgb = export.decode_rgb8_png(data)  # [H, W, 3]
+    rgb = panoptic_png.decode_rgb8_png(data)  # [H, W, 3]
     assert rgb is not None, path  # COCO's PNGs take the fast path
     np.testing.assert_array_equal(rgb, pillow_pixels(data))
     assert_reads_like_pillow(path)
@@ -159,21 +160,21 @@ def test_equals_pillow_on_coco_sample(coco_sample_root):
 def test_equals_pillow_on_written_pngs(name, id_map, tmp_path):
   del name
   for writer, data in written_pngs(id_map):
-    rgb = export.decode_rgb8_png(data)  # [H, W, 3]
+    rgb = panoptic_png.decode_rgb8_png(data)  # [H, W, 3]
     assert rgb is not None, writer
     np.testing.assert_array_equal(rgb, pillow_pixels(data), err_msg=writer)
     ids = np.empty(id_map.size, np.uint32)
-    np.testing.assert_array_equal(export.rgb_bytes_to_ids(rgb, ids),
+    np.testing.assert_array_equal(panoptic_png.rgb_bytes_to_ids(rgb, ids),
                                   id_map.reshape(-1), err_msg=writer)
     path = tmp_path / f"{writer}.png"
     path.write_bytes(data)
     assert_reads_like_pillow(path)
   # What write_panoptic_prediction writes.
-  ann = export.write_panoptic_prediction(
+  ann = coco_format.write_panoptic_prediction(
       tmp_path / "pred", 1, "a.jpg", id_map,
       [{"id": int(i), "category_id": 1} for i in np.unique(id_map) if i])
   data = (tmp_path / "pred" / ann["file_name"]).read_bytes()
-  np.testing.assert_array_equal(export.decode_rgb8_png(data),
+  np.testing.assert_array_equal(panoptic_png.decode_rgb8_png(data),
                                 pillow_pixels(data))
 
 
@@ -182,7 +183,7 @@ def test_leaves_other_files_to_pillow(tmp_path, monkeypatch):
   rng = np.random.default_rng(1)
   rgb = rng.integers(0, 256, (6, 7, 3)).astype(np.uint8)
   good = pil_png(rgb)
-  assert export.rgb8_png_size(good) == (6, 7)
+  assert panoptic_png.rgb8_png_size(good) == (6, 7)
   ihdr = split_chunks(good)[0][1]
 
   def with_header(depth, colour, interlace):
@@ -205,23 +206,23 @@ def test_leaves_other_files_to_pillow(tmp_path, monkeypatch):
       "palette": palette.getvalue(),
   }
   for name, data in declined.items():
-    assert export.rgb8_png_size(data) is None, name
-    assert export.decode_rgb8_png(data) is None, name
+    assert panoptic_png.rgb8_png_size(data) is None, name
+    assert panoptic_png.decode_rgb8_png(data) is None, name
     path = tmp_path / f"{name}.png"
     path.write_bytes(data)
     if name in ("gray", "palette"):  # pq_compute cannot read these either
       with pytest.raises(ValueError, match=f"{name}.png.*must be RGB"):
-        export.read_panoptic_png(path)
+        panoptic_png.read_panoptic_png(path)
     else:
       assert_reads_like_pillow(path)
   # Pillow's size guard (it warns above, raises above twice the limit) and
   # its switch for reading truncated files: then Pillow it is.
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6 * 7 - 1)
-  assert export.rgb8_png_size(good) is None
+  assert panoptic_png.rgb8_png_size(good) is None
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6 * 7)
-  assert export.rgb8_png_size(good) == (6, 7)
+  assert panoptic_png.rgb8_png_size(good) == (6, 7)
   monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
-  assert export.rgb8_png_size(good) is None
+  assert panoptic_png.rgb8_png_size(good) is None
 
 
 @pytest.mark.usefixtures("fast")
@@ -255,10 +256,10 @@ def test_broken_files_behave_as_in_pillow(tmp_path):
 def test_decoder_switch(monkeypatch):
   rgb = np.arange(24, dtype=np.uint8).reshape(2, 4, 3)
   data = pil_png(rgb)
-  monkeypatch.setenv(export.PNG_DECODER_ENV, "pillow")
-  assert export.fast_png_decoder() is None
-  assert export.decode_rgb8_png(data) is None
-  monkeypatch.delenv(export.PNG_DECODER_ENV)
-  monkeypatch.setattr(export, "_kornia_io", False)  # as if not installed
-  assert export.fast_png_decoder() is None
-  assert export.decode_rgb8_png(data) is None
+  monkeypatch.setenv(panoptic_png.PNG_DECODER_ENV, "pillow")
+  assert panoptic_png.fast_png_decoder() is None
+  assert panoptic_png.decode_rgb8_png(data) is None
+  monkeypatch.delenv(panoptic_png.PNG_DECODER_ENV)
+  monkeypatch.setattr(panoptic_png, "_kornia_io", lambda: None)  # as if not installed
+  assert panoptic_png.fast_png_decoder() is None
+  assert panoptic_png.decode_rgb8_png(data) is None

@@ -5,7 +5,7 @@ and breaks one image of each split: a corrupt JPEG, a truncated PNG, a JSON segm
 from its PNG, an unknown category, an image with zero segments, one with more than
 `max_segments` segments.
 
-- `skip_bad_examples=False`: the training loop and `eval_lib.evaluate` (real input pipeline)
+- `skip_bad_examples=False`: the training loop and `runner.evaluate` (real input pipeline)
   stop with a ValueError naming the file and the image id; images without segments are left
   out of training (listed with the skipped images), images with too many segments truncated
   (a warning names them); evaluation keeps both.
@@ -23,11 +23,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from ciae_jax import eval_lib
-from ciae_jax.data import coco
+from ciae_jax import hparams
+from ciae_jax import panoptic_png
 from ciae_jax.data import pipeline
 from ciae_jax.data import synthetic
+from ciae_jax.evaluation import runner
+from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import loop
+from ciae_jax.training import train_state as train_state_lib
 import test_reliability_helpers as rh
 
 jax.config.update("jax_disable_most_optimizations", True)
@@ -95,7 +98,7 @@ def _zero_segments(root, split):
 def _too_many_segments(root, split):
   """Adds 4 x 4 disc segments until the image has MAX_SEGMENTS + 3."""
   png = _paths(root, split)[1]
-  ids = coco.rgb_to_id(np.asarray(Image.open(png).convert("RGB")))  # [128, 128]
+  ids = panoptic_png.rgb_to_id_map(np.asarray(Image.open(png).convert("RGB")))  # [128, 128]
 
   def edit(segments):
     extra = MAX_SEGMENTS + 3 - len(segments)
@@ -110,7 +113,7 @@ def _too_many_segments(root, split):
     segments[:] = [s for s in segments if s["area"] > 0]
     assert len(segments) > MAX_SEGMENTS
   _edit_segments(root, split, edit)
-  Image.fromarray(coco.id_to_rgb(ids)).save(png)
+  Image.fromarray(panoptic_png.id_map_to_rgb(ids)).save(png)
   return _paths(root, split)[0].name, f"more than dataset.max_segments={MAX_SEGMENTS}"
 
 
@@ -139,7 +142,7 @@ def _config(root, *, skip=False):
   config.total_steps = rh.TOTAL_STEPS
   config.eval_every_steps = 0
   config.model.update(fpn_dim=16, semantic_dim=16, embed_dim=8)
-  return config
+  return hparams.HParams.from_config(config)
 
 
 def _batches(config, split, *, train, num=None):
@@ -159,11 +162,11 @@ def _ids(batches):
 
 
 def _evaluate(config):
-  model = loop.ciae_model.build_model(config.model, 5)
-  state, _, _ = loop.init_train_state(config, model, num_stuff=4, num_things=5,
-                                      rng=jax.random.PRNGKey(0))
-  return eval_lib.evaluate(config, variables={"params": state.params, **state.model_state},
-                           memory=state.memory)
+  model = ciae_model.build_model(config.model, 5)
+  state, _, _ = train_state_lib.init_train_state(config, model, num_stuff=4, num_things=5,
+                                                 rng=jax.random.PRNGKey(0))
+  return runner.evaluate(config, variables={"params": state.params, **state.model_state},
+                         memory=state.memory)
 
 
 @pytest.mark.parametrize("defect", sorted(DEFECTS))
@@ -286,8 +289,7 @@ def test_training_lists_skipped_images_at_the_end(clean_root, tmp_path, caplog):
 
 def test_tfds_source_cannot_skip(tmp_path):
   config = _config(tmp_path)
-  config.dataset.source = "tfds"
-  config.dataset.skip_bad_examples = True
+  config = config.replace(dataset=config.dataset.replace(source="tfds", skip_bad_examples=True))
   with pytest.raises(ValueError, match="skip_bad_examples=True needs source 'coco' or "
                      "'synthetic'"):
     pipeline.build_input(config.dataset, "train2017", train=True, global_batch_size=8, seed=0)

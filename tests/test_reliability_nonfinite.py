@@ -48,6 +48,7 @@ def _train(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
   from ciae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from ciae_jax.training import loop  # pylint: disable=g-import-not-at-top
   flag_values = flags.FlagValues()
@@ -61,7 +62,8 @@ def _train(argv):
   def input_fn(dataset_cfg, split, **kwargs):
     return _NanInput(pipeline.build_input(dataset_cfg, split, **kwargs), kwargs["start_step"])
   try:
-    loop.train_and_evaluate(flag_values.config, flag_values.workdir, input_fn=input_fn)
+    loop.train_and_evaluate(hparams.HParams.from_config(flag_values.config),
+                            flag_values.workdir, input_fn=input_fn)
   except FloatingPointError as error:
     print(f"FloatingPointError: {error}", flush=True)
     sys.exit(3)
@@ -120,7 +122,7 @@ def test_nonfinite_steps_are_skipped_counted_and_never_saved(tmp_path, cache_dir
 
 
 def test_a_non_finite_state_is_never_saved(tmp_path):
-  from ciae_jax.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from ciae_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   manager = checkpoint_lib.create_manager(str(tmp_path), checkpoint_every_steps=1)
   state = {"params": {"w": np.ones(3, np.float32), "b": np.array([0.0, np.inf], np.float32)},
            "step": np.int32(4)}

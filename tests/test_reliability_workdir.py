@@ -16,9 +16,12 @@ import jax
 import numpy as np
 import pytest
 
-from ciae_jax.training import checkpoint as checkpoint_lib
-from ciae_jax.training import config_lib
+from ciae_jax import checkpoint as checkpoint_lib
+from ciae_jax import config_lib
+from ciae_jax import hparams
+from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import loop
+from ciae_jax.training import train_state as train_state_lib
 from ciae_jax.training import workdir as workdir_lib
 import test_train_helpers as helpers
 
@@ -46,7 +49,7 @@ def _config(tmp_path, **changes):
     for name in parents:
       node = node[name]
     node[leaf] = value
-  return config
+  return hparams.HParams.from_config(config)
 
 
 class SpyInput:
@@ -71,9 +74,9 @@ def _train(config, workdir):
 def _workdir_with_checkpoint(tmp_path, config):
   """A workdir as a run of `config` leaves it after saving step SAVED_STEP."""
   workdir = tmp_path / "run"
-  model = loop.ciae_model.build_model(config.model, 1)
-  state, _, _ = loop.init_train_state(config, model, num_stuff=2, num_things=1,
-                                      rng=jax.random.PRNGKey(config.seed))
+  model = ciae_model.build_model(config.model, 1)
+  state, _, _ = train_state_lib.init_train_state(config, model, num_stuff=2, num_things=1,
+                                                 rng=jax.random.PRNGKey(config.seed))
   manager = checkpoint_lib.create_manager(str(workdir), checkpoint_every_steps=1)
   checkpoint_lib.save(manager, SAVED_STEP, state.replace(step=np.int32(SAVED_STEP)), force=True)
   manager.wait_until_finished()
@@ -124,9 +127,9 @@ def test_full_file_system_is_an_error(tmp_path, monkeypatch):
                      r"this state needs [0-9.]+ MiB") as info:
     _train(_config(tmp_path), workdir)
   needed = float(str(info.value).split("needs ")[1].split(" MiB")[0])
-  model = loop.ciae_model.build_model(_config(tmp_path).model, 1)
-  state, _, _ = loop.init_train_state(_config(tmp_path), model, num_stuff=2, num_things=1,
-                                      rng=jax.random.PRNGKey(0))
+  model = ciae_model.build_model(_config(tmp_path).model, 1)
+  state, _, _ = train_state_lib.init_train_state(_config(tmp_path), model, num_stuff=2,
+                                                 num_things=1, rng=jax.random.PRNGKey(0))
   expected = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)) / 2**20
   assert needed == pytest.approx(expected, abs=0.05)
   assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
@@ -147,7 +150,7 @@ def test_checkpoint_of_another_config_is_an_error(tmp_path):
   # Fields that do not change the trained model may change; the override resumes anyway.
   _train(_config(tmp_path, log_every_steps=7, keep_checkpoints=5, parallel="shard_map"),
          workdir)
-  other.allow_resume_with_other_config = True
+  other = other.replace(allow_resume_with_other_config=True)
   state = _train(other, workdir)
   assert int(state.step) == SAVED_STEP
   recorded = json.loads((workdir / workdir_lib.CONFIG_FILE).read_text())

@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
+from ciae_jax import hparams
 from ciae_jax import targets as targets_lib
+from ciae_jax.segments import Segments
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -121,10 +123,17 @@ def _reference(ex, strides, sizes, region):
   return {k: np.array(v) for k, v in out.items()}, num_ties
 
 
+def _targets(*, strides=hparams.LEVEL_STRIDES, sizes=hparams.FcosHParams().sizes,
+             positive_region="mask", **ex):
+  """`fcos_targets` of an example dict of segment arrays."""
+  hp = hparams.FcosHParams(sizes=sizes, positive_region=positive_region)
+  return targets_lib.fcos_targets(Segments(**ex), num_stuff=NUM_STUFF, hp=hp, strides=strides)
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted(strides, sizes, region):
-  return jax.jit(functools.partial(targets_lib.fcos_targets, num_stuff=NUM_STUFF, strides=strides,
-                                   sizes=sizes, positive_region=region))
+  return jax.jit(functools.partial(_targets, strides=strides, sizes=sizes,
+                                   positive_region=region))
 
 
 def _run(ex, strides, sizes, region):
@@ -200,7 +209,7 @@ def test_empty_image_has_no_positives_and_batch_vmap():
   ex = _random_layout(rng, 128, 128, num_rows=9, num_things=6, crowd_rows=(4,))
   empty = dict(ex, seg_valid=np.zeros_like(ex["seg_valid"]))
   batch = jax.tree.map(lambda a, b: np.stack([a, b]), ex, empty)
-  fn = functools.partial(targets_lib.fcos_targets, num_stuff=NUM_STUFF, sizes=(8, 16, 32, 48))
+  fn = functools.partial(_targets, sizes=(8, 16, 32, 48))
   got = jax.tree.map(np.asarray, jax.jit(jax.vmap(fn))(**batch))
   single = jax.tree.map(np.asarray, fn(**ex))
   for key in single:
@@ -224,8 +233,8 @@ def test_bad_arguments_raise():
   rng = np.random.default_rng(0)
   ex = _random_layout(rng, 64, 64, num_rows=9, num_things=3)
   with pytest.raises(ValueError, match="positive_region"):
-    targets_lib.fcos_targets(**ex, num_stuff=NUM_STUFF, positive_region="centre")
+    _targets(**ex, positive_region="centre")
   with pytest.raises(ValueError, match="seg_box"):
-    targets_lib.fcos_targets(**dict(ex, seg_box=ex["seg_box"][:, :3]), num_stuff=NUM_STUFF)
+    _targets(**dict(ex, seg_box=ex["seg_box"][:, :3]))
   with pytest.raises(ValueError, match="sizes"):
-    targets_lib.fcos_targets(**ex, num_stuff=NUM_STUFF, sizes=(64, 128))
+    _targets(**ex, sizes=(64, 128))

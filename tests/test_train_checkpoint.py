@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ciae_jax.training import checkpoint
+from ciae_jax import checkpoint
+from ciae_jax import hparams
 from ciae_jax.training import optim
 from ciae_jax.training import train_state as train_state_lib
 
@@ -15,8 +16,9 @@ def _state(seed: int, *, width: int = 3):
   params = {"head": {"conv": {"kernel": rng.normal(size=(3, 3, 2, width)).astype(np.float32),
                               "bias": rng.normal(size=(width,)).astype(np.float32)}},
             "scale_p3": np.float32(1.5)}
-  optimizer = optim.build_optimizer(params, learning_rate=optim.learning_rate_schedule(),
-                                    grad_clip_norm=1.0, frozen_patterns=("scale_p3",))
+  optimizer, _ = optim.create(
+      hparams.OptimizerHParams(grad_clip_norm=1.0, frozen_patterns=("scale_p3",)), params,
+      batch_size=16)
   state = train_state_lib.create_train_state(
       params=params, optimizer=optimizer, memory=rng.normal(size=(4, 8)).astype(np.float32),
       rng=jax.random.PRNGKey(seed),

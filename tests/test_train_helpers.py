@@ -4,14 +4,15 @@ Batches follow docs/interfaces.md ("One example"): per image two stuff bands, tw
 rectangles (sometimes a crowd one), a void corner; images carry the segments as colour offsets
 so that a few steps can fit them. No test lives here.
 """
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ciae_jax import hparams
 from ciae_jax import memory as memory_lib
+from ciae_jax import ops
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import optim
 from ciae_jax.training import parallel
@@ -27,6 +28,11 @@ TOTAL_STEPS = 100
 MEMORY_COEFF = 0.5
 TINY_MODEL = dict(backbone="resnet_tiny", norm="gn", fpn_dim=16, head_convs=1, semantic_dim=16,
                   embed_dim=8)
+OPTIMIZER = hparams.OptimizerHParams(lr=0.01, warmup_steps=2, warmup_factor=0.5,
+                                     decay_steps=(50,), grad_clip_norm=100.0)
+# The hyper-parameters the step reads: total_steps, fcos, loss, memory (paper defaults else).
+STEP_HPARAMS = hparams.HParams(total_steps=TOTAL_STEPS, optimizer=OPTIMIZER,
+                               memory=hparams.MemoryHParams(momentum_coeff=MEMORY_COEFF))
 
 
 def make_batch(seed: int, lead: tuple[int, ...], hw: tuple[int, int] = IMAGE_HW
@@ -90,7 +96,7 @@ def numpy_params(model: ciae_model.CIAE, seed: int = 0) -> Any:
   Avoids compiling `model.init` (slow on CPU); the tests here check the training mechanics,
   which do not depend on the initial values.
   """
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jnp.zeros((1, *IMAGE_HW, 3), jnp.float32))["params"]
   rng = np.random.default_rng(seed)
 
@@ -110,18 +116,15 @@ def numpy_params(model: ciae_model.CIAE, seed: int = 0) -> Any:
 def initial_state(model: ciae_model.CIAE, *, lr: float = 0.01, seed: int = 0):
   """(host TrainState at step 0, per-device step function) for the tiny model."""
   params = numpy_params(model, seed)
-  schedule = optim.learning_rate_schedule(lr=lr, warmup_steps=2, warmup_factor=0.5,
-                                          decay_steps=(50,))
-  optimizer = optim.build_optimizer(params, learning_rate=schedule, grad_clip_norm=100.0)
+  optimizer, schedule = optim.create(OPTIMIZER.replace(lr=lr), params, batch_size=1)
   rows = memory_lib.num_memory(NUM_STUFF, NUM_THINGS, merge_things=True)
-  memory = memory_lib.l2_normalize(
+  memory = ops.l2_normalize(
       jnp.asarray(np.random.default_rng(seed + 1).normal(size=(rows, TINY_MODEL["embed_dim"])),
                   jnp.float32))  # [M, D]
   state = train_state_lib.create_train_state(params=params, optimizer=optimizer, memory=memory,
                                              rng=jax.random.PRNGKey(seed))
-  step_fn = functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
-                              learning_rate_fn=schedule, num_stuff=NUM_STUFF,
-                              total_steps=TOTAL_STEPS, momentum_coeff=MEMORY_COEFF)
+  step_fn = step_lib.make_train_step(STEP_HPARAMS, model, optimizer, schedule,
+                                     num_stuff=NUM_STUFF)
   return jax.device_get(state), step_fn
 
 

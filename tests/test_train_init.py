@@ -6,10 +6,13 @@ The backbone file is a torchvision-layout state dict (`conv1.weight` OIHW, `bn1.
 import jax
 import numpy as np
 
+from ciae_jax import config_lib
+from ciae_jax import hparams
+from ciae_jax.models import ciae as ciae_model
 from ciae_jax.models import convert
-from ciae_jax.training import config_lib
-from ciae_jax.training import loop
 from ciae_jax.training import parallel
+from ciae_jax.training import step as step_lib
+from ciae_jax.training import train_state as train_state_lib
 import test_train_helpers as helpers
 
 jax.config.update("jax_disable_most_optimizations", True)
@@ -42,11 +45,12 @@ def _setup(tmp_path):
   config.model.update(helpers.TINY_MODEL)
   config.model.norm = "frozen_bn"  # freeze_at 2: stem and layer1 frozen.
   config.init_backbone = str(weights)
-  model = loop.ciae_model.build_model(config.model, helpers.NUM_THINGS)
-  state, optimizer, schedule = loop.init_train_state(
-      config, model, num_stuff=helpers.NUM_STUFF, num_things=helpers.NUM_THINGS,
-      rng=jax.random.PRNGKey(config.seed))
-  return config, model, state, optimizer, schedule, torch_state
+  hp = hparams.HParams.from_config(config)
+  model = ciae_model.build_model(hp.model, helpers.NUM_THINGS)
+  state, optimizer, schedule = train_state_lib.init_train_state(
+      hp, model, num_stuff=helpers.NUM_STUFF, num_things=helpers.NUM_THINGS,
+      rng=jax.random.PRNGKey(hp.seed))
+  return hp, model, state, optimizer, schedule, torch_state
 
 
 def _flatten(tree, prefix=""):
@@ -79,12 +83,12 @@ def _check_memory_and_seed(setup):
   assert state.memory.shape == (helpers.NUM_STUFF + 1, helpers.TINY_MODEL["embed_dim"])
   np.testing.assert_allclose(np.linalg.norm(state.memory, axis=-1), 1.0, rtol=1e-6)
   assert int(state.step) == 0
-  again, _, _ = loop.init_train_state(config, model, num_stuff=helpers.NUM_STUFF,
-                                      num_things=helpers.NUM_THINGS,
-                                      rng=jax.random.PRNGKey(config.seed))
-  other, _, _ = loop.init_train_state(config, model, num_stuff=helpers.NUM_STUFF,
-                                      num_things=helpers.NUM_THINGS,
-                                      rng=jax.random.PRNGKey(config.seed + 1))
+  again, _, _ = train_state_lib.init_train_state(config, model, num_stuff=helpers.NUM_STUFF,
+                                                 num_things=helpers.NUM_THINGS,
+                                                 rng=jax.random.PRNGKey(config.seed))
+  other, _, _ = train_state_lib.init_train_state(config, model, num_stuff=helpers.NUM_STUFF,
+                                                 num_things=helpers.NUM_THINGS,
+                                                 rng=jax.random.PRNGKey(config.seed + 1))
   np.testing.assert_array_equal(again.memory, state.memory)
   np.testing.assert_array_equal(again.params["head"]["cls_logits"]["kernel"],
                                 state.params["head"]["cls_logits"]["kernel"])
@@ -93,8 +97,8 @@ def _check_memory_and_seed(setup):
 
 def _check_a_step_moves_trained_parameters_and_not_frozen_ones(setup):
   config, model, state, optimizer, schedule, _ = setup
-  step_fn = loop.make_train_step(config, model, optimizer, schedule,
-                                 num_stuff=helpers.NUM_STUFF)
+  step_fn = step_lib.make_train_step(config, model, optimizer, schedule,
+                                     num_stuff=helpers.NUM_STUFF)
   devices = jax.devices()[:1]
   run_step = parallel.parallelize(step_fn, parallel="pmap", devices=devices)
   new_state, _ = run_step(parallel.replicate(state, parallel="pmap", devices=devices),

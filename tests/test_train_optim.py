@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from ciae_jax import hparams
 from ciae_jax.training import optim
 
 
@@ -38,18 +39,19 @@ def test_schedule_matches_warmup_and_steps():
 
 
 def test_paper_schedule_defaults():
-  schedule = optim.learning_rate_schedule()  # lr 0.01, x0.1 at 60k and 80k
+  # lr 0.01 at batch 16, x0.1 at 60k and 80k.
+  _, schedule = optim.create(hparams.OptimizerHParams(), PARAMS, batch_size=16)
   assert float(schedule(30_000)) == pytest.approx(0.01)
   assert float(schedule(70_000)) == pytest.approx(0.001)
   assert float(schedule(85_000)) == pytest.approx(0.0001)
 
 
 def test_learning_rate_scales_with_batch():
-  assert optim.scaled_learning_rate(base_lr=0.01, batch_size=16) == pytest.approx(0.01)
-  assert optim.scaled_learning_rate(base_lr=0.01, batch_size=64) == pytest.approx(0.04)
+  assert optim.scaled_learning_rate(base_lr=0.01, batch_size=16, lr=None) == pytest.approx(0.01)
+  assert optim.scaled_learning_rate(base_lr=0.01, batch_size=64, lr=None) == pytest.approx(0.04)
   assert optim.scaled_learning_rate(base_lr=0.01, batch_size=8, lr=0.3) == pytest.approx(0.3)
   with pytest.raises(ValueError, match="batch_size"):
-    optim.scaled_learning_rate(batch_size=0)
+    optim.scaled_learning_rate(base_lr=0.01, batch_size=0, lr=None)
 
 
 PARAMS = {
@@ -74,7 +76,7 @@ def test_sgd_momentum_decay_clip_frozen_match_numpy(clip):
   grads_seq = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), PARAMS)
                for _ in range(4)]
   schedule = optim.learning_rate_schedule(lr=0.1, warmup_steps=2, warmup_factor=0.25,
-                                          decay_steps=(3,))
+                                          decay_steps=(3,), decay_factor=0.1)
   frozen = ("^backbone/conv1/",)
   tx = optim.build_optimizer(PARAMS, learning_rate=schedule, momentum=0.9, weight_decay=0.01,
                              grad_clip_norm=clip, frozen_patterns=frozen)

@@ -13,8 +13,11 @@ import shutil
 import jax
 import numpy as np
 
-from ciae_jax.training import config_lib
+from ciae_jax import config_lib
+from ciae_jax import hparams
+from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import loop
+from ciae_jax.training import train_state as train_state_lib
 import test_train_helpers as helpers
 
 jax.config.update("jax_disable_most_optimizations", True)
@@ -44,7 +47,7 @@ def _config(tmp_path):
   config.memory.momentum_coeff = helpers.MEMORY_COEFF  # Visible memory updates.
   config.optimizer.warmup_steps = 2
   config.optimizer.warmup_factor = 0.5
-  return config
+  return hparams.HParams.from_config(config)
 
 
 class FakeInput:
@@ -123,8 +126,8 @@ def _check_checkpoints_written_and_kept(runs):
 def _check_the_run_learns_and_the_memory_moves(runs):
   initial = runs["final_a"]  # Compared against a fresh step-0 state of the same config.
   config = _config(runs["workdir_a"].parent)
-  model = loop.ciae_model.build_model(config.model, helpers.NUM_THINGS)
-  state0, _, _ = loop.init_train_state(config, model, num_stuff=helpers.NUM_STUFF,
+  model = ciae_model.build_model(config.model, helpers.NUM_THINGS)
+  state0, _, _ = train_state_lib.init_train_state(config, model, num_stuff=helpers.NUM_STUFF,
                                        num_things=helpers.NUM_THINGS,
                                        rng=jax.random.PRNGKey(config.seed))
   assert int(state0.step) == 0

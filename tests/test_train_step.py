@@ -17,6 +17,7 @@ from ciae_jax import targets as targets_lib
 from ciae_jax.losses import ciae as ciae_losses
 from ciae_jax.losses import fcos as fcos_lib
 from ciae_jax.models import ciae as ciae_model
+from ciae_jax.segments import Segments
 from ciae_jax.training import parallel
 from ciae_jax.training import step as step_lib
 import test_train_helpers as helpers
@@ -90,36 +91,34 @@ def _check_memory_drift_metric(run):
 def _check_first_step_losses_and_memory_update_match_reference(run):
   model, batch, states, history = run
   state0 = states[0]
-  segment_keys = ("segment_map", "seg_class", "seg_is_thing", "seg_is_crowd", "seg_box",
-                  "seg_valid")
+  hp = helpers.STEP_HPARAMS
 
   @jax.jit
   def reference(params, memory, batch):
-    outputs = model.apply({"params": params}, batch["image"], train=True)
-    targets = jax.vmap(functools.partial(targets_lib.fcos_targets,
-                                         num_stuff=helpers.NUM_STUFF))(
-                                             *(batch[k] for k in segment_keys))
+    outputs = model.apply({"params": params}, batch["image"])
+    segments = Segments.from_batch(batch)
+    targets = jax.vmap(functools.partial(targets_lib.fcos_targets, num_stuff=helpers.NUM_STUFF,
+                                         hp=hp.fcos))(segments)
     num_pos = jnp.sum(targets["positive"])
     ctr_sum = jnp.sum(targets["centerness_target"] * targets["positive"])
     fcos = fcos_lib.fcos_losses(ciae_model.flatten_levels(outputs["cls_logits"]),
                                 ciae_model.flatten_levels(outputs["box_reg"]),
                                 ciae_model.flatten_levels(outputs["centerness"]),
-                                targets, num_pos, ctr_sum)
+                                targets, num_pos, ctr_sum, hp.fcos)
+    image = [jax.tree.map(lambda x, i=i: x[i], segments) for i in range(BATCH)]
     per_image = [ciae_losses.ciae_loss(
-        outputs["embedding"][i], outputs["embedding_prenorm"][i],
-        *(batch[k][i] for k in segment_keys), memory, num_stuff=helpers.NUM_STUFF)
-                 for i in range(BATCH)]
+        outputs["embedding"][i], outputs["embedding_prenorm"][i], image[i], memory, hp.loss,
+        num_stuff=helpers.NUM_STUFF) for i in range(BATCH)]
     sums = jax.tree.map(lambda *x: sum(x), *per_image)
-    ciae = ciae_losses.ciae_total(sums)
+    ciae = ciae_losses.ciae_total(sums, hp.loss)
     class_sums, counts = 0.0, 0
     for i in range(BATCH):
-      s, c = memory_lib.class_sums(outputs["embedding_prenorm"][i], batch["segment_map"][i],
-                                   batch["seg_class"][i], batch["seg_valid"][i],
-                                   batch["seg_is_crowd"][i], num_stuff=helpers.NUM_STUFF,
+      s, c = memory_lib.class_sums(outputs["embedding_prenorm"][i], image[i],
+                                   num_stuff=helpers.NUM_STUFF, merge_things=True,
                                    num_memory=memory.shape[0])
       class_sums, counts = class_sums + s, counts + c
     new_memory = memory_lib.update_memory(memory, class_sums, counts, 0, helpers.TOTAL_STEPS,
-                                          coeff=helpers.MEMORY_COEFF)
+                                          hp.memory)
     return {**fcos, **ciae, "num_positives": num_pos}, new_memory
 
   expected, expected_memory = jax.device_get(

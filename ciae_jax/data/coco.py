@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ciae_jax.data import categories as categories_lib
-from ciae_jax.evaluation import export
+from ciae_jax import panoptic_png
 
 PathLike = str | os.PathLike
 
@@ -201,12 +201,6 @@ def _index_images(data: dict[str, Any], json_path: str
   return images, annotations
 
 
-# The PNG id codec lives with the evaluation code (one implementation for reading ground truth
-# and writing predictions); re-exported here for the data package.
-rgb_to_id = export.rgb_to_id_map
-id_to_rgb = export.id_map_to_rgb
-
-
 def _read_rgb(path: str, image_id: int, what: str) -> np.ndarray:
   """Reads an image file as uint8 RGB; ValueError naming file and image id."""
   if not os.path.isfile(path):
@@ -251,7 +245,7 @@ def decode_example(record: ImageRecord,
     raise ValueError(f"{record.image_path}: size {image.shape[:2]} differs "
                      f"from the JSON's {(record.height, record.width)} "
                      f"(image id {iid})")
-  ids = rgb_to_id(pan)  # [h, w]
+  ids = panoptic_png.rgb_to_id_map(pan)  # [h, w]
   json_ids = np.asarray([s.id for s in record.segments], np.int64)  # [n]
   png_ids = np.unique(ids)
   png_ids = png_ids[png_ids != 0]

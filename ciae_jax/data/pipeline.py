@@ -1,11 +1,12 @@
 """tf.data input: batches of the example dict of docs/interfaces.md.
 
-Entry point: `build_input(dataset_cfg, split, train=..., global_batch_size=...,
+Entry point: `build_input(dataset_hp, split, train=..., global_batch_size=...,
 seed=..., start_step=...)`, a NumPy iterator of batches shaped
 `[jax.local_device_count(), per_device_batch, ...]` with an extra key
 `example_valid` (bool `[local_devices, per_device_batch]`).
 
-Dataset config fields (`config.dataset`, see `default_dataset_config()`):
+Dataset fields (`config.dataset`, typed as `hparams.DatasetHParams`, which holds
+the defaults):
   source: 'coco' (files in the COCO panoptic layout under `root`), 'tfds'
     (`tfds_name` through tensorflow-datasets) or 'synthetic' (generated under
     `root` if missing, then read exactly like 'coco').
@@ -67,49 +68,15 @@ from typing import Any, Callable, Iterator, TYPE_CHECKING
 
 from absl import logging
 import jax
-import ml_collections
 import numpy as np
 
+from ciae_jax import hparams
 from ciae_jax.data import categories as categories_lib
 from ciae_jax.data import coco
 from ciae_jax.data import transforms
 
 if TYPE_CHECKING:  # Annotations only: no TF import at run time.
   import tensorflow as tf  # pylint: disable=g-bad-import-order
-
-EXAMPLE_KEYS = ("image", "segment_map", "seg_class", "seg_is_thing",
-                "seg_is_crowd", "seg_box", "seg_valid", "image_id",
-                "orig_size", "image_size")
-
-
-def default_dataset_config() -> ml_collections.ConfigDict:
-  """The dataset config with the paper's defaults (COCO, 800 x 1333)."""
-  cfg = ml_collections.ConfigDict()
-  cfg.source = "coco"
-  cfg.root = ""
-  cfg.train_split = "train2017"
-  cfg.val_split = "val2017"
-  cfg.tfds_name = "coco/2017_panoptic"
-  cfg.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
-  cfg.categories_file = ml_collections.FieldReference(None, field_type=str)
-  cfg.image_size = (1408, 1408)
-  cfg.train_min_size_range = (800, 800)
-  cfg.max_size = 1333
-  cfg.eval_min_size = 800
-  cfg.eval_max_size = 1333
-  cfg.max_segments = 100
-  cfg.flip = True
-  cfg.skip_bad_examples = False
-  cfg.shuffle_buffer = 1000
-  cfg.num_parallel_calls = -1
-  cfg.prefetch = 2
-  cfg.synthetic = ml_collections.ConfigDict()
-  cfg.synthetic.num_train = 512
-  cfg.synthetic.num_val = 64
-  cfg.synthetic.image_size = (128, 128)
-  cfg.synthetic.seed = 0
-  return cfg
-
 
 def _tf() -> Any:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -122,18 +89,11 @@ def _tf() -> Any:
   return tf
 
 
-def _check_config(cfg: ml_collections.ConfigDict) -> None:
+def _check_config(cfg: hparams.DatasetHParams) -> None:
   height, width = cfg.image_size
   if height % 128 or width % 128:
     raise ValueError(f"dataset.image_size {tuple(cfg.image_size)} must be "
                      "divisible by 128 in both dimensions")
-  lo, hi = cfg.train_min_size_range
-  if not 0 < lo <= hi:
-    raise ValueError("dataset.train_min_size_range must be (lo, hi) with "
-                     f"0 < lo <= hi, got {tuple(cfg.train_min_size_range)}")
-  if cfg.source not in ("coco", "tfds", "synthetic"):
-    raise ValueError(f"dataset.source must be 'coco', 'tfds' or 'synthetic', "
-                     f"got {cfg.source!r}")
   if cfg.skip_bad_examples and cfg.source == "tfds":
     raise ValueError("dataset.skip_bad_examples=True needs source 'coco' or "
                      "'synthetic' (TFDS examples were checked when the "
@@ -142,7 +102,7 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"dataset.root is required for source {cfg.source!r}")
 
 
-def prepare_root(cfg: ml_collections.ConfigDict) -> str:
+def prepare_root(cfg: hparams.DatasetHParams) -> str:
   """The dataset root; for 'synthetic', generated there first if missing.
 
   A 'synthetic' root that already holds another COCO-layout dataset (an `annotations/` folder
@@ -163,7 +123,7 @@ def prepare_root(cfg: ml_collections.ConfigDict) -> str:
 
 
 def load_dataset_categories(
-    cfg: ml_collections.ConfigDict) -> categories_lib.CategoryInfo:
+    cfg: hparams.DatasetHParams) -> categories_lib.CategoryInfo:
   """The categories of the configured dataset (one set for all splits).
 
   Raises:
@@ -178,7 +138,7 @@ def load_dataset_categories(
   return categories
 
 
-def _categories_path(cfg: ml_collections.ConfigDict) -> str:
+def _categories_path(cfg: hparams.DatasetHParams) -> str:
   """The file the dataset's categories are read from."""
   if cfg.categories_file:
     return cfg.categories_file
@@ -194,7 +154,7 @@ def _categories_path(cfg: ml_collections.ConfigDict) -> str:
                           f"{cfg.val_split!r} under {root}")
 
 
-def eval_ground_truth(cfg: ml_collections.ConfigDict,
+def eval_ground_truth(cfg: hparams.DatasetHParams,
                       split: str | None = None) -> coco.PanopticGroundTruth:
   """Ground-truth files (JSON, PNG folder) and categories for evaluation."""
   split = split or cfg.val_split
@@ -409,7 +369,7 @@ class CocoSource:
       coco.decode_example(self.records[i], self.categories)
 
 
-def _make_source(cfg: ml_collections.ConfigDict, split: str, *, train: bool,
+def _make_source(cfg: hparams.DatasetHParams, split: str, *, train: bool,
                  categories: categories_lib.CategoryInfo):
   if cfg.source == "tfds":
     from ciae_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
@@ -430,7 +390,7 @@ def _host_slice(global_batch_size: int) -> tuple[int, int]:
   return per_host, jax.process_index() * per_host
 
 
-def build_tf_dataset(cfg: ml_collections.ConfigDict, split: str, *,
+def build_tf_dataset(cfg: hparams.DatasetHParams, split: str, *,
                      train: bool, global_batch_size: int, seed: int,
                      start_step: int = 0, num_threads: int | None = None
                      ) -> tuple[tf.data.Dataset, Any]:
@@ -534,7 +494,7 @@ def _as_value_error(error: Exception, source: Any, positions: list[int],
                     f"{positions[-1]}): {message}")
 
 
-def build_input(dataset_cfg: ml_collections.ConfigDict, split: str, *,
+def build_input(dataset_cfg: hparams.DatasetHParams, split: str, *,
                 train: bool, global_batch_size: int, seed: int,
                 start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """NumPy batches `[local_devices, per_device_batch, ...]` for a split.

@@ -32,6 +32,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from ciae_jax import hparams
+from ciae_jax import panoptic_png
 from ciae_jax.data import coco
 
 MANIFEST = "synthetic_manifest.json"
@@ -229,7 +231,7 @@ def _write_split(root: str, split: str, num_images: int,
     stem = f"{image_id:012d}"
     Image.fromarray(image).save(os.path.join(image_dir, stem + ".jpg"),
                                 quality=95)
-    Image.fromarray(coco.id_to_rgb(ids)).save(os.path.join(png_dir,
+    Image.fromarray(panoptic_png.id_map_to_rgb(ids)).save(os.path.join(png_dir,
                                                            stem + ".png"))
     images.append({"id": image_id, "file_name": stem + ".jpg", "height": h,
                    "width": w})
@@ -241,10 +243,8 @@ def _write_split(root: str, split: str, num_images: int,
                "categories": categories_json()}, f)
 
 
-def generate_synthetic_dataset(root: str | os.PathLike, *, num_train: int = 512,
-                               num_val: int = 64,
-                               image_size: tuple[int, int] = (128, 128),
-                               seed: int = 0) -> str:
+def generate_synthetic_dataset(root: str | os.PathLike, *, num_train: int, num_val: int,
+                               image_size: tuple[int, int], seed: int = 0) -> str:
   """Writes the synthetic dataset under `root` unless already there.
 
   Args:
@@ -329,11 +329,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   """Command line: generate the synthetic dataset."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--root", required=True, help="output folder")
-  parser.add_argument("--num_train", type=int, default=512)
-  parser.add_argument("--num_val", type=int, default=64)
-  parser.add_argument("--height", type=int, default=128)
-  parser.add_argument("--width", type=int, default=128)
-  parser.add_argument("--seed", type=int, default=0)
+  defaults = hparams.SyntheticHParams()
+  parser.add_argument("--num_train", type=int, default=defaults.num_train)
+  parser.add_argument("--num_val", type=int, default=defaults.num_val)
+  parser.add_argument("--height", type=int, default=defaults.image_size[0])
+  parser.add_argument("--width", type=int, default=defaults.image_size[1])
+  parser.add_argument("--seed", type=int, default=defaults.seed)
   args = parser.parse_args(argv)
   root = generate_synthetic_dataset(args.root, num_train=args.num_train,
                                     num_val=args.num_val,

@@ -29,7 +29,7 @@ positives are array operations on its non-zero entries.
 PNG decoding is most of the time (Pillow's Paeth reconstruction above all):
 8-bit RGB files are decoded by kornia-rs (Rust, pinned in requirements.txt;
 the same pixels as Pillow, tested) when it is installed, by Pillow otherwise
-or when `$CIAE_PNG_DECODER=pillow` (see `export.decode_rgb8_png`).
+or when `$CIAE_PNG_DECODER=pillow` (see `panoptic_png.decode_rgb8_png`).
 
 Command line (a drop-in for the COCO panoptic API):
   python -m ciae_jax.evaluation.pq --gt_json F --gt_folder D \
@@ -49,14 +49,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from ciae_jax.evaluation.export import decode_rgb8_png
-from ciae_jax.evaluation.export import fast_png_decoder
-from ciae_jax.evaluation.export import read_panoptic_png_pillow
-from ciae_jax.evaluation.export import rgb_bytes_to_ids
+from ciae_jax.panoptic_png import decode_rgb8_png
+from ciae_jax.panoptic_png import fast_png_decoder
+from ciae_jax.panoptic_png import read_panoptic_png_pillow
+from ciae_jax.panoptic_png import rgb_bytes_to_ids
 
 OFFSET = 256 * 256 * 256
 VOID = 0
-_RGB_MASK = OFFSET - 1
 # Compact labels: 0 = id not listed in the JSON, 1 = VOID, 2 + k = segment k.
 _UNLISTED, _VOID_LABEL, _FIRST_SEGMENT = 0, 1, 2
 # Slots of the table that maps ids to compact labels (by their low bits).
@@ -76,7 +75,7 @@ def _png_ids(path: str, buffer_name: str, fast: bool = True
   """Flat segment ids of a panoptic PNG, read as pq_compute reads them.
 
   8-bit RGB files (all COCO and exported ones) are decoded by kornia-rs when
-  installed (same pixels as Pillow, `export.decode_rgb8_png`), else by
+  installed (same pixels as Pillow, `panoptic_png.decode_rgb8_png`), else by
   Pillow, and their packed bytes converted into a per-thread reused uint32
   buffer (valid until the next call with the same `buffer_name`); other
   modes go through `read_panoptic_png_pillow`, which rejects what pq_compute
@@ -509,7 +508,7 @@ def _evaluate_pairs(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
           accumulator.num_images)
 
 
-def _load_json(source: str | os.PathLike[str] | Mapping[str, Any]
+def load_json(source: str | os.PathLike[str] | Mapping[str, Any]
                ) -> Mapping[str, Any]:
   """A JSON file's content, or the dict itself."""
   if isinstance(source, Mapping):
@@ -551,8 +550,8 @@ def pq_compute_files(
   Returns:
     pq_compute's result dict (see `PQAccumulator.result`).
   """
-  gt = _load_json(gt_json)
-  pred = _load_json(pred_json)
+  gt = load_json(gt_json)
+  pred = load_json(pred_json)
   gt_folder = _default_folder(gt_folder, gt_json, "gt_folder")
   pred_folder = _default_folder(pred_folder, pred_json, "pred_folder")
   for folder, what in ((gt_folder, "ground truth"), (pred_folder, "predicted")):

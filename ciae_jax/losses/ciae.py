@@ -21,8 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ciae_jax.memory import l2_normalize
+from ciae_jax import hparams
+from ciae_jax import ops
+from ciae_jax import segments as segments_lib
 from ciae_jax.memory import memory_index
+from ciae_jax.segments import SEGMENT_KEYS
+from ciae_jax.segments import Segments
 
 Array = jax.Array
 
@@ -33,9 +37,9 @@ def embedding_triplet_loss(pixel_emb: Array,
                            query_mask: Optional[Array],
                            pixel_weight: Array,
                            *,
-                           margin: float = 0.15,
-                           top_k: int = 5,
-                           include_own: bool = False,
+                           margin: float,
+                           top_k: int,
+                           include_own: bool,
                            query_valid: Optional[Array] = None,
                            eps: float = 1e-6) -> Tuple[Array, Array]:
   """Top-K triplet loss of pixels against query embeddings (Eq. 5-9), unnormalised.
@@ -49,7 +53,7 @@ def embedding_triplet_loss(pixel_emb: Array,
     pixel_weight: `[P]` float weight of each pixel; 0 leaves a pixel out.
     margin: triplet margin.
     top_k: number of largest per-query losses kept per pixel (all if fewer queries).
-    include_own: add Eq. 6's `k = c_i` term (`d_neg = 0`); False per design.md.
+    include_own: add Eq. 6's `k = c_i` term (`d_neg = 0`).
     query_valid: `[Q]` bool, False for padding queries, which never count; None = all valid.
     eps: keeps `l' / (2 + margin) <= 1 - eps`, so `l <= -log(eps)` stays finite.
 
@@ -81,30 +85,13 @@ def embedding_triplet_loss(pixel_emb: Array,
   return loss_sum, count
 
 
-def segment_sums(values: Array, segment_map: Array, num_segments: int) -> Array:
-  """`[S, D]` sums of `values [H, W, D]` over each segment row (void 0 dropped), float32."""
-  height, width, dim = values.shape
-  flat = jnp.reshape(values, (height * width, dim)).astype(jnp.float32)  # [HW, D]
-  ids = jnp.reshape(segment_map, (-1,)).astype(jnp.int32)  # [HW] 0 = void, k = row k - 1
-  sums = jax.ops.segment_sum(flat, ids, num_segments=num_segments + 1)  # [S + 1, D]
-  return sums[1:]  # [S, D]
-
-
-def instance_means(embedding_prenorm: Array, segment_map: Array, num_segments: int) -> Array:
-  """Mean embedding `m_s^k` of each segment row (Eq. 4): L2norm of the sum of pre-norm embeddings.
-
-  Rows of empty segments are 0. Returns `[S, D]` float32.
-  """
-  return l2_normalize(segment_sums(embedding_prenorm, segment_map, num_segments))  # [S, D]
-
-
 def class_means(embedding_prenorm: Array, segment_map: Array, seg_class: Array,
                 num_classes: int) -> Array:
   """Mean embedding `m_c^k` of each class present (Eq. 3), `[num_classes, D]`, 0 if absent."""
-  seg_sums = segment_sums(embedding_prenorm, segment_map, seg_class.shape[0])  # [S, D]
+  seg_sums = segments_lib.segment_sums(embedding_prenorm, segment_map, seg_class.shape[0])  # [S, D]
   sums = jax.ops.segment_sum(seg_sums, seg_class.astype(jnp.int32),
                              num_segments=num_classes)  # [C, D]
-  return l2_normalize(sums)  # [C, D]
+  return ops.l2_normalize(sums)  # [C, D]
 
 
 def pixel_centres(height: int, width: int, stride: int = 1) -> Tuple[np.ndarray, np.ndarray]:
@@ -114,69 +101,47 @@ def pixel_centres(height: int, width: int, stride: int = 1) -> Tuple[np.ndarray,
 
 
 def expanded_box_mask(centre_x: Array, centre_y: Array, seg_box: Array,
-                      box_expand: float = 1.5) -> Array:
+                      box_expand: float) -> Array:
   """`[P, S]` bool: point inside each box scaled `box_expand` x about its centre (closed)."""
-  seg_box = jnp.asarray(seg_box, jnp.float32)  # [S, 4]
-  mid_x = 0.5 * (seg_box[:, 0] + seg_box[:, 2])  # [S]
-  mid_y = 0.5 * (seg_box[:, 1] + seg_box[:, 3])  # [S]
-  half_w = 0.5 * box_expand * (seg_box[:, 2] - seg_box[:, 0])  # [S]
-  half_h = 0.5 * box_expand * (seg_box[:, 3] - seg_box[:, 1])  # [S]
+  boxes = ops.expand_boxes(jnp.asarray(seg_box, jnp.float32), box_expand)  # [S, 4]
   cx = jnp.asarray(centre_x)[:, None]  # [P, 1]
   cy = jnp.asarray(centre_y)[:, None]  # [P, 1]
-  return ((mid_x - half_w <= cx) & (cx <= mid_x + half_w)
-          & (mid_y - half_h <= cy) & (cy <= mid_y + half_h))  # [P, S]
+  return ((boxes[:, 0] <= cx) & (cx <= boxes[:, 2])
+          & (boxes[:, 1] <= cy) & (cy <= boxes[:, 3]))  # [P, S]
 
 
 def ciae_loss(embedding: Array,
               embedding_prenorm: Array,
-              segment_map: Array,
-              seg_class: Array,
-              seg_is_thing: Array,
-              seg_is_crowd: Array,
-              seg_box: Array,
-              seg_valid: Array,
+              segments: Segments,
               memory: Array,
+              hp: hparams.LossHParams,
               *,
-              num_stuff: int,
-              margin: float = 0.15,
-              top_k: int = 5,
-              alpha: float = 2.0,
-              thing_weight: float = 5.0,
-              box_expand: float = 1.5,
-              use_box_filter: bool = True,
-              merge_things: bool = True,
-              loss_stride: int = 1,
-              include_own: bool = False,
-              stop_query_gradient: bool = False) -> Dict[str, Array]:
+              num_stuff: int) -> Dict[str, Array]:
   """Unnormalised CIAE loss sums of one image (vmap over the batch, then `ciae_total`).
 
   Args:
     embedding: `[H, W, D]` unit pixel embeddings P.
     embedding_prenorm: `[H, W, D]` embeddings before the L2 norm (instance means use these).
-    segment_map: `[H, W]` int, 0 = void, `k` = segment row `k - 1`.
-    seg_class: `[S]` contiguous class.
-    seg_is_thing: `[S]` bool.
-    seg_is_crowd: `[S]` bool.
-    seg_box: `[S, 4]` `x0, y0, x1, y1` in input pixels.
-    seg_valid: `[S]` bool.
+    segments: the image's ground truth (`segment_map [H, W]`, rows `[S]`).
     memory: `[M, D]` memory `M_{t-1}` (no gradient), rows per `ciae_jax.memory.memory_index`.
+    hp: the loss hyper-parameters: `margin` (both sub-losses), `top_k` (negatives kept per
+      pixel), `alpha` (weight of L_IAE in `loss_ciae_sum`), `thing_weight` (thing pixels in
+      L_IAE), `box_expand` / `use_box_filter` (the instance box filter), `merge_things` (all
+      thing classes share one memory row; must match `memory`), `loss_stride` (pixels
+      `[::s, ::s]` only; instance means still use every pixel), `include_own` (Eq. 6's
+      own-query term, see `embedding_triplet_loss`), `stop_query_gradient` (no gradient
+      through the instance means; the paper does not say).
     num_stuff: number of stuff classes.
-    margin: triplet margin (both sub-losses).
-    top_k: negatives kept per pixel.
-    alpha: weight of L_IAE in `loss_ciae_sum`.
-    thing_weight: weight of thing pixels in L_IAE.
-    box_expand: scale of the boxes of the instance filter about their centres.
-    use_box_filter: apply the instance box filter.
-    merge_things: all thing classes share one memory row (must match `memory`).
-    loss_stride: use pixels `[::s, ::s]` only (instance means still use every pixel).
-    include_own: add Eq. 6's own-query term (see `embedding_triplet_loss`).
-    stop_query_gradient: no gradient through the instance means (the paper does not say; off).
 
   Returns:
     dict `loss_cae_sum`, `loss_iae_sum`, `loss_ciae_sum` (= cae + alpha * iae), `num_pixels`
     (valid pixels used), float32 scalars; `psum` them and call `ciae_total`.
   """
   height, width, dim = embedding.shape
+  segment_map, seg_class, seg_is_thing, seg_is_crowd, seg_box, seg_valid = (
+      jnp.asarray(getattr(segments, key)) for key in SEGMENT_KEYS)
+  margin, top_k, include_own = hp.margin, hp.top_k, hp.include_own
+  loss_stride, merge_things = hp.loss_stride, hp.merge_things
   if embedding_prenorm.shape != embedding.shape:
     raise ValueError(f"embedding_prenorm shape {embedding_prenorm.shape} != embedding shape "
                      f"{embedding.shape}")
@@ -192,13 +157,11 @@ def ciae_loss(embedding: Array,
   if loss_stride < 1:
     raise ValueError(f"loss_stride must be >= 1, got {loss_stride}")
   num_segments = seg_class.shape[0]
-  segment_map, seg_class, seg_is_thing, seg_is_crowd, seg_valid = (
-      jnp.asarray(a) for a in (segment_map, seg_class, seg_is_thing, seg_is_crowd, seg_valid))
   memory = jax.lax.stop_gradient(jnp.asarray(memory, jnp.float32))  # [M, D]
 
   # Instance means over all pixels of the segment (full resolution, cheap segment sums).
-  means = instance_means(embedding_prenorm, segment_map, num_segments)  # [S, D]
-  if stop_query_gradient:
+  means = segments_lib.instance_means(embedding_prenorm, segment_map, num_segments)  # [S, D]
+  if hp.stop_query_gradient:
     means = jax.lax.stop_gradient(means)  # [S, D]
 
   pixels = embedding[::loss_stride, ::loss_stride].reshape(-1, dim)  # [P, D]
@@ -221,14 +184,14 @@ def ciae_loss(embedding: Array,
   iae_target = jnp.where(pixel_is_thing, num_stuff + row, pixel_class)  # [P]
   own_instance = row[:, None] == jnp.arange(num_segments)[None, :]  # [P, S]
   own_instance &= pixel_is_thing[:, None]  # [P, S]
-  if use_box_filter:
+  if hp.use_box_filter:
     centre_x, centre_y = pixel_centres(height, width, loss_stride)  # [P], [P]
-    near = expanded_box_mask(centre_x, centre_y, seg_box, box_expand) | own_instance  # [P, S]
+    near = expanded_box_mask(centre_x, centre_y, seg_box, hp.box_expand) | own_instance  # [P, S]
   else:
     near = jnp.ones_like(own_instance)  # [P, S]
   query_mask = jnp.concatenate([jnp.ones((near.shape[0], num_stuff), bool), near],
                                axis=1)  # [P, C_st + S]
-  iae_weight = jnp.where(valid, jnp.where(pixel_is_thing, thing_weight, 1.0), 0.0)  # [P]
+  iae_weight = jnp.where(valid, jnp.where(pixel_is_thing, hp.thing_weight, 1.0), 0.0)  # [P]
   iae_sum, _ = embedding_triplet_loss(
       pixels, queries, iae_target, query_mask, iae_weight,
       margin=margin, top_k=top_k, include_own=include_own, query_valid=query_valid)
@@ -236,12 +199,12 @@ def ciae_loss(embedding: Array,
   return {
       "loss_cae_sum": cae_sum,
       "loss_iae_sum": iae_sum,
-      "loss_ciae_sum": cae_sum + alpha * iae_sum,
+      "loss_ciae_sum": cae_sum + hp.alpha * iae_sum,
       "num_pixels": num_pixels,
   }
 
 
-def ciae_total(sums: Mapping[str, Array], alpha: float = 2.0) -> Dict[str, Array]:
+def ciae_total(sums: Mapping[str, Array], hp: hparams.LossHParams) -> Dict[str, Array]:
   """Normalised losses from `ciae_loss` sums (summed over batch and devices).
 
   Returns dict `loss_cae = cae_sum / n`, `loss_iae = iae_sum / n`,
@@ -250,4 +213,5 @@ def ciae_total(sums: Mapping[str, Array], alpha: float = 2.0) -> Dict[str, Array
   num_pixels = jnp.maximum(jnp.asarray(sums["num_pixels"], jnp.float32), 1.0)  # []
   loss_cae = jnp.asarray(sums["loss_cae_sum"], jnp.float32) / num_pixels  # []
   loss_iae = jnp.asarray(sums["loss_iae_sum"], jnp.float32) / num_pixels  # []
-  return {"loss_cae": loss_cae, "loss_iae": loss_iae, "loss_ciae": loss_cae + alpha * loss_iae}
+  return {"loss_cae": loss_cae, "loss_iae": loss_iae,
+          "loss_ciae": loss_cae + hp.alpha * loss_iae}

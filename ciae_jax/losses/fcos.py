@@ -18,6 +18,7 @@ from typing import Dict, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from ciae_jax import hparams
 from ciae_jax.losses.centerness import centerness_bce
 from ciae_jax.losses.focal import sigmoid_focal_loss
 from ciae_jax.losses.iou import iou_loss
@@ -45,12 +46,8 @@ def fcos_losses(cls_logits: Array,
                 centerness: Array,
                 targets: Mapping[str, Array],
                 num_positives_global: Array,
-                centerness_target_sum_global: Optional[Array] = None,
-                *,
-                focal_alpha: float = 0.25,
-                focal_gamma: float = 2.0,
-                iou_kind: str = "iou",
-                centerness_weighted_reg: bool = True) -> Dict[str, Array]:
+                centerness_target_sum_global: Optional[Array],
+                hp: hparams.FcosHParams) -> Dict[str, Array]:
   """FCOS losses over flattened locations, normalised by global counts (see module docstring).
 
   Shapes are given for one image; any leading batch axes are allowed (everything is summed).
@@ -63,12 +60,10 @@ def fcos_losses(cls_logits: Array,
       `centerness_target [N]`, `positive [N]`).
     num_positives_global: number of positives summed over the global batch (clamped to >= 1).
     centerness_target_sum_global: sum of positives' centerness targets over the global batch;
-      required when `centerness_weighted_reg`.
-    focal_alpha: focal loss alpha.
-    focal_gamma: focal loss gamma.
-    iou_kind: `"iou"` (`-ln IoU`, paper/FCOS), `"linear_iou"` or `"giou"`.
-    centerness_weighted_reg: weight the IoU loss by centerness targets (FCOS) if True, else a
-      plain mean over positives.
+      required when `hp.centerness_weighted_reg`.
+    hp: `focal_alpha`, `focal_gamma`, `iou_kind` (`"iou"`: `-ln IoU`, paper/FCOS;
+      `"linear_iou"`; `"giou"`) and `centerness_weighted_reg` (weight the IoU loss by the
+      centerness targets, FCOS; else a plain mean over positives).
 
   Returns:
     dict `loss_cls`, `loss_reg`, `loss_ctr` (float32 scalars).
@@ -80,7 +75,7 @@ def fcos_losses(cls_logits: Array,
   if centerness.shape != cls_logits.shape[:-1]:
     raise ValueError(f"centerness shape {centerness.shape} does not match cls_logits shape "
                      f"{cls_logits.shape}")
-  if centerness_weighted_reg and centerness_target_sum_global is None:
+  if hp.centerness_weighted_reg and centerness_target_sum_global is None:
     raise ValueError("centerness_target_sum_global is required when centerness_weighted_reg "
                      "is True (psum fcos_normalizers(targets)['centerness_target_sum'])")
   cls_target = targets["cls_target"]  # [N]
@@ -90,12 +85,12 @@ def fcos_losses(cls_logits: Array,
 
   # Background (-1) gives an all-zero row.
   labels = (cls_target[..., None] == jnp.arange(num_classes)).astype(jnp.float32)  # [N, C]
-  loss_cls = jnp.sum(sigmoid_focal_loss(cls_logits, labels, alpha=focal_alpha,
-                                        gamma=focal_gamma)) / num_pos
+  loss_cls = jnp.sum(sigmoid_focal_loss(cls_logits, labels, alpha=hp.focal_alpha,
+                                        gamma=hp.focal_gamma)) / num_pos
 
   # Negatives' targets are zeros; their (finite) losses are masked out by the weight.
-  reg_per_loc = iou_loss(box_reg, targets["box_target"], kind=iou_kind)  # [N]
-  if centerness_weighted_reg:
+  reg_per_loc = iou_loss(box_reg, targets["box_target"], kind=hp.iou_kind)  # [N]
+  if hp.centerness_weighted_reg:
     reg_norm = jnp.maximum(jnp.asarray(centerness_target_sum_global, jnp.float32),
                            _MIN_CENTERNESS_SUM)  # []
     loss_reg = jnp.sum(reg_per_loc * positive * centerness_target) / reg_norm

@@ -8,8 +8,8 @@ Array = jax.Array
 def sigmoid_focal_loss(logits: Array,
                        labels: Array,
                        *,
-                       alpha: float = 0.25,
-                       gamma: float = 2.0) -> Array:
+                       alpha: float,
+                       gamma: float) -> Array:
   """Elementwise `-alpha_t (1 - p_t)^gamma log(p_t)`, same shape as `logits`.
 
   Args:
@@ -40,7 +40,7 @@ def sigmoid_focal_loss(logits: Array,
 def sigmoid_focal_loss_sum(logits: Array,
                            labels: Array,
                            *,
-                           alpha: float = 0.25,
-                           gamma: float = 2.0) -> Array:
+                           alpha: float,
+                           gamma: float) -> Array:
   """Sum of `sigmoid_focal_loss` over all elements (a scalar); the caller normalises."""
   return jnp.sum(sigmoid_focal_loss(logits, labels, alpha=alpha, gamma=gamma))

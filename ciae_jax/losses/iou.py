@@ -12,7 +12,7 @@ _KINDS = ("iou", "linear_iou", "giou")
 def iou_loss(pred_ltrb: Array,
              target_ltrb: Array,
              *,
-             kind: str = "iou",
+             kind: str,
              smooth: float = 1.0) -> Array:
   """Elementwise IoU loss between boxes given as `l, t, r, b` from the same point.
 
@@ -53,7 +53,7 @@ def weighted_iou_loss_sum(pred_ltrb: Array,
                           target_ltrb: Array,
                           weight: Optional[Array] = None,
                           *,
-                          kind: str = "iou",
+                          kind: str,
                           smooth: float = 1.0) -> Array:
   """`sum_i weight_i * iou_loss_i` (a scalar; weight 1 when None); the caller normalises."""
   losses = iou_loss(pred_ltrb, target_ltrb, kind=kind, smooth=smooth)  # [...]

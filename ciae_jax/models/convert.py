@@ -33,7 +33,6 @@ IGNORED_SUFFIXES = (".num_batches_tracked",)
 # Marker key in our converted .npz, holding the backbone name.
 BACKBONE_MARKER = "__backbone__"
 
-_TORCH_TO_OURS_LEAF = {"running_mean": "mean", "running_var": "var", "bias": "bias"}
 _OURS_TO_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "mean": "running_mean",
                        "var": "running_var", "bias": "bias"}
 

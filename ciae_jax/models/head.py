@@ -6,10 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ciae_jax import hparams
 from ciae_jax.models import layers
 
 LEVEL_NAMES = ("p3", "p4", "p5", "p6", "p7")
-LEVEL_STRIDES = (8, 16, 32, 64, 128)
 
 
 def prior_bias(prior_prob: float) -> float:
@@ -42,7 +42,7 @@ class ProposalHead(nn.Module):
   head_convs: int = 4
   box_embed_dim: int = 32
   prior_prob: float = 0.01
-  strides: Sequence[int] = LEVEL_STRIDES
+  strides: Sequence[int] = hparams.LEVEL_STRIDES
   dtype: Any = jnp.float32
 
   def _conv(self, features: int, name: str, bias: float = 0.0) -> nn.Conv:

@@ -5,8 +5,6 @@ import flax
 import jax.numpy as jnp
 from clu import metrics as clu_metrics
 
-LOSS_TERMS = ("loss", "loss_cls", "loss_reg", "loss_ctr", "loss_cae", "loss_iae", "loss_ciae")
-OTHER_TERMS = ("num_positives", "grad_norm", "learning_rate", "memory_drift")
 
 
 def finite_average(name: str) -> type[clu_metrics.Average]:

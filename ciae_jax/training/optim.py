@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ciae_jax import hparams
+
 REFERENCE_BATCH_SIZE = 16
 
 
-def scaled_learning_rate(*, base_lr: float = 0.01, batch_size: int = 16,
-                         lr: Optional[float] = None) -> float:
+def scaled_learning_rate(*, base_lr: float, batch_size: int, lr: Optional[float]) -> float:
   """Returns `lr` if given, else `base_lr` scaled linearly from a batch of 16 to `batch_size`."""
   if lr is not None:
     return float(lr)
@@ -31,10 +32,9 @@ def scaled_learning_rate(*, base_lr: float = 0.01, batch_size: int = 16,
   return base_lr * batch_size / REFERENCE_BATCH_SIZE
 
 
-def learning_rate_schedule(*, lr: float = 0.01, warmup_steps: int = 1000,
-                           warmup_factor: float = 0.001,
-                           decay_steps: Sequence[int] = (60_000, 80_000),
-                           decay_factor: float = 0.1) -> Callable[[Any], jax.Array]:
+def learning_rate_schedule(*, lr: float, warmup_steps: int, warmup_factor: float,
+                           decay_steps: Sequence[int],
+                           decay_factor: float) -> Callable[[Any], jax.Array]:
   """Linear warm-up then multiplication by `decay_factor` at each of `decay_steps`.
 
   At step t: `lr * w(t) * decay_factor ** #{d in decay_steps : t >= d}` with
@@ -78,10 +78,9 @@ def frozen_mask(params: Any, frozen_patterns: Sequence[str] = ()) -> Any:
                       param_path_names(params))
 
 
-def build_optimizer(params: Any, *, learning_rate: Callable[[Any], jax.Array] | float = 0.01,
-                    momentum: float = 0.9, weight_decay: float = 1e-4,
-                    grad_clip_norm: Optional[float] = None,
-                    frozen_patterns: Sequence[str] = ()) -> optax.GradientTransformation:
+def build_optimizer(params: Any, *, learning_rate: Callable[[Any], jax.Array] | float,
+                    momentum: float, weight_decay: float, grad_clip_norm: Optional[float],
+                    frozen_patterns: Sequence[str]) -> optax.GradientTransformation:
   """SGD with momentum, weight decay on kernels only, optional clipping, frozen parameters.
 
   The chain matches PyTorch's `clip_grad_norm_` then `SGD(weight_decay=...)`: clip the raw
@@ -101,3 +100,17 @@ def build_optimizer(params: Any, *, learning_rate: Callable[[Any], jax.Array] | 
   labels = jax.tree.map(lambda f: "frozen" if f else "trainable", frozen)
   return optax.multi_transform({"trainable": trainable, "frozen": optax.set_to_zero()}, labels)
 
+
+
+def create(hp: hparams.OptimizerHParams, params: Any, *, batch_size: int
+           ) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
+  """(optax optimizer, learning-rate schedule) of `hp` for a global batch of `batch_size`."""
+  lr = scaled_learning_rate(base_lr=hp.base_lr, batch_size=batch_size, lr=hp.lr)
+  schedule = learning_rate_schedule(lr=lr, warmup_steps=hp.warmup_steps,
+                                    warmup_factor=hp.warmup_factor,
+                                    decay_steps=tuple(hp.decay_steps),
+                                    decay_factor=hp.decay_factor)
+  optimizer = build_optimizer(params, learning_rate=schedule, momentum=hp.momentum,
+                              weight_decay=hp.weight_decay, grad_clip_norm=hp.grad_clip_norm,
+                              frozen_patterns=tuple(hp.frozen_patterns))
+  return optimizer, schedule

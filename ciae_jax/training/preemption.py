@@ -17,14 +17,13 @@ from typing import Any, Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 
 def _jax_preemption_service() -> bool:
-  """True when `jax.distributed` runs with its preemption sync manager."""
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  state = distributed.global_state
-  return state.client is not None and state.preemption_sync_manager is not None
+  """True when `jax.distributed` runs with its preemption sync manager (JAX's default)."""
+  return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
 
 
 class PreemptionWatcher:
@@ -72,10 +71,8 @@ class PreemptionWatcher:
     Must be called once per step on every host, with the same steps, when there are several.
     """
     if self._use_jax:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       return bool(multihost_utils.reached_preemption_sync_point(step))
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       flags = multihost_utils.process_allgather(np.int32(self.received))  # [processes]
       return bool(np.any(flags))
     return self.received

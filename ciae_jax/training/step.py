@@ -18,27 +18,24 @@ reported losses are the `psum` of the shares, i.e. the global-batch losses. With
 this is the plain loss.
 """
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from ciae_jax import hparams
 from ciae_jax import memory as memory_lib
 from ciae_jax import targets as targets_lib
 from ciae_jax.losses import ciae as ciae_losses
 from ciae_jax.losses import fcos as fcos_lib
 from ciae_jax.models import ciae as ciae_model
+from ciae_jax.segments import BATCH_KEYS
+from ciae_jax.segments import Segments
 from ciae_jax.training import parallel
 from ciae_jax.training.train_state import TrainState
 
 AXIS_NAME = parallel.AXIS_NAME
-# Keys of one example (docs/interfaces.md) that the step reads.
-BATCH_KEYS = ("image", "segment_map", "seg_class", "seg_is_thing", "seg_is_crowd", "seg_box",
-              "seg_valid")
-SEGMENT_KEYS = ("segment_map", "seg_class", "seg_is_thing", "seg_is_crowd", "seg_box",
-                "seg_valid")
 
 
 def check_batch(batch: Mapping[str, Any], *, leading_axes: int = 1) -> None:
@@ -67,78 +64,46 @@ def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
-def _fcos_targets(batch: Mapping[str, jax.Array], *, num_stuff: int, strides: Sequence[int],
-                  sizes: Sequence[float], positive_region: str) -> dict[str, jax.Array]:
-  """FCOS targets of the local batch, `[b, N, ...]`."""
-  per_image = functools.partial(targets_lib.fcos_targets, num_stuff=num_stuff,
-                                strides=tuple(strides), sizes=tuple(sizes),
-                                positive_region=positive_region)
-  return jax.vmap(per_image)(*(batch[k] for k in SEGMENT_KEYS))
-
-
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
-               model: nn.Module,
+               model: ciae_model.CIAE,
                optimizer: optax.GradientTransformation,
                learning_rate_fn: Callable[[jax.Array], jax.Array],
-               num_stuff: int,
-               total_steps: int,
-               strides: Sequence[int] = targets_lib.DEFAULT_STRIDES,
-               sizes: Sequence[float] = targets_lib.DEFAULT_SIZES,
-               positive_region: str = "mask",
-               focal_alpha: float = 0.25,
-               focal_gamma: float = 2.0,
-               iou_kind: str = "iou",
-               centerness_weighted_reg: bool = True,
-               margin: float = 0.15,
-               top_k: int = 5,
-               alpha: float = 2.0,
-               thing_weight: float = 5.0,
-               box_expand: float = 1.5,
-               use_box_filter: bool = True,
-               merge_things: bool = True,
-               loss_stride: int = 1,
-               include_own: bool = False,
-               stop_query_gradient: bool = False,
-               momentum_coeff: float = 1e-4,
-               momentum_power: float = 3.0) -> tuple[TrainState, dict[str, jax.Array]]:
+               hp: hparams.HParams,
+               num_stuff: int) -> tuple[TrainState, dict[str, jax.Array]]:
   """One data-parallel SGD step on one device's batch `[b, ...]` (see module docstring).
 
-  Must run inside `parallelize` (collectives over axis "batch"). Returns the new state and a
-  dict of global scalar metrics (identical on every device).
+  Must run inside `parallelize` (collectives over axis "batch"). `hp` gives the FCOS, loss
+  and memory hyper-parameters and `total_steps`; `num_stuff` comes from the dataset. Returns
+  the new state and a dict of global scalar metrics (identical on every device).
   """
   num_devices = jax.lax.axis_size(AXIS_NAME)
   images = batch["image"]  # [b, H, W, 3]
-  segments = {k: batch[k] for k in SEGMENT_KEYS}
+  segments = Segments.from_batch(batch)  # [b, ...] each
 
-  targets = _fcos_targets(batch, num_stuff=num_stuff, strides=strides, sizes=sizes,
-                          positive_region=positive_region)  # each [b, N, ...]
+  targets = jax.vmap(lambda s: targets_lib.fcos_targets(
+      s, num_stuff=num_stuff, hp=hp.fcos, strides=model.strides))(segments)  # [b, N, ...] each
   normalizers = jax.lax.psum(fcos_lib.fcos_normalizers(targets), AXIS_NAME)  # global scalars
 
-  new_rng, step_rng = jax.random.split(state.rng)
-  # Per-device dropout key (the paper's model has none; kept for models that do).
-  dropout_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(AXIS_NAME))
-  ciae_per_image = functools.partial(
-      ciae_losses.ciae_loss, num_stuff=num_stuff, margin=margin, top_k=top_k, alpha=alpha,
-      thing_weight=thing_weight, box_expand=box_expand, use_box_filter=use_box_filter,
-      merge_things=merge_things, loss_stride=loss_stride, include_own=include_own,
-      stop_query_gradient=stop_query_gradient)
+  # The state's key advances once per step (nothing in the model is random today).
+  new_rng, _ = jax.random.split(state.rng)
+
+  def ciae_per_image(embedding, prenorm, image_segments):
+    return ciae_losses.ciae_loss(embedding, prenorm, image_segments, state.memory, hp.loss,
+                                 num_stuff=num_stuff)
 
   def loss_fn(params):
     variables = {"params": params, **state.model_state}
-    outputs = model.apply(variables, images, train=True, rngs={"dropout": dropout_rng})
+    outputs = model.apply(variables, images)
     fcos = fcos_lib.fcos_losses(
         ciae_model.flatten_levels(outputs["cls_logits"]),  # [b, N, C_th]
         ciae_model.flatten_levels(outputs["box_reg"]),  # [b, N, 4]
         ciae_model.flatten_levels(outputs["centerness"]),  # [b, N]
-        targets, normalizers["num_positives"], normalizers["centerness_target_sum"],
-        focal_alpha=focal_alpha, focal_gamma=focal_gamma, iou_kind=iou_kind,
-        centerness_weighted_reg=centerness_weighted_reg)
-    sums = jax.vmap(ciae_per_image, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, None))(
-        outputs["embedding"], outputs["embedding_prenorm"], *segments.values(),
-        state.memory)  # each [b]
+        targets, normalizers["num_positives"], normalizers["centerness_target_sum"], hp.fcos)
+    sums = jax.vmap(ciae_per_image)(
+        outputs["embedding"], outputs["embedding_prenorm"], segments)  # each [b]
     sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)  # each []
     sums["num_pixels"] = jax.lax.psum(sums["num_pixels"], AXIS_NAME)  # global valid pixels
-    ciae = ciae_losses.ciae_total(sums, alpha=alpha)
+    ciae = ciae_losses.ciae_total(sums, hp.loss)
     shares = {**fcos, **ciae}
     share = shares["loss_cls"] + shares["loss_reg"] + shares["loss_ctr"] + shares["loss_ciae"]
     prenorm = jax.lax.stop_gradient(outputs["embedding_prenorm"])  # [b, H, W, D]
@@ -153,15 +118,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
 
   # Memory: M_t from the class means of this step's embeddings (the loss above used M_{t-1}).
   rows = state.memory.shape[0]
-  class_sums = functools.partial(memory_lib.class_sums, num_stuff=num_stuff,
-                                 merge_things=merge_things, num_memory=rows)
-  emb_sums, counts = jax.vmap(class_sums)(
-      prenorm, batch["segment_map"], batch["seg_class"], batch["seg_valid"],
-      batch["seg_is_crowd"])  # [b, M, D], [b, M]
+  emb_sums, counts = jax.vmap(lambda e, s: memory_lib.class_sums(
+      e, s, num_stuff=num_stuff, merge_things=hp.loss.merge_things, num_memory=rows))(
+          prenorm, segments)  # [b, M, D], [b, M]
   emb_sums = jax.lax.psum(jnp.sum(emb_sums, axis=0), AXIS_NAME)  # [M, D]
   counts = jax.lax.psum(jnp.sum(counts, axis=0), AXIS_NAME)  # [M]
-  memory = memory_lib.update_memory(state.memory, emb_sums, counts, state.step, total_steps,
-                                    coeff=momentum_coeff, power=momentum_power)  # [M, D]
+  memory = memory_lib.update_memory(state.memory, emb_sums, counts, state.step,
+                                    hp.total_steps, hp.memory)  # [M, D]
 
   # A non-finite loss, gradient or memory update leaves params, optimizer state and memory as
   # they were. Each input of `finite` is identical on every device (psum / pmean-ed), so all
@@ -186,3 +149,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             memory=memory, rng=new_rng)
   return new_state, metrics
+
+
+def make_train_step(hp: hparams.HParams, model: ciae_model.CIAE,
+                    optimizer: optax.GradientTransformation,
+                    schedule: Callable[[jax.Array], jax.Array], *,
+                    num_stuff: int) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """The per-device step `(state, batch) -> (state, metrics)` of a run (not yet parallel)."""
+  return functools.partial(train_step, model=model, optimizer=optimizer,
+                           learning_rate_fn=schedule, hp=hp, num_stuff=num_stuff)

@@ -1,10 +1,17 @@
 """The train state: everything a step reads and writes, one pytree (checkpointed as a whole)."""
 from typing import Any
 
+from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+
+from ciae_jax import hparams
+from ciae_jax import memory as memory_lib
+from ciae_jax.models import ciae as ciae_model
+from ciae_jax.models import convert
+from ciae_jax.training import optim
 
 
 @flax.struct.dataclass
@@ -40,8 +47,22 @@ def create_train_state(*, params: Any, optimizer: optax.GradientTransformation,
                     model_state={} if model_state is None else model_state)
 
 
-def split_variables(variables: Any) -> tuple[Any, Any]:
-  """Splits flax variables into ('params', every other collection as a dict)."""
-  variables = flax.core.unfreeze(variables)
-  params = variables.pop("params")
-  return params, variables
+def init_train_state(hp: hparams.HParams, model: Any, *, num_stuff: int, num_things: int,
+                     rng: jax.Array) -> tuple[TrainState, optax.GradientTransformation, Any]:
+  """Step-0 host state, its optimizer and learning-rate schedule.
+
+  The parameters come from `model.init` (the backbone from `hp.init_backbone` when set), the
+  memory from random unit rows (M_0), the state rng from `rng`.
+  """
+  params_rng, memory_rng, state_rng = jax.random.split(rng, 3)
+  variables = ciae_model.init_variables(model, params_rng)
+  if hp.init_backbone:
+    variables = convert.load_backbone_params(hp.init_backbone, variables)
+    logging.info("Backbone initialised from %s", hp.init_backbone)
+  params, model_state = ciae_model.split_variables(variables)
+  optimizer, schedule = optim.create(hp.optimizer, params, batch_size=hp.batch_size)
+  rows = memory_lib.num_memory(num_stuff, num_things, hp.loss.merge_things)
+  memory = memory_lib.init_memory(memory_rng, rows, hp.model.embed_dim)  # [M, D]
+  state = create_train_state(params=params, optimizer=optimizer, memory=memory, rng=state_rng,
+                             model_state=model_state)
+  return jax.device_get(state), optimizer, schedule

@@ -6,10 +6,11 @@ fail at start-up with a message that says what to do, not hours later or silentl
 - `check_writable(workdir)`: the folder can be created and written (a probe file, fsync-ed).
 - `check_free_space(workdir, state)`: the file system has room for at least one checkpoint of
   `state` (error) and for `keep_checkpoints + 1` of them (warning).
-- `check_config(config, workdir, resuming=...)`: the workdir's `config.json` (written by the
-  first start) matches this config, up to fields that do not change the trained model
+- `check_config(hp, workdir, resuming=...)`: the workdir's `config.json` (written by the
+  first start) matches these hyper-parameters, up to fields that do not change the trained model
   (`RESUME_IGNORED_FIELDS`); `config.allow_resume_with_other_config=True` overrides.
 """
+import dataclasses
 import errno
 import json
 import os
@@ -17,9 +18,12 @@ import shutil
 from typing import Any
 
 from absl import logging
+from flax import traverse_util
 import jax
-import ml_collections
 import numpy as np
+
+from ciae_jax import files
+from ciae_jax import hparams
 
 CONFIG_FILE = "config.json"
 # Fields that may change between the starts of one run: they do not change the parameters
@@ -82,19 +86,10 @@ def check_free_space(workdir: str, state: Any, *, keep_checkpoints: int = 1) -> 
                     needed / _MIB)
 
 
-def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Config as {'a.b': JSON value} (tuples as lists)."""
-  flat = {}
-
-  def visit(prefix, node):
-    for key, value in node.items():
-      name = f"{prefix}{key}"
-      if isinstance(value, (ml_collections.ConfigDict, dict)):
-        visit(name + ".", value)
-      else:
-        flat[name] = json.loads(json.dumps(value, default=str))
-  visit("", config)
-  return flat
+def flat_config(hp: hparams.HParams) -> dict[str, Any]:
+  """The hyper-parameters as {'a.b': JSON value} (tuples as lists), as `config.json` holds them."""
+  flat = traverse_util.flatten_dict(dataclasses.asdict(hp), sep=".")
+  return json.loads(json.dumps(flat, default=str))
 
 
 def _ignored(name: str) -> bool:
@@ -113,11 +108,11 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
   return differences
 
 
-def check_config(config: ml_collections.ConfigDict, workdir: str, *, resuming: bool) -> None:
-  """Compares `config` with the workdir's record; writes the record (process 0).
+def check_config(hp: hparams.HParams, workdir: str, *, resuming: bool) -> None:
+  """Compares `hp` with the workdir's record; writes the record (process 0).
 
   Args:
-    config: this run's config.
+    hp: this run's hyper-parameters.
     workdir: the run's folder.
     resuming: a checkpoint exists in the workdir (else the record is simply rewritten).
 
@@ -126,14 +121,14 @@ def check_config(config: ml_collections.ConfigDict, workdir: str, *, resuming: b
       optimisation or its data (listed), unless `config.allow_resume_with_other_config`.
   """
   path = os.path.join(workdir, CONFIG_FILE)
-  current = flat_config(config)
+  current = flat_config(hp)
   if resuming and os.path.isfile(path):
     with open(path) as f:
       saved = json.load(f)
     differences = config_differences(saved, current)
     if differences:
       listing = "\n  ".join(differences)
-      if not config.get("allow_resume_with_other_config", False):
+      if not hp.allow_resume_with_other_config:
         raise WorkdirError(
             errno.EEXIST, f"workdir {workdir} holds checkpoints of another config "
             f"({path} differs):\n  {listing}\nUse a fresh --workdir, or set "
@@ -143,11 +138,4 @@ def check_config(config: ml_collections.ConfigDict, workdir: str, *, resuming: b
     logging.warning("%s has checkpoints but no %s: cannot check that they come from this "
                     "config; recording this one.", workdir, CONFIG_FILE)
   if jax.process_index() == 0:
-    _write_json_atomically(path, current)
-
-
-def _write_json_atomically(path: str, data: Any) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)  # Readers see the old file or the new one, never half of one.
+    files.write_json(path, current, indent=1, sort_keys=True)

@@ -1,10 +1,12 @@
 """Checkpoints of the whole TrainState with orbax: save every N steps, keep the last K, resume.
 
 The state is saved as a host copy (one replica, numpy) of its flax state dict, so a run saved
-under "pmap" resumes under "shard_map" (or on another device count) and vice versa.
+under "pmap" resumes under "shard_map" (or on another device count) and vice versa. Readers
+that need only some fields (evaluation: params, model state, memory) restore those alone
+(`restore_fields`), without building or reading the optimizer state.
 """
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax
 import jax
@@ -12,23 +14,26 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-def create_manager(workdir: str, *, checkpoint_every_steps: int = 5000,
-                   keep_checkpoints: int = 3, create: bool = True,
+def create_manager(workdir: str, *, checkpoint_every_steps: int | None = None,
+                   keep_checkpoints: int | None = None, create: bool = True,
                    cleanup_tmp: bool = False) -> ocp.CheckpointManager:
   """Orbax manager over `workdir/checkpoints` that saves every N steps and keeps the last K.
 
-  `create=False` (readers such as evaluate.py) leaves a missing folder missing. `cleanup_tmp`
-  (the training run, the only writer) deletes the unfinished checkpoints a killed run left.
+  Writers (the training run) give `checkpoint_every_steps` and `keep_checkpoints`
+  (`HParams`); readers leave them None. `create=False` (readers such as evaluate.py) leaves a
+  missing folder missing. `cleanup_tmp` (the training run, the only writer) deletes the
+  unfinished checkpoints a killed run left.
   """
-  if checkpoint_every_steps <= 0:
+  if checkpoint_every_steps is not None and checkpoint_every_steps <= 0:
     raise ValueError(f"checkpoint_every_steps must be > 0, got {checkpoint_every_steps}")
-  if keep_checkpoints <= 0:
+  if keep_checkpoints is not None and keep_checkpoints <= 0:
     raise ValueError(f"keep_checkpoints must be > 0, got {keep_checkpoints}")
   # Orbax writes a checkpoint into a temporary folder and renames it when complete: a process
   # killed mid-save leaves the previous checkpoints intact and a temporary folder that
   # `latest_step` ignores.
-  options = ocp.CheckpointManagerOptions(save_interval_steps=checkpoint_every_steps,
-                                         max_to_keep=keep_checkpoints, create=create,
+  saving = {} if checkpoint_every_steps is None else dict(
+      save_interval_steps=checkpoint_every_steps)
+  options = ocp.CheckpointManagerOptions(**saving, max_to_keep=keep_checkpoints, create=create,
                                          cleanup_tmp_directories=cleanup_tmp)
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   return ocp.CheckpointManager(directory, options=options)
@@ -86,14 +91,53 @@ def restore(manager: ocp.CheckpointManager, template: Any,
   return state
 
 
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
+  """(shape, dtype) of an array or a `jax.ShapeDtypeStruct`."""
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return tuple(x.shape), np.dtype(x.dtype)
+  x = np.asarray(x)
+  return x.shape, x.dtype
+
+
 def _check_matches(restored: Any, template: Any, where: str) -> None:
   """Orbax restores arrays with their saved shapes: compare them with the template's."""
   flat_restored = jax.tree_util.tree_flatten_with_path(restored)[0]
   flat_template = jax.tree_util.tree_flatten_with_path(template)[0]
   for (path, got), (_, want) in zip(flat_restored, flat_template):
-    if np.shape(got) != np.shape(want) or np.asarray(got).dtype != np.asarray(want).dtype:
+    (got_shape, got_dtype), (want_shape, want_dtype) = _shape_dtype(got), _shape_dtype(want)
+    if got_shape != want_shape or got_dtype != want_dtype:
       raise ValueError(
           f"checkpoint {where} does not match the state of this config at "
-          f"{jax.tree_util.keystr(path)}: saved {np.asarray(got).dtype}{list(np.shape(got))}, "
-          f"expected {np.asarray(want).dtype}{list(np.shape(want))} (model or optimizer "
-          "changed?)")
+          f"{jax.tree_util.keystr(path)}: saved {got_dtype}{list(got_shape)}, "
+          f"expected {want_dtype}{list(want_shape)} (model or optimizer changed?)")
+
+
+def restore_fields(manager: ocp.CheckpointManager, template: Mapping[str, Any],
+                   step: Optional[int] = None) -> Optional[dict[str, Any]]:
+  """Only the top-level fields of `template` (e.g. params, model_state, memory) of checkpoint
+  `step` (default: the latest), as host NumPy arrays; None if there is no such checkpoint.
+
+  `template` maps field names of the saved `TrainState` to trees of arrays or
+  `jax.ShapeDtypeStruct`s (what `jax.eval_shape` gives); nothing else is read from disk.
+
+  Raises:
+    ValueError: the checkpoint's arrays do not fit the template (names the leaf).
+  """
+  if step is None:
+    step = manager.latest_step()
+  elif step not in manager.all_steps():
+    return None
+  if step is None:
+    return None
+  target = flax.serialization.to_state_dict(dict(template))
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  try:
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        target, restore_args=restore_args, partial_restore=True))
+  except (ValueError, KeyError) as error:
+    raise ValueError(f"checkpoint {manager.directory}/{step} does not hold the fields "
+                     f"{sorted(template)} of this model: {error}") from error
+  restored = {name: flax.serialization.from_state_dict(template[name], restored[name])
+              for name in template}
+  _check_matches(restored, dict(template), f"{manager.directory}/{step}")
+  return restored

@@ -1,0 +1,353 @@
+"""Typed hyper-parameters: one frozen dataclass per group, the paper's defaults written once.
+
+`HParams.from_config(config)` turns an ml_collections config (`configs/*.py`, overridable with
+`--config.a.b=value`) into these objects once, at the entry point; every function below takes
+the group it needs (`ciae_loss(..., hp.loss)`, `panoptic_inference(..., hp.inference)`).
+`config_lib.base_config()` is built from the defaults here, so a default exists in one place.
+
+Groups and where they go:
+  model      -> `models.ciae.CIAE` (ResNet-FPN, proposal head, embedding branch);
+  fcos       -> FCOS targets (`targets`) and losses (`losses.fcos`);
+  loss       -> the CIAE loss (`losses.ciae`); `merge_things` also sets the memory layout;
+  memory     -> the memory momentum (`memory.update_memory`, Eq. 13);
+  optimizer  -> `training.optim` (SGD, schedule, decay, clipping, frozen parameters);
+  inference  -> `inference` (decoding, NMS, panoptic assignment) and evaluation;
+  dataset    -> `data` (sources, sizes, augmentation); imports no TensorFlow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping
+
+# FPN levels P3..P7 of the proposal head: fixed by the architecture (not a config field).
+LEVEL_STRIDES = (8, 16, 32, 64, 128)
+
+_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_tiny")
+_NORMS = ("frozen_bn", "gn")
+_DTYPES = ("float32", "bfloat16", "float16")
+_POSITIVE_REGIONS = ("mask", "box")
+_IOU_KINDS = ("iou", "linear_iou", "giou")
+_CATEGORY_SOURCES = ("box", "memory")
+_SOURCES = ("coco", "tfds", "synthetic")
+PARALLEL_MODES = ("pmap", "shard_map")
+
+
+class HParamsError(ValueError):
+  """A config field is unknown or has a value the code cannot use (names the field)."""
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+  if not condition:
+    raise HParamsError(f"config.{field}: {message}")
+
+
+class _Group:
+  """Methods shared by the groups (frozen dataclasses)."""
+
+  def replace(self, **changes: Any) -> Any:
+    """A copy with some fields changed (validated again)."""
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_mapping(cls, mapping: Mapping[str, Any], where: str = "") -> Any:
+    """An instance from a (nested) mapping, e.g. a ConfigDict group; HParamsError names an
+    unknown field or a bad value. `where` is the group's dotted name in messages."""
+    return _from_mapping(cls, mapping, f"{where}." if where else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelHParams(_Group):
+  """The CIAE network, paper IV-A: ResNet-50 (frozen BN, ImageNet init), FPN 256, D = 32."""
+  backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet_tiny (tests).
+  norm: str = "frozen_bn"  # "gn": GroupNorm backbone trained from scratch.
+  freeze_at: int | None = None  # Frozen stages; None: 2 with frozen_bn (FCOS), 0 with gn.
+  fpn_dim: int = 256  # FPN channels, also the head tower width.
+  head_convs: int = 4  # conv3x3 + GN + ReLU layers per head tower.
+  semantic_dim: int = 128  # Embedding-branch aggregation width.
+  embed_dim: int = 32  # D, Table X.
+  box_embed_dim: int | None = None  # E, channels of the box embedding; None: = embed_dim.
+  use_box_embedding: bool = True  # Fuse P'' into the embedding, Table VI.
+  use_coordconv: bool = True  # CoordConv on the P5 path of the embedding branch, Table VI.
+  prior_prob: float = 0.01  # Class prior of the logits' bias init (RetinaNet / FCOS).
+  dtype: str = "float32"  # Compute dtype; params and outputs stay float32.
+
+  def __post_init__(self):
+    _require(self.backbone in _BACKBONES, "model.backbone", f"{self.backbone!r} not in {_BACKBONES}")
+    _require(self.norm in _NORMS, "model.norm", f"{self.norm!r} not in {_NORMS}")
+    _require(self.dtype in _DTYPES, "model.dtype", f"{self.dtype!r} not in {_DTYPES}")
+    for name in ("fpn_dim", "semantic_dim", "embed_dim"):
+      _require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+    _require(self.head_convs >= 0, "model.head_convs", f"must be >= 0, got {self.head_convs}")
+    _require(self.box_embed_dim is None or self.box_embed_dim >= 1, "model.box_embed_dim",
+             f"must be None or >= 1, got {self.box_embed_dim}")
+    _require(0.0 < self.prior_prob < 1.0, "model.prior_prob", f"must be in (0, 1), got {self.prior_prob}")
+    _require(self.freeze_at is None or 0 <= self.freeze_at <= 5, "model.freeze_at",
+             f"must be None or in 0..5, got {self.freeze_at}")
+    _require(not (self.norm == "gn" and (self.freeze_at or 0) > 0), "model.freeze_at",
+             "> 0 needs norm='frozen_bn' (a GN backbone trains from scratch)")
+
+  @property
+  def resolved_freeze_at(self) -> int:
+    """`freeze_at` with its default filled in."""
+    if self.freeze_at is not None:
+      return self.freeze_at
+    return 2 if self.norm == "frozen_bn" else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FcosHParams(_Group):
+  """FCOS targets and losses (paper IV-A.3: positives inside the instance mask)."""
+  sizes: tuple[float, ...] = (64, 128, 256, 512)  # Level ranges of max(l, t, r, b).
+  positive_region: str = "mask"  # "box": original FCOS.
+  focal_alpha: float = 0.25
+  focal_gamma: float = 2.0
+  iou_kind: str = "iou"  # -ln IoU; "linear_iou" 1 - IoU; "giou".
+  centerness_weighted_reg: bool = True  # IoU loss weighted by the centerness target (FCOS).
+
+  def __post_init__(self):
+    _require(all(a < b for a, b in zip(self.sizes[:-1], self.sizes[1:])), "fcos.sizes",
+             f"must increase, got {tuple(self.sizes)}")
+    _require(self.positive_region in _POSITIVE_REGIONS, "fcos.positive_region",
+             f"{self.positive_region!r} not in {_POSITIVE_REGIONS}")
+    _require(self.iou_kind in _IOU_KINDS, "fcos.iou_kind", f"{self.iou_kind!r} not in {_IOU_KINDS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossHParams(_Group):
+  """The CIAE loss (paper III-B, Eq. 2-12); each field is one of the paper's ablations."""
+  margin: float = 0.15  # Table IX.
+  top_k: int = 5  # Eq. 9: negatives kept per pixel (tau_K read as top-K per pixel).
+  alpha: float = 2.0  # Eq. 12: weight of L_IAE.
+  thing_weight: float = 5.0  # Weight of thing pixels in L_IAE.
+  box_expand: float = 1.5  # Table VIII: instance box filter, boxes scaled about their centres.
+  use_box_filter: bool = True  # Table VIII, first row: False.
+  merge_things: bool = True  # Table IV: all thing classes share one memory row.
+  loss_stride: int = 1  # 1: full-resolution P as in the paper; s: pixels [::s, ::s] only.
+  include_own: bool = False  # Eq. 6's k = c_i term (d_neg = 0); docs/method.md.
+  stop_query_gradient: bool = False  # No gradient through the instance means (paper silent).
+
+  def __post_init__(self):
+    _require(self.margin >= 0, "loss.margin", f"must be >= 0, got {self.margin}")
+    _require(self.top_k >= 1, "loss.top_k", f"must be >= 1, got {self.top_k}")
+    _require(self.loss_stride >= 1, "loss.loss_stride", f"must be >= 1, got {self.loss_stride}")
+    _require(self.box_expand > 0, "loss.box_expand", f"must be > 0, got {self.box_expand}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryHParams(_Group):
+  """Memory momentum, Eq. 13: `lam_t = 1 - momentum_coeff * (1 - t/T)^momentum_power`."""
+  momentum_coeff: float = 1e-4  # Table VII.
+  momentum_power: float = 3.0
+
+  def __post_init__(self):
+    _require(0.0 <= self.momentum_coeff <= 1.0, "memory.momentum_coeff",
+             f"must be in [0, 1], got {self.momentum_coeff}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerHParams(_Group):
+  """SGD of paper V-C (the RetinaNet recipe); `lr` None means `base_lr * batch_size / 16`."""
+  base_lr: float = 0.01  # For a global batch of 16, scaled linearly.
+  lr: float | None = None  # A direct learning rate overrides base_lr.
+  momentum: float = 0.9
+  weight_decay: float = 1e-4  # Kernels only.
+  warmup_steps: int = 1000  # Linear warm-up from lr * warmup_factor (Detectron).
+  warmup_factor: float = 0.001
+  decay_steps: tuple[int, ...] = (60_000, 80_000)  # x decay_factor at each.
+  decay_factor: float = 0.1
+  grad_clip_norm: float | None = None  # None: no clipping.
+  # Regexes over '/'-joined param paths that get no update; the frozen backbone stages already
+  # live outside 'params' (model.freeze_at).
+  frozen_patterns: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    _require(self.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceHParams(_Group):
+  """Panoptic inference (paper IV-C), used by evaluation and prediction."""
+  pre_nms_thresh: float = 0.05  # Threshold on sigmoid(cls) for a candidate.
+  pre_nms_top_n: int = 1000  # Candidates kept per level.
+  nms_thresh: float = 0.6  # Class-wise NMS IoU.
+  max_detections: int = 100  # Detections after NMS (instance query slots).
+  stuff_area: float = 4096.0  # Stuff segments smaller than this (original pixels) become void.
+  instance_min_area: float = 64.0  # Instances with fewer pixels become void.
+  # Detections scored below this take no pixels. The paper is silent; with every NMS survivor
+  # competing in the argmax (0.0), low-score duplicates split instances (README "Results").
+  instance_score_thresh: float = 0.3
+  category_from: str = "box"  # "memory": Table IV 'E' (needs loss.merge_things=False).
+  box_expand_infer: float = 1.0  # Scale of the predicted boxes for the box filter.
+  outside_box_similarity: float = 0.0  # Paper: 0 outside the box; -inf makes it a hard limit.
+  oracle: bool = False  # Table V: ground-truth boxes and mean embeddings as queries.
+  batch_size: int = 0  # Evaluation batch (global); 0: the training batch size.
+
+  def __post_init__(self):
+    _require(self.category_from in _CATEGORY_SOURCES, "inference.category_from",
+             f"{self.category_from!r} not in {_CATEGORY_SOURCES}")
+    _require(self.max_detections >= 1, "inference.max_detections",
+             f"must be >= 1, got {self.max_detections}")
+    _require(self.pre_nms_top_n >= 1, "inference.pre_nms_top_n",
+             f"must be >= 1, got {self.pre_nms_top_n}")
+    _require(self.batch_size >= 0, "inference.batch_size", f"must be >= 0, got {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticHParams(_Group):
+  """The generated dataset of `dataset.source = "synthetic"`."""
+  num_train: int = 512
+  num_val: int = 64
+  image_size: tuple[int, int] = (128, 128)  # (h, w)
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetHParams(_Group):
+  """The input: source, sizes, augmentation (paper V-C: shorter side 800, longer side <= 1333).
+
+  The fields are documented in `ciae_jax.data.pipeline`.
+  """
+  source: str = "coco"  # coco | tfds | synthetic.
+  root: str = ""  # COCO-layout root (coco, synthetic; for tfds the evaluation ground truth).
+  train_split: str = "train2017"
+  val_split: str = "val2017"
+  tfds_name: str = "coco/2017_panoptic"
+  tfds_data_dir: str | None = None
+  categories_file: str | None = None  # None: the split's JSON (bundled COCO list for tfds).
+  image_size: tuple[int, int] = (1408, 1408)  # (H, W) every image is padded to.
+  train_min_size_range: tuple[int, int] = (800, 800)  # Training shorter side, uniform integer.
+  max_size: int = 1333  # Training cap of the longer side.
+  eval_min_size: int = 800
+  eval_max_size: int = 1333
+  max_segments: int = 100  # S, segment rows per image.
+  flip: bool = True
+  skip_bad_examples: bool = False
+  shuffle_buffer: int = 1000  # TFDS source only.
+  num_parallel_calls: int = -1  # -1: AUTOTUNE.
+  prefetch: int = 2
+  synthetic: SyntheticHParams = SyntheticHParams()
+
+  def __post_init__(self):
+    _require(self.source in _SOURCES, "dataset.source", f"must be one of {_SOURCES}, got "
+             f"{self.source!r}")
+    lo, hi = self.train_min_size_range
+    _require(0 < lo <= hi, "dataset.train_min_size_range",
+             f"must be (lo, hi) with 0 < lo <= hi, got {tuple(self.train_min_size_range)}")
+    _require(self.max_segments >= 1, "dataset.max_segments", f"must be >= 1, got {self.max_segments}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams(_Group):
+  """Everything a run reads: the run-level fields and one object per group."""
+  seed: int = 0
+  parallel: str = "pmap"  # or "shard_map": the same step under jax.shard_map + jax.jit.
+  total_steps: int = 90_000
+  batch_size: int = 16  # Global, over all devices and hosts.
+  log_every_steps: int = 50
+  checkpoint_every_steps: int = 5_000
+  keep_checkpoints: int = 3
+  eval_every_steps: int = 10_000  # <= 0: no evaluation at all (not even at the end).
+  init_backbone: str = ""  # Converted ImageNet backbone (python -m ciae_jax.models.convert).
+  # A step with a non-finite loss or gradient is skipped (state unchanged, counted); this many
+  # in a row stop the run with an error.
+  max_consecutive_nonfinite: int = 10
+  # Resuming a workdir whose config.json differs in fields that change the model, the
+  # optimisation or the data is an error unless this is set.
+  allow_resume_with_other_config: bool = False
+  dataset: DatasetHParams = DatasetHParams()
+  model: ModelHParams = ModelHParams()
+  fcos: FcosHParams = FcosHParams()
+  loss: LossHParams = LossHParams()
+  memory: MemoryHParams = MemoryHParams()
+  optimizer: OptimizerHParams = OptimizerHParams()
+  inference: InferenceHParams = InferenceHParams()
+
+  def __post_init__(self):
+    _require(self.parallel in PARALLEL_MODES, "parallel",
+             f"must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+    _require(self.total_steps > 0, "total_steps", f"must be > 0, got {self.total_steps}")
+    _require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+    _require(self.log_every_steps > 0, "log_every_steps", f"must be > 0, got {self.log_every_steps}")
+    _require(self.checkpoint_every_steps > 0, "checkpoint_every_steps",
+             f"must be > 0, got {self.checkpoint_every_steps}")
+    _require(self.keep_checkpoints > 0, "keep_checkpoints", f"must be > 0, got {self.keep_checkpoints}")
+    _require(self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite",
+             f"must be >= 1, got {self.max_consecutive_nonfinite}")
+    _require(self.inference.category_from != "memory" or not self.loss.merge_things,
+             "inference.category_from", "'memory' needs one memory row per thing class "
+             "(loss.merge_things=False)")
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any]) -> "HParams":
+    """The typed hyper-parameters of an ml_collections config (or a nested mapping).
+
+    Raises:
+      HParamsError: a field that no group knows (a typo must not pass silently), or a value
+        out of range; the message names the field.
+    """
+    return cls.from_mapping(config)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+  return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _from_mapping(cls: type, mapping: Mapping[str, Any], prefix: str) -> Any:
+  """`cls(**mapping)` with nested groups built recursively and sequences made tuples."""
+  items = dict(mapping.items())
+  types_ = _field_types(cls)
+  unknown = sorted(set(items) - set(types_))
+  if unknown:
+    where = f"config.{prefix[:-1]}" if prefix else "config"
+    raise HParamsError(f"{where} has unknown field(s) {unknown}; known: {sorted(types_)}")
+  kwargs = {}
+  for name, value in items.items():
+    tp = types_[name]
+    if _is_dataclass_type(tp):
+      kwargs[name] = _from_mapping(tp, value, f"{prefix}{name}.")
+    elif _origin(tp) is tuple and value is not None:
+      kwargs[name] = tuple(value)
+    else:
+      kwargs[name] = value
+  return cls(**kwargs)
+
+
+def _origin(tp: Any) -> Any:
+  return typing.get_origin(tp)
+
+
+def _optional_type(tp: Any) -> type | None:
+  """`int` for `int | None` (placeholders need the type), else None."""
+  if _origin(tp) in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) == 1:
+      return args[0]
+  return None
+
+
+def to_config_dict(hparams: Any) -> Any:
+  """An ml_collections ConfigDict of a dataclass instance (fields typed; None as placeholders)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  result = ml_collections.ConfigDict()
+  types_ = _field_types(type(hparams))
+  for field in dataclasses.fields(hparams):
+    value = getattr(hparams, field.name)
+    if dataclasses.is_dataclass(value):
+      result[field.name] = to_config_dict(value)
+    elif value is None:
+      result[field.name] = config_dict.placeholder(_optional_type(types_[field.name]))
+    else:
+      result[field.name] = value
+  return result
+
+
+def as_dict(hparams: Any) -> dict[str, Any]:
+  """Nested plain dict of a dataclass instance (tuples kept)."""
+  return dataclasses.asdict(hparams)
