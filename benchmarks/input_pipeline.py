@@ -64,7 +64,7 @@ def time_pipeline(root: str, threads: int, batch: int, batches: int,
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
   from ciae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   cfg = hparams.DatasetHParams(root=root, train_split="bench", val_split="bench",
-                               image_size=tuple(args.image_size),
+                               canvas_sizes=(tuple(args.image_size),),
                                train_min_size_range=(640, 800), max_size=1333,
                                num_parallel_calls=threads)
   ds, _ = pipeline.build_tf_dataset(cfg, "bench", train=True,

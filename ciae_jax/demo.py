@@ -22,6 +22,7 @@ from PIL import Image
 
 from ciae_jax import hparams
 from ciae_jax import visualize
+from ciae_jax.data import canvas as canvas_lib
 from ciae_jax.data import transforms
 from ciae_jax.evaluation import coco_format
 from ciae_jax.evaluation import runner
@@ -57,9 +58,9 @@ def run_demo(hp: hparams.HParams, workdir: str, image_path: str, output: str,
   categories = restored.categories
   image = np.asarray(Image.open(image_path).convert("RGB"))  # [h0, w0, 3]
   dataset = hp.dataset
-  padded, valid_hw = prepare_image(image, min_size=dataset.eval_min_size,
-                                   max_size=dataset.eval_max_size,
-                                   padded_size=tuple(dataset.image_size))
+  padded, valid_hw = prepare_image(
+      image, min_size=dataset.eval_min_size, max_size=dataset.eval_max_size,
+      padded_size=canvas_lib.union_canvas(canvas_lib.canvases(dataset)))
   batch = {"image": padded[None], "image_size": np.array([valid_hw], np.int32),
            "orig_size": np.array([image.shape[:2]], np.int32)}
   predict = runner.make_predict_fn(restored.model, hp, categories.num_stuff)

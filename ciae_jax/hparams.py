@@ -216,7 +216,9 @@ class DatasetHParams(_Group):
   tfds_name: str = "coco/2017_panoptic"
   tfds_data_dir: str | None = None
   categories_file: str | None = None  # None: the split's JSON (bundled COCO list for tfds).
-  image_size: tuple[int, int] = (1408, 1408)  # (H, W) every image is padded to.
+  # Canvases (H, W), multiples of 32, that images are padded to (`data.canvas`); empty: one
+  # per orientation derived from the sizes below (800 x 1344 and 1344 x 800 for COCO).
+  canvas_sizes: tuple[tuple[int, int], ...] = ()
   train_min_size_range: tuple[int, int] = (800, 800)  # Training shorter side, uniform integer.
   max_size: int = 1333  # Training cap of the longer side.
   eval_min_size: int = 800
@@ -236,6 +238,9 @@ class DatasetHParams(_Group):
     _require(0 < lo <= hi, "dataset.train_min_size_range",
              f"must be (lo, hi) with 0 < lo <= hi, got {tuple(self.train_min_size_range)}")
     _require(self.max_segments >= 1, "dataset.max_segments", f"must be >= 1, got {self.max_segments}")
+    _require(all(len(c) == 2 and c[0] > 0 and c[1] > 0 and not c[0] % 32 and not c[1] % 32
+                 for c in self.canvas_sizes), "dataset.canvas_sizes",
+             f"each canvas must be (H, W) with positive multiples of 32, got {self.canvas_sizes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,10 +317,17 @@ def _from_mapping(cls: type, mapping: Mapping[str, Any], prefix: str) -> Any:
     if _is_dataclass_type(tp):
       kwargs[name] = _from_mapping(tp, value, f"{prefix}{name}.")
     elif _origin(tp) is tuple and value is not None:
-      kwargs[name] = tuple(value)
+      kwargs[name] = _as_tuple(value)
     else:
       kwargs[name] = value
   return cls(**kwargs)
+
+
+def _as_tuple(value: Any) -> Any:
+  """Sequences (lists from a command line or JSON, nested too) as tuples."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_as_tuple(v) for v in value)
+  return value
 
 
 def _origin(tp: Any) -> Any:

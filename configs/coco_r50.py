@@ -27,7 +27,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variants = config_lib.parse_variants(arg, VARIANTS)
   config = config_lib.base_config()
   config.dataset.source = "coco"
-  config.dataset.image_size = (1408, 1408)
   config.dataset.train_min_size_range = (800, 800)
   config.dataset.max_size = 1333
   config.dataset.eval_min_size = 800

@@ -36,7 +36,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   dataset = config.dataset
   dataset.source = "synthetic"
   dataset.root = os.path.join(REPO_ROOT, "data", "synthetic")
-  dataset.image_size = (128, 128)
   dataset.train_min_size_range = (128, 128)
   dataset.max_size = 128
   dataset.eval_min_size = 128

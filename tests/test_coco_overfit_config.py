@@ -61,7 +61,7 @@ def test_config_fits_the_sample_annotations(coco_sample_root):
   isthing = {c["id"]: c["isthing"] for c in data["categories"]}
   images = {i["id"]: i for i in data["images"]}
   assert len(data["annotations"]) == 2
-  height, width = config.dataset.image_size
+  (height, width), = config.dataset.canvas_sizes
   assert height % 128 == 0 and width % 128 == 0
   for annotation in data["annotations"]:
     segments = annotation["segments_info"]
@@ -92,7 +92,7 @@ def _tiny_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 1
   config.checkpoint_every_steps = TOTAL_STEPS
   config.eval_every_steps = TOTAL_STEPS
-  config.dataset.image_size = (128, 128)
+  config.dataset.canvas_sizes = ((128, 128),)
   config.dataset.train_min_size_range = (64, 64)
   config.dataset.max_size = 128
   config.dataset.eval_min_size = 64

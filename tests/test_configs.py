@@ -15,6 +15,7 @@ import pytest
 
 from ciae_jax import config_lib
 from ciae_jax import hparams
+from ciae_jax.data import canvas as canvas_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ["coco_r50.py", "coco_r50.py:r101", "coco_r50.py:long", "coco_r50.py:r101,long",
@@ -56,8 +57,8 @@ def test_config_loads_locked_with_every_ablation_field(name):
   with pytest.raises(AttributeError):
     config.new_field = 1  # Locked: typos cannot add fields.
   assert config.parallel in ("pmap", "shard_map")
-  height, width = config.dataset.image_size
-  assert height % 128 == 0 and width % 128 == 0
+  for height, width in canvas_lib.canvases(hparams.HParams.from_config(config).dataset):
+    assert height % 32 == 0 and width % 32 == 0
   hparams.HParams.from_config(config)  # Every field known, every value valid.
 
 

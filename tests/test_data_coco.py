@@ -170,7 +170,7 @@ def test_numpy_decoder_names_file_and_image_id(broken_root, defect):
 
 def _tiny_config(root):
   return hparams.DatasetHParams(root=str(root), train_split="val2017", val_split="val2017",
-                                image_size=(256, 256), train_min_size_range=(128, 160),
+                                canvas_sizes=((256, 256),), train_min_size_range=(128, 160),
                                 max_size=256, eval_min_size=128, eval_max_size=256)
 
 

@@ -137,7 +137,7 @@ def test_synthetic_source_through_the_pipeline(tmp_path):
   cfg = hparams.DatasetHParams(
       source="synthetic", root=str(tmp_path / "syn"),
       synthetic=hparams.SyntheticHParams(num_train=8, num_val=3, image_size=(96, 96)),
-      image_size=(128, 128), train_min_size_range=(96, 128), max_size=128, eval_min_size=128,
+      canvas_sizes=((128, 128),), train_min_size_range=(96, 128), max_size=128, eval_min_size=128,
       eval_max_size=128, max_segments=16)
   batch = next(pipeline.build_input(cfg, cfg.train_split, train=True,
                                     global_batch_size=8, seed=0))

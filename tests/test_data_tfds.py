@@ -29,7 +29,7 @@ def _config(coco_sample_root, source):
   return hparams.DatasetHParams(
       source=source, root=str(coco_sample_root), tfds_data_dir="/tmp/ciae_jax_no_tfds_data",
       categories_file=str(coco_sample_root / "panoptic_coco_categories.json"),
-      train_split="val2017", val_split="val2017", image_size=(256, 384),
+      train_split="val2017", val_split="val2017", canvas_sizes=((256, 384),),
       train_min_size_range=(160, 224), max_size=384, eval_min_size=192, eval_max_size=320,
       shuffle_buffer=4)
 

@@ -71,6 +71,7 @@ import jax
 import numpy as np
 
 from ciae_jax import hparams
+from ciae_jax.data import canvas as canvas_lib
 from ciae_jax.data import categories as categories_lib
 from ciae_jax.data import coco
 from ciae_jax.data import transforms
@@ -90,10 +91,6 @@ def _tf() -> Any:
 
 
 def _check_config(cfg: hparams.DatasetHParams) -> None:
-  height, width = cfg.image_size
-  if height % 128 or width % 128:
-    raise ValueError(f"dataset.image_size {tuple(cfg.image_size)} must be "
-                     "divisible by 128 in both dimensions")
   if cfg.skip_bad_examples and cfg.source == "tfds":
     raise ValueError("dataset.skip_bad_examples=True needs source 'coco' or "
                      "'synthetic' (TFDS examples were checked when the "
@@ -437,7 +434,9 @@ def build_tf_dataset(cfg: hparams.DatasetHParams, split: str, *,
     size_range, max_size = tuple(cfg.train_min_size_range), cfg.max_size
   else:
     size_range, max_size = (cfg.eval_min_size,) * 2, cfg.eval_max_size
-  options = dict(image_size=tuple(cfg.image_size), min_size_range=size_range,
+  # Every batch is padded to one canvas that holds all of the dataset's canvases.
+  image_size = canvas_lib.union_canvas(canvas_lib.canvases(cfg))
+  options = dict(image_size=image_size, min_size_range=size_range,
                  max_size=max_size, flip=cfg.flip,
                  max_segments=cfg.max_segments, pad=False)
 
@@ -455,8 +454,8 @@ def build_tf_dataset(cfg: hparams.DatasetHParams, split: str, *,
                   deterministic=True)
   # padded_batch pads image and map into the batch: one copy, not two.
   padded_shapes = {k: spec.shape for k, spec in ds.element_spec.items()}
-  padded_shapes["image"] = [*cfg.image_size, 3]
-  padded_shapes["segment_map"] = list(cfg.image_size)
+  padded_shapes["image"] = [*image_size, 3]
+  padded_shapes["segment_map"] = list(image_size)
   ds = ds.padded_batch(per_host, padded_shapes=padded_shapes,
                        drop_remainder=True)
   ds = ds.prefetch(cfg.prefetch)
