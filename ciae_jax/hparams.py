@@ -148,11 +148,18 @@ class MemoryHParams(_Group):
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerHParams(_Group):
-  """SGD of paper V-C (the RetinaNet recipe); `lr` None means `base_lr * batch_size / 16`."""
+  """SGD of paper V-C (the RetinaNet recipe); `lr` None means `base_lr * batch_size / 16`.
+
+  Parameter groups as FCOS's reference code (`fcos_core/solver/build.py` with
+  maskrcnn-benchmark's defaults): biases at 2x the rate without decay, everything else decayed.
+  """
   base_lr: float = 0.01  # For a global batch of 16, scaled linearly.
   lr: float | None = None  # A direct learning rate overrides base_lr.
   momentum: float = 0.9
-  weight_decay: float = 1e-4  # Kernels only.
+  weight_decay: float = 1e-4  # Kernels and the per-level FCOS scales.
+  weight_decay_norm: float = 1e-4  # GroupNorm scales (FCOS decays them; detectron2: 0).
+  weight_decay_bias: float = 0.0  # Conv and GroupNorm biases (FCOS: SOLVER.WEIGHT_DECAY_BIAS).
+  bias_lr_factor: float = 2.0  # Biases train at this x the rate (FCOS: SOLVER.BIAS_LR_FACTOR).
   warmup_steps: int = 1000  # Linear warm-up from lr * warmup_factor (Detectron).
   warmup_factor: float = 0.001
   decay_steps: tuple[int, ...] = (60_000, 80_000)  # x decay_factor at each.

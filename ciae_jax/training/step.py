@@ -4,12 +4,14 @@ One step at iteration t (state.step = t - 1 updates done):
   1. FCOS targets of every image (vmapped), positives counted and `psum`-ed over devices;
   2. forward pass, FCOS losses normalised by the GLOBAL positive count / centerness sum, CIAE loss
      sums with the GLOBAL valid-pixel count, against the memory M_{t-1} of the state;
-  3. gradients `pmean`-ed over devices, one optimizer update;
+  3. gradients `pmean`-ed over devices, one optimizer update at the rate `schedule(state.step)`;
   4. per-class sums / pixel counts of the pre-norm embeddings, summed over the local batch and
      `psum`-ed, then the momentum update `M_t` (identical on every device);
   5. if the loss, the gradients or the new memory hold a NaN or infinity, the update is dropped:
      params, optimizer state and memory stay as they were (metric `finite` False); `step` and
-     `rng` advance as after any step.
+     `rng` advance as after any step. `state.step` is the one clock: the learning-rate
+     schedule, the memory momentum (Eq. 13) and the logged rate all read it, so a skipped step
+     moves all of them on together (`training.optim`).
 
 Normalisation: each device's losses are its share of the global-batch loss (sum over local
 locations / global count). The objective differentiated on a device is that share times the
@@ -32,6 +34,7 @@ from ciae_jax.losses import fcos as fcos_lib
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.segments import BATCH_KEYS
 from ciae_jax.segments import Segments
+from ciae_jax.training import optim
 from ciae_jax.training import parallel
 from ciae_jax.training.train_state import TrainState
 
@@ -114,7 +117,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   grads = jax.lax.pmean(grads, AXIS_NAME)
   losses = jax.lax.psum(shares, AXIS_NAME)  # global-batch losses
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  # One clock: the rate of this step is a function of `state.step` (see `training.optim`).
+  learning_rate = learning_rate_fn(state.step)  # []
+  params = optim.apply_updates(state.params, updates, learning_rate)
 
   # Memory: M_t from the class means of this step's embeddings (the loss above used M_{t-1}).
   rows = state.memory.shape[0]
@@ -142,7 +147,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
       "loss": loss,
       "num_positives": normalizers["num_positives"],
       "grad_norm": grad_norm,
-      "learning_rate": learning_rate_fn(state.step),
+      "learning_rate": learning_rate,
       "memory_drift": jnp.mean(jnp.abs(memory - state.memory)),
       "finite": finite,
   }
