@@ -6,7 +6,6 @@ buf <- momentum * buf + g; w <- w - lr_t * buf; frozen parameters never move.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from ciae_jax import hparams
