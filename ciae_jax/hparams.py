@@ -268,6 +268,10 @@ class HParams(_Group):
   # Resuming a workdir whose config.json differs in fields that change the model, the
   # optimisation or the data is an error unless this is set.
   allow_resume_with_other_config: bool = False
+  # A profiler trace of steps profile_first_step .. + profile_num_steps - 1 into
+  # WORKDIR/profile (TensorBoard's profile plugin and Perfetto); 0: no trace.
+  profile_first_step: int = 0
+  profile_num_steps: int = 5
   dataset: DatasetHParams = DatasetHParams()
   model: ModelHParams = ModelHParams()
   fcos: FcosHParams = FcosHParams()
@@ -287,6 +291,9 @@ class HParams(_Group):
     _require(self.keep_checkpoints > 0, "keep_checkpoints", f"must be > 0, got {self.keep_checkpoints}")
     _require(self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite",
              f"must be >= 1, got {self.max_consecutive_nonfinite}")
+    _require(self.profile_first_step >= 0 and self.profile_num_steps >= 1, "profile_first_step",
+             "profile_first_step must be >= 0 (0: off) and profile_num_steps >= 1, got "
+             f"{self.profile_first_step}, {self.profile_num_steps}")
     _require(self.inference.category_from != "memory" or not self.loss.merge_things,
              "inference.category_from", "'memory' needs one memory row per thing class "
              "(loss.merge_things=False)")

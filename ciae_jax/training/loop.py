@@ -43,6 +43,8 @@ from ciae_jax.training import step as step_lib
 from ciae_jax.training import train_state as train_state_lib
 from ciae_jax.training import workdir as workdir_lib
 
+# Profiler traces of `hp.profile_first_step ..` go here (TensorBoard "profile" tab, Perfetto).
+PROFILE_DIR = "profile"
 # Images the training input left out: listed at the end of the run (log and this file).
 SKIPPED_EXAMPLES_FILE = "skipped_examples.json"
 MAX_SKIPPED_LOGGED = 50
@@ -171,7 +173,7 @@ def _train_and_evaluate(hp, workdir, *, evaluate_fn, input_fn, watcher):
 
   logging.info("Training from step %d to %d (%s, %d devices, global batch %d)", start_step,
                hp.total_steps, hp.parallel, jax.device_count(), hp.batch_size)
-  loop = _Steps(hp, step_fn=step_fn, batches=batches, mesh=mesh, writer=writer,
+  loop = _Steps(hp, workdir, step_fn=step_fn, batches=batches, mesh=mesh, writer=writer,
                 manager=manager, report_progress=report_progress,
                 run_evaluation=run_evaluation, watcher=watcher)
   try:
@@ -193,6 +195,7 @@ def _train_and_evaluate(hp, workdir, *, evaluate_fn, input_fn, watcher):
 class _Steps:
   """Steps `start_step + 1 .. total_steps` with logging, checkpoints and evaluation."""
   hp: hparams.HParams
+  workdir: str
   step_fn: Callable[..., Any]
   batches: Iterator[Mapping[str, np.ndarray]]
   mesh: Any
@@ -203,6 +206,13 @@ class _Steps:
   watcher: preemption.PreemptionWatcher
 
   def run(self, state: Any, start_step: int) -> Any:
+    profile = _Profile(self.hp, self.workdir)
+    try:
+      return self._run(state, start_step, profile)
+    finally:
+      profile.close()
+
+  def _run(self, state: Any, start_step: int, profile: "_Profile") -> Any:
     hp = self.hp
     nonfinite = nonfinite_lib.NonfiniteCounter(hp.max_consecutive_nonfinite)
     if self.watcher.should_stop(start_step):
@@ -212,12 +222,14 @@ class _Steps:
     train_metrics, last_log = None, (time.time(), start_step)
     for step in range(start_step + 1, hp.total_steps + 1):
       # `step` counts updates: after this iteration state.step == step.
+      profile.before(step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = next(self.batches)
         step_lib.check_batch(batch, leading_axes=2)  # [local_devices, per_device_batch, ...]
         state, outputs = self.step_fn(state, parallel.shard_batch(
             batch, parallel=hp.parallel, mesh=self.mesh))
       outputs = parallel.first_copy(outputs, parallel=hp.parallel)
+      profile.after(step, state)
       nonfinite.push(step, outputs["finite"])
       update = metrics_lib.TrainMetrics.single_from_model_output(**outputs)
       train_metrics = update if train_metrics is None else train_metrics.merge(update)
@@ -264,6 +276,40 @@ class _Steps:
       return  # Already saved (e.g. SIGTERM right after a periodic checkpoint).
     host = parallel.unreplicate(state, parallel=self.hp.parallel)
     checkpoint_lib.save(self.manager, step, host, force=True)
+
+
+class _Profile:
+  """A `jax.profiler` trace of steps `first .. first + num - 1` (0: none) under WORKDIR/profile.
+
+  The trace holds the host and device timelines of those steps (compilation left out when the
+  first traced step is not the first of the run), as TensorBoard's `.xplane.pb` and a Perfetto
+  `perfetto_trace.json.gz`.
+  """
+
+  def __init__(self, hp: hparams.HParams, workdir: str):
+    self.first = hp.profile_first_step
+    self.last = hp.profile_first_step + hp.profile_num_steps - 1
+    self.log_dir = os.path.join(workdir, PROFILE_DIR)
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.first and step == self.first:
+      logging.info("Profiling steps %d..%d into %s", self.first, self.last, self.log_dir)
+      jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
+      self.active = True
+
+  def after(self, step: int, state: Any) -> None:
+    if self.active and step == self.last:
+      jax.block_until_ready(state)  # The trace ends when the traced steps' work does.
+      self.close()
+
+  def close(self) -> None:
+    """Ends the trace if one is running (also when the run stops inside the traced steps)."""
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info("Profiler trace written to %s (tensorboard --logdir %s, or Perfetto)",
+                   self.log_dir, self.log_dir)
 
 
 def _report_skipped_examples(batches: Any, workdir: str) -> None:

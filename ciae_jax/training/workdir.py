@@ -32,6 +32,7 @@ CONFIG_FILE = "config.json"
 RESUME_IGNORED_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                          "eval_every_steps", "parallel", "max_consecutive_nonfinite",
                          "allow_resume_with_other_config", "inference",
+                         "profile_first_step", "profile_num_steps",
                          "dataset.num_parallel_calls", "dataset.prefetch")
 _MIB = 2**20
 
