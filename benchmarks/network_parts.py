@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ciae_jax.models import embedding as embedding_lib  # noqa: E402
@@ -48,11 +49,27 @@ from ciae_jax.models import layers  # noqa: E402
 from ciae_jax.models import resnet  # noqa: E402
 
 PARTS = ("backbone", "fpn", "head", "embedding")
+# Also available with --parts: "network" (whole forward) and "network_grad" (forward + backward).
+EXTRA_PARTS = ("network", "network_grad")
 
 
 def sub_variables(variables: Any, name: str) -> dict[str, Any]:
   """The variables of submodule `name` of CIAE, every collection that has it."""
   return {col: tree[name] for col, tree in variables.items() if name in tree}
+
+
+def _other_collections(variables: Any) -> dict[str, Any]:
+  return {k: v for k, v in variables.items() if k != "params"}
+
+
+def network_grad(model: Any) -> Callable[..., Any]:
+  """`(params, other collections, images) -> d(sum of all outputs)/d params`: the network's
+  forward and backward pass as in training (VJP with cotangents of ones)."""
+  def grad(params, others, images):
+    outputs, vjp = jax.vjp(
+        lambda p: model.apply({"params": p, **others}, images, train=True), params)
+    return vjp(jax.tree.map(jnp.ones_like, outputs))[0]
+  return grad
 
 
 def make_parts(model: Any, variables: Any, images: jax.Array, *,
@@ -83,9 +100,11 @@ def make_parts(model: Any, variables: Any, images: jax.Array, *,
       "head": jax.jit(lambda v, p: head.apply(v, [p[n] for n in head_lib.LEVEL_NAMES])),
       "embedding": jax.jit(lambda v, p, h: embedding.apply(v, p, h.get("box_embed"), image_hw)),
       "network": jax.jit(lambda v, x: model.apply(v, x, train=False)),
+      "network_grad": jax.jit(network_grad(model)),
   }
   args = {"backbone": (sub_variables(variables, "backbone"), images),
-          "network": (variables, images)}
+          "network": (variables, images),
+          "network_grad": (variables["params"], _other_collections(variables), images)}
   if any(p in parts for p in ("fpn", "head", "embedding")):
     c = fns["backbone"](*args["backbone"])
     args["fpn"] = (sub_variables(variables, "fpn"), c)
@@ -206,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--parts", default=",".join(PARTS + ("network",)),
-                      help="comma-separated subset of " + ",".join(PARTS + ("network",)))
+                      help="comma-separated subset of " + ",".join(PARTS + EXTRA_PARTS))
   parser.add_argument("--peer", action="store_true", help="also time torchvision FCOS pieces")
   parser.add_argument("--save", default="", help=".npz path for our pieces' outputs")
   args = parser.parse_args(argv)
@@ -221,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   images = jax.device_put(common.normalised_images(args.batch, size))
   start = time.perf_counter()
   wanted = [p for p in args.parts.split(",") if p]
-  unknown = sorted(set(wanted) - set(PARTS + ("network",)))
+  unknown = sorted(set(wanted) - set(PARTS + EXTRA_PARTS))
   if unknown:
     parser.error(f"unknown --parts {unknown}")
   ours = make_parts(model, variables, images, parts=wanted)

@@ -32,8 +32,11 @@ Compile seconds and XLA's FLOP estimate of every piece are printed too. `--trace
 
   python benchmarks/profile_step.py --size 256,384 --repeats 3
   python benchmarks/profile_step.py --size 256,384 --pieces forward,forward_backward,step
+  /opt/venv-torch/bin/python benchmarks/profile_step.py --size 256,384 --peer  # + torchvision
 
-Prints a table and a one-line JSON (`profile_step {...}`). No TensorFlow, no torch.
+`--peer` adds torchvision FCOS-R50's training forward (losses) and whole step (forward,
+backward, SGD) to the rotation, with FLOPs from torch's counter (needs torch + torchvision).
+Prints a table and a one-line JSON (`profile_step {...}`). No TensorFlow; torch only with --peer.
 """
 from __future__ import annotations
 
@@ -261,6 +264,48 @@ def ciae_sub_pieces(embedding: jax.Array, prenorm: jax.Array, segments: dict[str
   }
 
 
+def build_peer(host_batch: dict[str, np.ndarray], size: tuple[int, int]
+               ) -> tuple[dict[str, Callable[[], Any]], dict[str, float], dict[str, Any]] | None:
+  """torchvision FCOS-R50 training pieces (as train_speed.py's peer), or None without torch.
+
+  peer_forward: the losses of `model(images, targets)` in train mode; peer_step: forward,
+  backward and an SGD step. FLOPs from `torch.utils.flop_counter.FlopCounterMode`.
+  """
+  modules = common.import_torchvision()
+  if modules is None:
+    return None
+  torch, torchvision = modules
+  from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
+  host = {k: v[0] for k, v in host_batch.items()}  # [b, ...]
+  per_device = host["image"].shape[0]
+  images = [torch.rand(3, *size, generator=torch.Generator().manual_seed(i))
+            for i in range(per_device)]
+  targets = train_speed.synthetic_targets(torch, host, "cpu")
+  model = common.build_torchvision_fcos(torchvision, size, literal=False,
+                                        score_thresh=0.05).train()
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  sgd = torch.optim.SGD(trainable, lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+  def forward():
+    with torch.no_grad():
+      return sum(model(images, targets).values())
+
+  def step():
+    loss = sum(model(images, targets).values())
+    sgd.zero_grad(set_to_none=True)
+    loss.backward()
+    sgd.step()
+    return loss.detach()
+  calls = {"peer_forward": forward, "peer_step": step}
+  flops = {}
+  for name, call in calls.items():
+    counter = flop_counter.FlopCounterMode(display=False)
+    with counter:
+      call()
+    flops[name] = float(counter.get_total_flops())
+  return calls, flops, {"torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", type=common.parse_size, default=(256, 384))
@@ -273,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
   parser.add_argument("--parallel", default="shard_map", choices=parallel.PARALLEL_MODES)
   parser.add_argument("--loss_stride", type=int, default=1)
+  parser.add_argument("--peer", action="store_true",
+                      help="also time torchvision FCOS-R50's training forward and step (torch)")
   parser.add_argument("--trace", default="", help="directory for a jax.profiler trace")
   parser.add_argument("--trace_steps", type=int, default=2)
   args = parser.parse_args(argv)
@@ -323,6 +370,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       return metrics
     if "step" in wanted:
       calls["step"] = run_step
+
+  peer_settings = None
+  if args.peer:
+    peer = build_peer(host_batch, size)
+    if peer is not None:
+      peer_calls, peer_flops, peer_settings = peer
+      calls.update(peer_calls)
+      flops.update(peer_flops)
+      compile_s.update({name: None for name in peer_calls})
 
   names = list(calls)
   times: dict[str, list[float]] = {n: [] for n in names}
@@ -376,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "loss_stride": args.loss_stride},
              "info": info, "step_source": source, "devices": devices, "results": results,
              "covered_ms": covered, "covered_cpu_ms": covered_cpu, "notes": notes,
+             "peer_settings": peer_settings,
              "load_avg_end": round(os.getloadavg()[0], 1)}
   common.print_json("profile_step", payload)
   return payload

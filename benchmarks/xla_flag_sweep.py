@@ -40,8 +40,10 @@ ELTWISE, REDUCE = "LIBRARY_FUSION_TYPE_ELTWISE", "LIBRARY_FUSION_TYPE_REDUCE"
 FUSED_DOT = "LIBRARY_FUSION_TYPE_DOT"
 ONEDNN = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_custom_call": True}
 # name: (compiler options, the XLA_FLAGS spelling). jaxlib 0.10.2's default YNN list is
-# {individual_convolution, individual_dot}: every convolution and dot goes to YNNPACK;
-# an empty list turns YNNPACK off (Eigen convolutions and dots, XLA's pre-YNN path).
+# {individual_convolution, individual_dot, reduce} (checked: the same HLO fingerprint as giving
+# those three explicitly): every convolution and dot, and reductions, go to YNNPACK. An empty
+# list turns YNNPACK off (Eigen convolutions and dots, XLA's own reductions).
+DEFAULT_YNN = [CONV, DOT, REDUCE]
 SETTINGS: dict[str, tuple[dict[str, Any], str]] = {
     "default": ({}, ""),
     "eigen": ({YNN: ""}, f"--{YNN}="),
@@ -49,9 +51,9 @@ SETTINGS: dict[str, tuple[dict[str, Any], str]] = {
                       f"--{YNN}= --xla_cpu_multi_thread_eigen=false"),
     "ynn_conv_only": ({YNN: CONV}, f"--{YNN}=individual_convolution"),
     "ynn_dot_only": ({YNN: DOT}, f"--{YNN}=individual_dot"),
-    "ynn_plus_eltwise_reduce": ({YNN: ",".join([CONV, DOT, ELTWISE, REDUCE])},
-                                f"--{YNN}=+eltwise,+reduce"),
-    "ynn_plus_dot_fusion": ({YNN: ",".join([CONV, DOT, FUSED_DOT])}, f"--{YNN}=+dot"),
+    "ynn_no_reduce": ({YNN: ",".join([CONV, DOT])}, f"--{YNN}=-reduce"),
+    "ynn_plus_eltwise": ({YNN: ",".join(DEFAULT_YNN + [ELTWISE])}, f"--{YNN}=+eltwise"),
+    "ynn_plus_dot_fusion": ({YNN: ",".join(DEFAULT_YNN + [FUSED_DOT])}, f"--{YNN}=+dot"),
     "onednn": (dict(ONEDNN), "--xla_cpu_use_onednn=true "
                "--xla_cpu_experimental_onednn_custom_call=true"),
     "onednn_no_ynn": ({YNN: "", **ONEDNN}, f"--{YNN}= --xla_cpu_use_onednn=true "
