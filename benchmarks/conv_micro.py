@@ -5,6 +5,7 @@ given image size (batch 1, NHWC for JAX, NCHW and channels-last for PyTorch). Pe
 process, interleaved (one call of each per round, order rotated), medians of `--repeats`:
   xla_ynn      JAX, the default compilation (jaxlib 0.10.2: YNNPACK convolutions)
   xla_eigen    JAX with YNNPACK off (`xla_cpu_experimental_ynn_fusion_type` empty: Eigen)
+  xla_ynn_nchw JAX, default compilation, NCHW / OIHW dimension numbers (XLA picks the layout)
   torch_nchw   torch.nn.functional.conv2d on NCHW tensors (oneDNN where torch picks it)
   torch_nhwc   the same on channels_last tensors
 GFLOP/s = 2 * multiply-adds / median time. Also checks each JAX result against the PyTorch
@@ -92,15 +93,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       return jax.lax.conv_general_dilated(
           x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    def conv_nchw(x, kernel):
+      return jax.lax.conv_general_dilated(
+          x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+          dimension_numbers=("NCHW", "OIHW", "NCHW"))
     jx, jk = jnp.asarray(x, jdtype), jnp.asarray(kernel, jdtype)
+    jx_nchw = jnp.asarray(x.transpose(0, 3, 1, 2), jdtype)  # [1, cin, h, w]
+    jk_oihw = jnp.asarray(kernel.transpose(3, 2, 0, 1), jdtype)  # [cout, cin, k, k]
     candidates: dict[str, Callable[[], Any]] = {}
     syncs: dict[str, Callable[[Any], Any]] = {}
     outputs = {}
-    for name, options in (("xla_ynn", {}), ("xla_eigen", EIGEN)):
-      compiled = jax.jit(conv).lower(jx, jk).compile(compiler_options=options)
-      candidates[name] = (lambda c=compiled: c(jx, jk))
+    for name, fn, operands, options in (
+        ("xla_ynn", conv, (jx, jk), {}), ("xla_eigen", conv, (jx, jk), EIGEN),
+        ("xla_ynn_nchw", conv_nchw, (jx_nchw, jk_oihw), {})):
+      compiled = jax.jit(fn).lower(*operands).compile(compiler_options=options)
+      candidates[name] = (lambda c=compiled, o=operands: c(*o))
       syncs[name] = jax.block_until_ready
-      outputs[name] = np.asarray(candidates[name](), np.float32)  # [1, oh, ow, cout]
+      result = np.asarray(candidates[name](), np.float32)
+      outputs[name] = result.transpose(0, 2, 3, 1) if name.endswith("nchw") else result
     if torch is not None:
       tdtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
       tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(tdtype)  # [1, cin, h, w]
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       scale = float(np.max(np.abs(outputs["torch"])))
       entry["rel_diff_vs_torch"] = {
           n: float(np.max(np.abs(outputs[n] - outputs["torch"]))) / scale
-          for n in ("xla_ynn", "xla_eigen")}
+          for n in ("xla_ynn", "xla_eigen", "xla_ynn_nchw")}
     results[shape["name"]] = entry
     gflops = {n: flops / 1e9 / (entry["ms"][n] / 1e3) for n in names}
     best_torch = max((gflops[n] for n in ("torch_nchw", "torch_nhwc") if n in gflops),

@@ -1,6 +1,7 @@
 r"""Is one jitted inference program (network + post-processing) slower than its two parts?
 
-Times, in one process, interleaved (one call of each per round, order rotated), medians:
+Times, in one process, interleaved (one call of each per round, order rotated), medians of wall
+and of process CPU time (all threads):
   end_to_end   `inference_speed.make_end_to_end`: one program, network then post-processing
   barrier      the same program with `jax.lax.optimization_barrier` on the network outputs that
                the post-processing reads (XLA may not fuse or reorder across it)
@@ -120,28 +121,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   names = list(calls)
   times: dict[str, list[float]] = {n: [] for n in names}
+  cpu_times: dict[str, list[float]] = {n: [] for n in names}
   for round_index in range(args.warmup + args.repeats):
     order = names[round_index % len(names):] + names[:round_index % len(names)]
     for name in order:
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       jax.block_until_ready(calls[name]())
       if round_index >= args.warmup:
         times[name].append(time.perf_counter() - start)
+        cpu_times[name].append(time.process_time() - cpu_start)
   results = {n: {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
-                 "max_ms": 1e3 * max(ts)} for n, ts in times.items()}
+                 "max_ms": 1e3 * max(ts), "cpu_ms": 1e3 * statistics.median(cpu_times[n])}
+             for n, ts in times.items()}
   parts = results["network"]["median_ms"] + results["postprocess"]["median_ms"]
+  parts_cpu = results["network"]["cpu_ms"] + results["postprocess"]["cpu_ms"]
   rows = [[n, f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['max_ms']:.1f}",
-           f"{r['median_ms'] / parts:.2f}", f"{differences.get(n, 0.0):.1e}"]
+           f"{r['median_ms'] / parts:.2f}", f"{r['cpu_ms']:.1f}", f"{r['cpu_ms'] / parts_cpu:.2f}",
+           f"{differences.get(n, 0.0):.1e}"]
           for n, r in results.items()]
-  rows.append(["network + postprocess (sum of medians)", f"{parts:.1f}", "", "", "1.00", ""])
-  common.print_table(["program", "median ms", "min ms", "max ms", "/ sum of parts",
-                      "max |diff| vs end_to_end"], rows)
+  rows.append(["network + postprocess (sum of medians)", f"{parts:.1f}", "", "", "1.00",
+               f"{parts_cpu:.1f}", "1.00", ""])
+  common.print_table(["program", "median ms", "min ms", "max ms", "/ sum of parts", "CPU ms",
+                      "CPU / sum of parts", "max |diff| vs end_to_end"], rows)
   for name, summary in summaries.items():
     print(f"{name}: {summary}")
   payload = {"args": {"size": list(args.size), "padded": list(padded), "batch": args.batch,
                       "backbone": args.backbone, "dtype": args.dtype, "repeats": args.repeats},
              "info": info, "compile_s": compile_s, "results": results,
-             "sum_of_parts_ms": parts, "max_abs_diff": differences, "entry_summary": summaries,
+             "sum_of_parts_ms": parts, "sum_of_parts_cpu_ms": parts_cpu, "max_abs_diff": differences, "entry_summary": summaries,
              "load_avg_end": round(os.getloadavg()[0], 1)}
   common.print_json("e2e_fusion", payload)
   return payload
