@@ -1,0 +1,57 @@
+"""The profiling benchmarks run at a tiny size with plain JAX: no TensorFlow, no torch needed."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+SMOKE = """
+import sys
+sys.path.insert(0, {bench!r})
+import e2e_fusion, network_parts, op_profile, profile_step, resize_micro, xla_flag_sweep
+tiny = ["--backbone", "resnet_tiny", "--repeats", "1", "--warmup", "1"]
+network_parts.main(["--size", "128,128", "--parts", "backbone,fpn,head,embedding,network"] + tiny)
+xla_flag_sweep.main(["--size", "128,128", "--settings", "default,eigen"] + tiny)
+e2e_fusion.main(["--size", "128,128"] + tiny)
+profile_step.main(["--size", "64,64", "--per_device_batch", "1",
+                   "--pieces", "targets,forward,ciae_loss_grad,optimizer,step"] + tiny)
+op_profile.main(["--program", "network", "--size", "128,128", "--backbone", "resnet_tiny",
+                 "--calls", "1", "--top", "3"])
+resize_micro.main(["--size", "128,128", "--batch", "1", "--repeats", "1"])
+print("TENSORFLOW_IMPORTED", "tensorflow" in sys.modules)
+"""
+
+
+def _payload(lines, name):
+  return json.loads(next(l for l in lines if l.startswith(name + " ")).split(" ", 1)[1])
+
+
+@pytest.mark.slow  # A few minutes of CPU: it compiles the tiny train step and a dozen programs.
+def test_profiling_scripts_run_at_a_tiny_size_without_tensorflow():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(REPO_ROOT))
+  result = subprocess.run(
+      [sys.executable, "-c", SMOKE.format(bench=str(REPO_ROOT / "benchmarks"))],
+      capture_output=True, text=True, env=env, timeout=1200, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert "TENSORFLOW_IMPORTED False" in lines
+
+  parts = _payload(lines, "network_parts")["results"]
+  for piece in ("backbone", "fpn", "head", "embedding", "network"):
+    assert parts[piece]["median_ms"] > 0 and parts[piece]["gflop"] > 0, piece
+  sweep = _payload(lines, "xla_flag_sweep")["summary"]
+  assert sweep["default"]["hlo"]["network"]["library_fusions"]  # YNNPACK by default
+  assert not sweep["eigen"]["same_hlo"] and sweep["eigen"]["max_rel_diff"] < 1e-4
+  e2e = _payload(lines, "e2e_fusion")
+  assert e2e["max_abs_diff"] == {"barrier": 0.0, "split": 0.0}
+  step = _payload(lines, "profile_step")
+  assert set(step["results"]) == {"targets", "forward", "ciae_loss_grad", "optimizer", "step"}
+  assert step["results"]["step"]["gflop"] > step["results"]["forward"]["gflop"]
+  profile = _payload(lines, "op_profile")
+  assert profile["thunk_ms"] > 0 and profile["by_kind"]
+  resize = _payload(lines, "resize_micro")["results"]
+  assert all(r["max_value_diff"] < 1e-5 for r in resize.values())
