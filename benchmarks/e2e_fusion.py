@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   model = common.build_model(args.backbone, args.dtype)
   variables = common.init_variables(model)
-  memory = common.random_memory(common.NUM_STUFF, model.embed_dim)  # [M, D]
+  memory = common.random_memory(common.NUM_STUFF, model.hp.embed_dim)  # [M, D]
   images = jax.device_put(common.normalised_images(args.batch, padded))  # [B, H, W, 3]
   image_size = jnp.asarray(np.tile(np.asarray(args.size, np.int32), (args.batch, 1)))  # [B, 2]
   postprocess = inference_speed.postprocess_fn(num_stuff=common.NUM_STUFF)
 
   def network_fn(variables, images):
-    return model.apply(variables, images, train=False)
+    return model.apply(variables, images)
 
   def barrier_fn(variables, memory, images, image_size):
     outputs = network_fn(variables, images)

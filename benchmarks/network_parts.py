@@ -67,7 +67,7 @@ def network_grad(model: Any) -> Callable[..., Any]:
   forward and backward pass as in training (VJP with cotangents of ones)."""
   def grad(params, others, images):
     outputs, vjp = jax.vjp(
-        lambda p: model.apply({"params": p, **others}, images, train=True), params)
+        lambda p: model.apply({"params": p, **others}, images), params)
     return vjp(jax.tree.map(jnp.ones_like, outputs))[0]
   return grad
 
@@ -81,17 +81,17 @@ def make_parts(model: Any, variables: Any, images: jax.Array, *,
   The inputs of every piece come from default-compiled programs (the same arrays whatever
   `compiler_options`, XLA debug options given to this compilation only, as XLA_FLAGS would).
   """
-  dtype = layers.canonical_dtype(model.dtype)
-  backbone = resnet.ResNet(model.backbone, model.norm, model.resolved_freeze_at, dtype)
-  fpn = fpn_lib.FPN(model.fpn_dim, dtype)
-  box_embed_dim = model.box_embed_dim or model.embed_dim
+  dtype = layers.canonical_dtype(model.hp.dtype)
+  backbone = resnet.ResNet(model.hp.backbone, model.hp.norm, model.hp.resolved_freeze_at, dtype)
+  fpn = fpn_lib.FPN(model.hp.fpn_dim, dtype)
+  box_embed_dim = model.hp.box_embed_dim or model.hp.embed_dim
   head = head_lib.ProposalHead(
-      num_classes=model.num_thing_classes, head_dim=model.fpn_dim, head_convs=model.head_convs,
-      box_embed_dim=box_embed_dim if model.use_box_embedding else 0,
-      prior_prob=model.prior_prob, dtype=dtype)
+      num_classes=model.num_thing_classes, head_dim=model.hp.fpn_dim, head_convs=model.hp.head_convs,
+      box_embed_dim=box_embed_dim if model.hp.use_box_embedding else 0,
+      prior_prob=model.hp.prior_prob, dtype=dtype)
   embedding = embedding_lib.EmbeddingBranch(
-      semantic_dim=model.semantic_dim, embed_dim=model.embed_dim,
-      use_box_embedding=model.use_box_embedding, use_coordconv=model.use_coordconv, dtype=dtype)
+      semantic_dim=model.hp.semantic_dim, embed_dim=model.hp.embed_dim,
+      use_box_embedding=model.hp.use_box_embedding, use_coordconv=model.hp.use_coordconv, dtype=dtype)
   image_hw = images.shape[1:3]
 
   fns = {
@@ -99,7 +99,7 @@ def make_parts(model: Any, variables: Any, images: jax.Array, *,
       "fpn": jax.jit(lambda v, c: fpn.apply(v, c)),
       "head": jax.jit(lambda v, p: head.apply(v, [p[n] for n in head_lib.LEVEL_NAMES])),
       "embedding": jax.jit(lambda v, p, h: embedding.apply(v, p, h.get("box_embed"), image_hw)),
-      "network": jax.jit(lambda v, x: model.apply(v, x, train=False)),
+      "network": jax.jit(lambda v, x: model.apply(v, x)),
       "network_grad": jax.jit(network_grad(model)),
   }
   args = {"backbone": (sub_variables(variables, "backbone"), images),
@@ -185,8 +185,8 @@ def build_peer(size: tuple[int, int], batch: int
   with torch.inference_mode():
     image_list, _ = model.transform(images)
     tensors = image_list.tensors  # [B, 3, H, W]
-    body = model.backbone.body(tensors)
-    pyramid = model.backbone.fpn(body)
+    body = model.hp.backbone.body(tensors)
+    pyramid = model.hp.backbone.fpn(body)
     levels = list(pyramid.values())
 
   def wrap(fn):
@@ -196,8 +196,8 @@ def build_peer(size: tuple[int, int], batch: int
     return call
 
   calls = {"peer_transform": wrap(lambda: model.transform(images)),
-           "peer_backbone": wrap(lambda: model.backbone.body(tensors)),
-           "peer_fpn": wrap(lambda: model.backbone.fpn(body)),
+           "peer_backbone": wrap(lambda: model.hp.backbone.body(tensors)),
+           "peer_fpn": wrap(lambda: model.hp.backbone.fpn(body)),
            "peer_head": wrap(lambda: model.head(levels)),
            "peer_model": wrap(lambda: model(images))}
   flops = {}

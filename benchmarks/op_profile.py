@@ -40,6 +40,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ciae_jax.models import ciae as ciae_model  # noqa: E402
+
 PARTS = ("backbone", "fpn", "head", "embedding")
 
 
@@ -111,7 +113,7 @@ def build_program(args: argparse.Namespace, options: dict[str, Any]) -> tuple[An
   variables = common.init_variables(model)
   images = jax.device_put(common.normalised_images(args.batch, size))
   if args.program == "network":
-    fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    fn = jax.jit(lambda v, x: model.apply(v, x))
     call_args = (variables, images)
   elif args.program == "network_grad":
     import network_parts  # pylint: disable=g-import-not-at-top
@@ -121,7 +123,7 @@ def build_program(args: argparse.Namespace, options: dict[str, Any]) -> tuple[An
   elif args.program == "inference":
     import inference_speed  # pylint: disable=g-import-not-at-top
     fn = inference_speed.make_end_to_end(model, num_stuff=common.NUM_STUFF)
-    memory = common.random_memory(common.NUM_STUFF, model.embed_dim)
+    memory = common.random_memory(common.NUM_STUFF, model.hp.embed_dim)
     image_size = jnp.asarray(np.tile(np.asarray(size, np.int32), (args.batch, 1)))
     call_args = (variables, memory, images, image_size)
   else:  # step
@@ -129,10 +131,10 @@ def build_program(args: argparse.Namespace, options: dict[str, Any]) -> tuple[An
     from ciae_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
     from ciae_jax.training import parallel  # pylint: disable=g-import-not-at-top
     from ciae_jax.training import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
-    params, model_state = train_state_lib.split_variables(variables)
+    params, model_state = ciae_model.split_variables(variables)
     step, optimizer, _ = train_speed.make_step(model, params, global_batch=args.batch)
     memory = memory_lib.init_memory(jax.random.PRNGKey(1), common.NUM_STUFF + 1,
-                                    model.embed_dim)
+                                    model.hp.embed_dim)
     state = train_state_lib.create_train_state(
         params=params, optimizer=optimizer, memory=memory, rng=jax.random.PRNGKey(2),
         model_state=model_state)

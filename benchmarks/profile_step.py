@@ -1,6 +1,6 @@
 r"""Where a CIAE training step's time goes: the real step and its pieces, each jitted apart.
 
-The step is the one benchmarks/train_speed.py times (`loop.make_train_step` with the paper's
+The step is the one benchmarks/train_speed.py times (`step.make_train_step` with the paper's
 config, or `step.train_step`'s defaults without ml_collections / clu; `parallel.parallelize`,
 state donated) on `--per_device_batch` synthetic images of `--size` (one device unless more are
 visible). The pieces are built with the step's own hyper-parameters and fed arrays of the shapes
@@ -41,7 +41,6 @@ Prints a table and a one-line JSON (`profile_step {...}`). No TensorFlow; torch 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -54,40 +53,29 @@ import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import train_speed  # noqa: E402  pylint: disable=g-bad-import-order
 
+from ciae_jax import hparams  # noqa: E402
 from ciae_jax import memory as memory_lib  # noqa: E402
 from ciae_jax import targets as targets_lib  # noqa: E402
 from ciae_jax.losses import ciae as ciae_losses  # noqa: E402
 from ciae_jax.losses import fcos as fcos_lib  # noqa: E402
 from ciae_jax.models import ciae as ciae_model  # noqa: E402
+from ciae_jax.segments import Segments  # noqa: E402
+from ciae_jax.training import optim  # noqa: E402
 from ciae_jax.training import parallel  # noqa: E402
-from ciae_jax.training import step as step_lib  # noqa: E402
 from ciae_jax.training import train_state as train_state_lib  # noqa: E402
 
 # The disjoint pieces that together make a step (their sum is the "covered" line).
 STEP_PIECES = ("targets", "forward_backward", "fcos_loss_grad", "ciae_loss_grad",
                "memory_update", "optimizer")
 ALL_PIECES = ("targets", "forward", "forward_backward", "fcos_loss", "fcos_loss_grad",
-              "ciae_loss", "ciae_loss_grad", "ciae_instance_means", "ciae_cae_triplet",
-              "ciae_iae_triplet", "ciae_box_filter", "memory_update", "optimizer", "step")
-# train_step's keyword defaults, overridden by what the step binds (the config's values).
-STEP_DEFAULTS = dict(strides=targets_lib.DEFAULT_STRIDES, sizes=targets_lib.DEFAULT_SIZES,
-                     positive_region="mask", focal_alpha=0.25, focal_gamma=2.0, iou_kind="iou",
-                     centerness_weighted_reg=True, margin=0.15, top_k=5, alpha=2.0,
-                     thing_weight=5.0, box_expand=1.5, use_box_filter=True, merge_things=True,
-                     loss_stride=1, include_own=False, stop_query_gradient=False,
-                     momentum_coeff=1e-4, momentum_power=3.0, total_steps=90_000)
-CIAE_KEYS = ("margin", "top_k", "alpha", "thing_weight", "box_expand", "use_box_filter",
-             "merge_things", "loss_stride", "include_own", "stop_query_gradient")
+              "ciae_loss", "ciae_loss_grad", "memory_update", "optimizer", "step")
 
 
-def step_keywords(step: Any) -> dict[str, Any]:
-  """The hyper-parameters a (functools.partial) step binds, over train_step's defaults."""
-  keywords = dict(STEP_DEFAULTS)
-  keywords.update(getattr(step, "keywords", {}) or {})
-  return keywords
+def step_hparams(step: Any) -> hparams.HParams:
+  """The hyper-parameters a step of `step.make_train_step` binds."""
+  return step.keywords["hp"]
 
 
 def flops_of(compiled: Any) -> float | None:
@@ -118,21 +106,19 @@ class Piece:
 def build_pieces(model: Any, variables: Any, step: Any, optimizer: Any, batch: dict[str, Any],
                  memory: jax.Array, wanted: list[str]) -> tuple[dict[str, Piece], list[str]]:
   """The per-piece programs (see the module docstring) and lines on pieces that were skipped."""
-  kw = step_keywords(step)
+  hp = step_hparams(step)
   num_stuff = common.NUM_STUFF
-  params, model_state = train_state_lib.split_variables(variables)
+  params, model_state = ciae_model.split_variables(variables)
   images = batch["image"]  # [b, H, W, 3]
-  segments = {k: batch[k] for k in step_lib.SEGMENT_KEYS}
+  segments = Segments.from_batch(batch)
   pieces, notes = {}, []
 
   def targets_fn(segments):
-    per_image = functools.partial(
-        targets_lib.fcos_targets, num_stuff=num_stuff, strides=tuple(kw["strides"]),
-        sizes=tuple(kw["sizes"]), positive_region=kw["positive_region"])
-    return jax.vmap(per_image)(*(segments[k] for k in step_lib.SEGMENT_KEYS))
+    return jax.vmap(lambda s: targets_lib.fcos_targets(
+        s, num_stuff=num_stuff, hp=hp.fcos, strides=model.strides))(segments)
 
   def forward_fn(params, images):
-    return model.apply({"params": params, **model_state}, images, train=True)
+    return model.apply({"params": params, **model_state}, images)
 
   # Compiled first, so that their compile times are not cache hits.
   pieces["targets"] = Piece(targets_fn, segments)
@@ -151,31 +137,24 @@ def build_pieces(model: Any, variables: Any, step: Any, optimizer: Any, batch: d
   def fcos_fn(head, targets, normalizers):
     losses = fcos_lib.fcos_losses(
         head["cls_logits"], head["box_reg"], head["centerness"], targets,
-        normalizers["num_positives"], normalizers["centerness_target_sum"],
-        focal_alpha=kw["focal_alpha"], focal_gamma=kw["focal_gamma"], iou_kind=kw["iou_kind"],
-        centerness_weighted_reg=kw["centerness_weighted_reg"])
+        normalizers["num_positives"], normalizers["centerness_target_sum"], hp.fcos)
     return losses["loss_cls"] + losses["loss_reg"] + losses["loss_ctr"]
 
-  ciae_per_image = functools.partial(ciae_losses.ciae_loss, num_stuff=num_stuff,
-                                     **{k: kw[k] for k in CIAE_KEYS})
-
   def ciae_fn(embedding, prenorm, segments, memory):
-    sums = jax.vmap(ciae_per_image, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, None))(
-        embedding, prenorm, *(segments[k] for k in step_lib.SEGMENT_KEYS), memory)
+    sums = jax.vmap(lambda e, p, s: ciae_losses.ciae_loss(
+        e, p, s, memory, hp.loss, num_stuff=num_stuff))(embedding, prenorm, segments)
     return jnp.sum(sums["loss_ciae_sum"])
 
   def memory_fn(prenorm, segments, memory, step_index):
-    class_sums = functools.partial(memory_lib.class_sums, num_stuff=num_stuff,
-                                   merge_things=kw["merge_things"], num_memory=memory.shape[0])
-    sums, counts = jax.vmap(class_sums)(prenorm, segments["segment_map"], segments["seg_class"],
-                                        segments["seg_valid"], segments["seg_is_crowd"])
+    sums, counts = jax.vmap(lambda e, s: memory_lib.class_sums(
+        e, s, num_stuff=num_stuff, merge_things=hp.loss.merge_things,
+        num_memory=memory.shape[0]))(prenorm, segments)
     return memory_lib.update_memory(memory, jnp.sum(sums, 0), jnp.sum(counts, 0), step_index,
-                                    kw["total_steps"], coeff=kw["momentum_coeff"],
-                                    power=kw["momentum_power"])
+                                    hp.total_steps, hp.memory)
 
   def optimizer_fn(grads, opt_state, params):
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    return optim.apply_updates(params, updates, 0.01), opt_state
 
   embedding, prenorm = outputs["embedding"], outputs["embedding_prenorm"]
   builders: dict[str, Callable[[], Piece]] = {
@@ -192,7 +171,6 @@ def build_pieces(model: Any, variables: Any, step: Any, optimizer: Any, batch: d
       "optimizer": lambda: Piece(optimizer_fn, jax.tree.map(jnp.ones_like, params),
                                  optimizer.init(params), params),
   }
-  builders.update(ciae_sub_pieces(embedding, prenorm, segments, memory, kw))
   for name in ("targets", "forward"):
     if name not in wanted:
       del pieces[name]
@@ -207,61 +185,6 @@ def build_pieces(model: Any, variables: Any, step: Any, optimizer: Any, batch: d
     except (AttributeError, TypeError, ValueError) as error:  # An interface that moved.
       notes.append(f"{name}: skipped ({type(error).__name__}: {str(error)[:120]})")
   return pieces, notes
-
-
-def ciae_sub_pieces(embedding: jax.Array, prenorm: jax.Array, segments: dict[str, Any],
-                    memory: jax.Array, kw: dict[str, Any]) -> dict[str, Callable[[], Piece]]:
-  """Builders of the CIAE loss's parts (as `ciae_loss` calls them), where its helpers exist."""
-  needed = ("instance_means", "embedding_triplet_loss", "expanded_box_mask", "pixel_centres")
-  if not all(hasattr(ciae_losses, name) for name in needed):
-    return {}
-  num_stuff = common.NUM_STUFF
-  batch, height, width, dim = embedding.shape
-  num_segments = segments["seg_class"].shape[-1]
-  stride = kw["loss_stride"]
-  pixels = embedding[:, ::stride, ::stride].reshape(batch, -1, dim)  # [b, P, D]
-  num_pixels = pixels.shape[1]
-  rng = np.random.default_rng(0)
-  target_cae = jnp.asarray(rng.integers(0, memory.shape[0], (batch, num_pixels)), jnp.int32)
-  target_iae = jnp.asarray(rng.integers(0, num_stuff + num_segments, (batch, num_pixels)),
-                           jnp.int32)
-  weight = jnp.ones((batch, num_pixels), jnp.float32)
-  triplet = functools.partial(ciae_losses.embedding_triplet_loss, margin=kw["margin"],
-                              top_k=kw["top_k"], include_own=kw["include_own"])
-  centre_x, centre_y = ciae_losses.pixel_centres(height, width, stride)  # [P], [P]
-
-  def means_fn(prenorm, segment_map):
-    means = jax.vmap(lambda e, s: ciae_losses.instance_means(e, s, num_segments))(
-        prenorm, segment_map)
-    return jnp.sum(means)
-
-  def cae_fn(pixels):
-    loss, _ = jax.vmap(lambda p, t, w: triplet(p, memory, t, None, w))(pixels, target_cae,
-                                                                        weight)
-    return jnp.sum(loss)
-
-  def box_fn(seg_box):
-    return jax.vmap(lambda b: ciae_losses.expanded_box_mask(centre_x, centre_y, b,
-                                                            kw["box_expand"]))(seg_box)
-
-  def iae_fn(pixels, means, seg_box):
-    def one(p, q, b, t, w):
-      near = ciae_losses.expanded_box_mask(centre_x, centre_y, b, kw["box_expand"])  # [P, S]
-      mask = jnp.concatenate([jnp.ones((num_pixels, num_stuff), bool), near], axis=1)
-      queries = jnp.concatenate([memory[:num_stuff], q], axis=0)  # [C_st + S, D]
-      return triplet(p, queries, t, mask, w)[0]
-    return jnp.sum(jax.vmap(one)(pixels, means, seg_box, target_iae, weight))
-
-  means = jax.vmap(lambda e, s: ciae_losses.instance_means(e, s, num_segments))(
-      prenorm, segments["segment_map"])  # [b, S, D]
-  return {
-      "ciae_instance_means": lambda: Piece(jax.value_and_grad(means_fn), prenorm,
-                                           segments["segment_map"]),
-      "ciae_cae_triplet": lambda: Piece(jax.value_and_grad(cae_fn), pixels),
-      "ciae_iae_triplet": lambda: Piece(jax.value_and_grad(iae_fn, argnums=(0, 1)), pixels,
-                                        means, segments["seg_box"]),
-      "ciae_box_filter": lambda: Piece(box_fn, segments["seg_box"]),
-  }
 
 
 def build_peer(host_batch: dict[str, np.ndarray], size: tuple[int, int]
@@ -336,10 +259,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   devices = jax.local_device_count()
   model = common.build_model(args.backbone, args.dtype)
   variables = common.init_variables(model)
-  params, model_state = train_state_lib.split_variables(variables)
+  params, model_state = ciae_model.split_variables(variables)
   step, optimizer, source = train_speed.make_step(
       model, params, global_batch=devices * args.per_device_batch, loss_stride=args.loss_stride)
-  memory = memory_lib.init_memory(jax.random.PRNGKey(1), common.NUM_STUFF + 1, model.embed_dim)
+  memory = memory_lib.init_memory(jax.random.PRNGKey(1), common.NUM_STUFF + 1, model.hp.embed_dim)
   host_batch = common.synthetic_batch(devices, args.per_device_batch, size)
   local_batch = {k: jax.device_put(v[0]) for k, v in host_batch.items()}  # [b, ...]
 
