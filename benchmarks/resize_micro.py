@@ -1,4 +1,4 @@
-r"""The network's bilinear resizes: `jax.image.resize` against `ciae_jax.resize.resize_bilinear`.
+r"""The network's bilinear resizes: `jax.image.resize` against `ciae_jax.models.resize.resize_bilinear`.
 
 Every `layers.resize_bilinear` call the CIAE network makes at `--size` (semantic path 2x
 upsamplings at 128 channels, box embeddings P3..P7 -> P2 at 32 channels, the final P2 -> image
@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ciae_jax import resize as resize_lib  # noqa: E402
+from ciae_jax.models import resize as resize_lib  # noqa: E402
 
 
 def dense(x: jax.Array, size: tuple[int, int]) -> jax.Array:

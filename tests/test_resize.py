@@ -1,11 +1,11 @@
-"""ciae_jax.resize.resize_bilinear gives jax.image.resize's bilinear values and gradients."""
+"""ciae_jax.models.resize.resize_bilinear gives jax.image.resize's bilinear values and gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from ciae_jax import resize
+from ciae_jax.models import resize
 
 
 def dense(x, size):

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ciae_jax.models import resize as resize_lib
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -107,12 +109,12 @@ def group_norm(channels: int, dtype: Dtype, name: str | None = None) -> nn.Group
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
   """Bilinear resize of [B, h, w, C] to [B, size[0], size[1], C].
 
-  Half-pixel centres, no antialiasing: PyTorch's interpolate(align_corners=False).
+  Half-pixel centres, no antialiasing: PyTorch's interpolate(align_corners=False). Two taps per
+  output (`ciae_jax.models.resize`), not `jax.image.resize`'s dense interpolation matrices.
   """
-  shape = (x.shape[0], int(size[0]), int(size[1]), x.shape[-1])
-  if shape == x.shape:
+  if (x.shape[1], x.shape[2]) == (int(size[0]), int(size[1])):
     return x
-  return jax.image.resize(x, shape, method="bilinear", antialias=False)  # [B, H, W, C]
+  return resize_lib.resize_bilinear(x, (int(size[0]), int(size[1])))  # [B, H, W, C]
 
 
 def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
