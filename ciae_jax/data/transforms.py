@@ -157,11 +157,16 @@ def ids_to_rows(raw: dict[str, Any], seg_rows: tf.Tensor
 
 
 def nearest_indices(in_size: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
-  """Source index of each output pixel, nearest neighbour, half-pixel centres."""
+  """Source index of each output pixel, nearest neighbour, half-pixel centres.
+
+  `floor((i + 0.5) * in / out)` in integers, `((2i + 1) in) // (2 out)`: exact, also where a
+  centre falls on a pixel border (in float64, `(i + 0.5) * (in / out)` can land just below).
+  """
   tf = _tf()
-  scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
-  src = tf.floor((tf.range(out_size, dtype=tf.float64) + 0.5) * scale)
-  return tf.minimum(tf.cast(src, tf.int32), in_size - 1)  # [out_size]
+  in_size = tf.cast(in_size, tf.int64)
+  out_size = tf.cast(out_size, tf.int64)
+  src = (2 * tf.range(out_size) + 1) * in_size // (2 * out_size)  # [out_size]
+  return tf.cast(tf.minimum(src, in_size - 1), tf.int32)  # [out_size]
 
 
 def gather_2d(values: tf.Tensor, rows_src: tf.Tensor,
