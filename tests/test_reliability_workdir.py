@@ -40,7 +40,7 @@ def _config(tmp_path, **changes):
   config.batch_size = jax.local_device_count()
   config.eval_every_steps = 0
   config.dataset.categories_file = str(categories_file)
-  config.dataset.image_size = helpers.IMAGE_HW
+  config.dataset.canvas_sizes = (helpers.IMAGE_HW,)
   config.model.update(helpers.TINY_MODEL)
   config.model.norm = "gn"
   for dotted, value in changes.items():

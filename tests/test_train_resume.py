@@ -41,7 +41,7 @@ def _config(tmp_path):
   config.eval_every_steps = 2
   config.dataset.source = "synthetic"
   config.dataset.categories_file = str(categories_file)
-  config.dataset.image_size = helpers.IMAGE_HW
+  config.dataset.canvas_sizes = (helpers.IMAGE_HW,)
   config.model.update(helpers.TINY_MODEL)
   config.model.norm = "gn"
   config.memory.momentum_coeff = helpers.MEMORY_COEFF  # Visible memory updates.
