@@ -1,13 +1,23 @@
-"""Training throughput of the input pipeline at COCO size, per CPU core.
+"""Training throughput of the input pipeline at COCO size, per CPU core; padding per canvas.
 
 Replicates the two real COCO sample images into a temporary COCO-layout
 dataset, then times `build_tf_dataset(train=True)` with the paper's training
 transforms (shorter side jittered in [640, 800], longer side <= 1333, flips,
-padded to 1408 x 1408) with 1 and 2 tf.data threads (intra-op parallelism 1),
+each batch padded to its canvas: by default the derived 800 x 1344 / 1344 x 800,
+`--canvas_sizes` to change) with 1 and 2 tf.data threads (intra-op parallelism 1),
 and prints the median images/s over repeats, per thread, and per CPU-second
 of the process (all threads; robust when other jobs share the cores).
 
   python benchmarks/input_pipeline.py [--threads 1,2] [--repeats 5]
+
+`--padding` prints instead (no TF, no decoding: the host plan of `data/schedule.py`, which the
+tests check against the graph's output) the padded pixels per image, canvas area / resized
+area, mean and max, for evaluation (every image once) and training (the rows of the first
+`--padding_batches` batches) over the shared COCO sample at the paper's sizes (and with the
+jitter of `configs/coco_r50.py:long`) and over the synthetic main job's data
+(`configs/synthetic.py`, generated under data/synthetic if missing):
+
+  PYTHONPATH=. python benchmarks/input_pipeline.py --padding
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -64,13 +75,12 @@ def time_pipeline(root: str, threads: int, batch: int, batches: int,
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
   from ciae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   cfg = hparams.DatasetHParams(root=root, train_split="bench", val_split="bench",
-                               canvas_sizes=(tuple(args.image_size),),
+                               canvas_sizes=args.canvas_sizes,
                                train_min_size_range=(640, 800), max_size=1333,
                                num_parallel_calls=threads)
-  ds, _ = pipeline.build_tf_dataset(cfg, "bench", train=True,
-                                    global_batch_size=batch, seed=0,
-                                    num_threads=threads)
-  it = ds.as_numpy_iterator()
+  host = pipeline.build_tf_dataset(cfg, "bench", train=True, global_batch_size=batch, seed=0,
+                                   num_threads=threads)
+  it = host.dataset.as_numpy_iterator()
   for _ in range(warmup):
     next(it)
   start, start_cpu = time.perf_counter(), time.process_time()
@@ -81,6 +91,54 @@ def time_pipeline(root: str, threads: int, batch: int, batches: int,
   return batches * batch / wall, batches * batch / cpu
 
 
+def _canvases(text: str) -> tuple[tuple[int, int], ...]:
+  """'800x1344,1344x800' -> ((800, 1344), (1344, 800))."""
+  return tuple(tuple(int(v) for v in part.split("x")) for part in text.split(",") if part)
+
+
+def padding_ratios(cfg: Any, split: str, *, train: bool, batches: int, batch: int = 16
+                   ) -> list[float]:
+  """Canvas area / resized area of every planned row (valid rows only)."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ciae_jax.data import coco, dataset, schedule  # pylint: disable=g-import-not-at-top
+  records = coco.load_records(dataset.prepare_root(cfg), split, check_files=False)
+  sizes = np.asarray([[r.height, r.width] for r in records if r.segments or not train])
+  if train:
+    plans = itertools.islice(schedule.TrainSchedule(
+        sizes, cfg, seed=0, global_batch_size=batch).plans(0), batches)
+  else:
+    plans = schedule.EvalSchedule(sizes, cfg, global_batch_size=batch).plans()
+  return [plan.canvas[0] * plan.canvas[1] / float(h * w)
+          for plan in plans for (h, w), valid in zip(plan.sizes, plan.valid) if valid]
+
+
+def print_padding(sample_root: str, batches: int) -> None:
+  """The `--padding` table (module docstring)."""
+  from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
+  from configs import coco_r50, synthetic  # pylint: disable=g-import-not-at-top
+  coco_fields = dict(root=sample_root, train_split="val2017", val_split="val2017")
+  cases = [
+      ("COCO sample, configs/coco_r50.py", hparams.HParams.from_config(
+          coco_r50.get_config()).dataset.replace(**coco_fields)),
+      ("COCO sample, configs/coco_r50.py:long", hparams.HParams.from_config(
+          coco_r50.get_config("long")).dataset.replace(**coco_fields)),
+      ("synthetic, configs/synthetic.py", hparams.HParams.from_config(
+          synthetic.get_config()).dataset),
+  ]
+  print(f"padded pixels per image (canvas area / resized area); training: the rows of "
+        f"{batches} batches of 16")
+  print(f"{'data':<40} | {'canvases':<20} | {'eval mean':>9} | {'max':>5} | "
+        f"{'train mean':>10} | {'max':>5}")
+  from ciae_jax.data import canvas  # pylint: disable=g-import-not-at-top
+  for name, cfg in cases:
+    evals = padding_ratios(cfg, cfg.val_split, train=False, batches=batches)
+    trains = padding_ratios(cfg, cfg.train_split, train=True, batches=batches)
+    canvases = ",".join(f"{h}x{w}" for h, w in canvas.canvases(cfg))
+    print(f"{name:<40} | {canvases:<20} | {sum(evals) / len(evals):>9.3f} | "
+          f"{max(evals):>5.3f} | {sum(trains) / len(trains):>10.3f} | {max(trains):>5.3f}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--threads", default="1,2")
@@ -89,9 +147,16 @@ def main() -> None:
   parser.add_argument("--batches", type=int, default=8)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--num_images", type=int, default=64)
-  parser.add_argument("--image_size", type=int, nargs=2, default=(1408, 1408))
+  parser.add_argument("--canvas_sizes", type=_canvases, default=(),
+                      help="e.g. 800x1344,1344x800 (default: derived from the sizes)")
   parser.add_argument("--sample_root", default=SAMPLE)
+  parser.add_argument("--padding", action="store_true",
+                      help="print the padded pixels per image instead of timing")
+  parser.add_argument("--padding_batches", type=int, default=1000)
   args = parser.parse_args()
+  if args.padding:
+    print_padding(args.sample_root, args.padding_batches)
+    return
 
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")
@@ -106,8 +171,9 @@ def main() -> None:
       cpu = [r[1] for r in runs]
       rows.append((threads, statistics.median(wall), min(wall), max(wall),
                    statistics.median(cpu)))
-  print(f"train pipeline, jitter [640, 800], max 1333, pad "
-        f"{args.image_size[0]}x{args.image_size[1]}, batch {args.batch}, "
+  canvases = ",".join(f"{h}x{w}" for h, w in args.canvas_sizes) or "derived"
+  print(f"train pipeline, jitter [640, 800], max 1333, canvases "
+        f"{canvases}, batch {args.batch}, "
         f"{args.batches} batches x {args.repeats} repeats, cpus "
         f"{os.cpu_count()}")
   print(f"load average before: {load}")

@@ -36,17 +36,17 @@ _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default:
 
 
 def prepare_image(image: np.ndarray, *, min_size: int, max_size: int,
-                  padded_size: Sequence[int]) -> tuple[np.ndarray, tuple[int, int]]:
-  """Resizes as the evaluation pipeline does (`transforms.resized_shape`), normalises, pads.
+                  canvases: Sequence[Sequence[int]]) -> tuple[np.ndarray, tuple[int, int]]:
+  """Resizes as the evaluation pipeline does (`canvas.place`), normalises, pads to the canvas.
 
   Returns the `[H, W, 3]` float32 input and the `(h, w)` of the resized image inside it.
   """
-  new_h, new_w = transforms.resized_shape(*image.shape[:2], min_size=min_size,
-                                          max_size=max_size, pad_size=tuple(padded_size))
+  index, (new_h, new_w) = canvas_lib.place(*image.shape[:2], min_size=min_size,
+                                           max_size=max_size, options=canvases)
   resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR), np.float32)
   mean, std = np.array(transforms.IMAGENET_MEAN), np.array(transforms.IMAGENET_STD)
   normalised = (resized / 255.0 - mean) / std  # [h, w, 3]
-  padded = np.zeros((*padded_size, 3), np.float32)  # [H, W, 3]
+  padded = np.zeros((*canvases[index], 3), np.float32)  # [H, W, 3]
   padded[:new_h, :new_w] = normalised
   return padded, (new_h, new_w)
 
@@ -60,7 +60,7 @@ def run_demo(hp: hparams.HParams, workdir: str, image_path: str, output: str,
   dataset = hp.dataset
   padded, valid_hw = prepare_image(
       image, min_size=dataset.eval_min_size, max_size=dataset.eval_max_size,
-      padded_size=canvas_lib.union_canvas(canvas_lib.canvases(dataset)))
+      canvases=canvas_lib.canvases(dataset))
   batch = {"image": padded[None], "image_size": np.array([valid_hw], np.int32),
            "orig_size": np.array([image.shape[:2]], np.int32)}
   predict = runner.make_predict_fn(restored.model, hp, categories.num_stuff)

@@ -9,11 +9,10 @@ Variants (`--config configs/coco_r50.py:VARIANTS`, comma-separated):
   long   the headline schedule: 180k steps, x0.1 at 120k / 160k, shorter side in [640, 800];
   e.g. `--config configs/coco_r50.py:r101,long`.
 
-Image size: every batch is padded to one static (1408, 1408) (`dataset.image_size`), the
-smallest multiple of 128 that holds 800 x 1333 in either orientation, so one compiled step
-serves landscape and portrait images. It costs ~1.86x the pixels of a tight 800 x 1333 canvas;
-per-orientation buckets (896 x 1408 / 1408 x 896) would need two compiled steps and an input
-pipeline that groups by orientation.
+Image size: each batch is padded to one canvas bucket (`data/canvas.py`): 800 x 1344 for
+landscape and 1344 x 800 for portrait images, derived from the sizes (multiples of 32), so the
+train step compiles twice and an 800 x 1199 image pads 1.12x (the union 1344 x 1344 would pad
+1.88x); `--config.dataset.canvas_sizes` sets other canvases.
 """
 import ml_collections
 

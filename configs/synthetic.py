@@ -6,7 +6,7 @@ Quick local check (a few dozen steps, smaller model and dataset):
   python train.py --config configs/synthetic.py:small --workdir runs/synthetic_small
 Any COCO-layout dataset: `--config.dataset.source=coco --config.dataset.root=PATH` (and sizes).
 
-Setting: 4 stuff + 5 thing classes, 128 x 128 images (already a multiple of 128, so no
+Setting: 4 stuff + 5 thing classes, 128 x 128 images (their derived canvas is 128 x 128: no
 padding), a narrow ResNet with GroupNorm trained from scratch (no frozen stages, no ImageNet
 file), FPN/head width 64, D = 32 as in the paper. The learning rate is the paper's 0.01 at
 batch 16 scaled to the batch, with a short warm-up and the x0.1 steps at 2/3 and 8/9 of the run

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import pytest
 
-from ciae_jax.data import transforms
+from ciae_jax.data import canvas
 
 jax.config.update("jax_disable_most_optimizations", True)  # Compile time dominates 2 steps.
 
@@ -76,9 +76,8 @@ def test_config_fits_the_sample_annotations(coco_sample_root):
     image = images[annotation["image_id"]]
     for min_size, max_size in ((config.dataset.train_min_size_range[1], config.dataset.max_size),
                                (config.dataset.eval_min_size, config.dataset.eval_max_size)):
-      new_h, new_w = transforms.resized_shape(image["height"], image["width"],
-                                              min_size=min_size, max_size=max_size,
-                                              pad_size=(height, width))
+      _, (new_h, new_w) = canvas.place(image["height"], image["width"], min_size=min_size,
+                                       max_size=max_size, options=((height, width),))
       # Reduced resolution, but most of it: at least 0.8 x the original side.
       assert new_h >= 0.8 * image["height"] and new_w >= 0.8 * image["width"], (new_h, new_w)
 

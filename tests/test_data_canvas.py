@@ -44,3 +44,12 @@ def test_coco_sample_sizes_pad_to_at_most_115_percent():
     size = canvas.resized_shape(height, width, min_size=800, max_size=1333)
     h, w = options[canvas.canvas_for(size, options)]
     assert h * w <= 1.15 * size[0] * size[1]
+
+
+def test_place_is_the_rule_then_the_canvas_then_the_fit():
+  options = canvas.canvases(hparams.DatasetHParams())
+  assert canvas.place(427, 640, min_size=800, max_size=1333, options=options) == (0, (800, 1199))
+  assert canvas.place(640, 427, min_size=800, max_size=1333, options=options) == (1, (1199, 800))
+  # Fits neither 384 x 640 nor 640 x 384 at 800: the least-shrinking canvas, then the fit.
+  small = ((384, 640), (640, 384))
+  assert canvas.place(427, 640, min_size=800, max_size=1333, options=small) == (0, (384, 576))

@@ -81,7 +81,7 @@ def test_bad_category_entries(tmp_path):
 
 def test_dataset_without_thing_categories_is_an_error_naming_the_file(coco_sample_root, tmp_path):
   """A stuff-only dataset: a clear error before any model is built (CIAE needs things)."""
-  from ciae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from ciae_jax.data import dataset  # pylint: disable=g-import-not-at-top
   data = json.loads((coco_sample_root / "annotations" / "panoptic_val2017.json").read_text())
   for category in data["categories"]:
     category["isthing"] = 0
@@ -91,6 +91,6 @@ def test_dataset_without_thing_categories_is_an_error_naming_the_file(coco_sampl
                                categories_file=str(path))
   with pytest.raises(ValueError, match=f"{path}: no thing category \\(isthing=1\\) among its "
                      "133 categories"):
-    pipeline.load_dataset_categories(cfg)
+    dataset.load_dataset_categories(cfg)
   cfg = cfg.replace(categories_file="")  # The sample itself has things: read from its JSON.
-  assert pipeline.load_dataset_categories(cfg).num_things == 80
+  assert dataset.load_dataset_categories(cfg).num_things == 80

@@ -1,173 +1,31 @@
-"""tf.data pipeline on real COCO images: transforms, shapes, determinism, eval.
+"""tf.data pipeline on real COCO images: transforms, shapes, determinism, eval (one canvas).
 
-Every output is compared with an independent NumPy reference built from the
-PIL-decoded files: the resize rule, nearest-neighbour maps, half-pixel
-bilinear images, boxes as pixel extents, truncation to the largest segments.
+Every output is compared with the independent NumPy reference of `test_data_helpers`; the
+batches of several canvases are tested in `test_data_buckets.py`.
 """
 import dataclasses
-import json
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import jax
 import numpy as np
-from PIL import Image
 import pytest
 
 from ciae_jax import hparams
-from ciae_jax.data import categories as categories_lib
-from ciae_jax.data import coco
+from ciae_jax.data import canvas
 from ciae_jax.data import pipeline
-from ciae_jax.data import transforms
+from ciae_jax.data import schedule
+from test_data_helpers import check_example, decoded_by_id, flat, make_dataset, take
+from test_data_helpers import ref_shape, tiny_config
 
-MEAN = np.array([0.485, 0.456, 0.406])
-STD = np.array([0.229, 0.224, 0.225])
 NUM_IMAGES = 12
-
-
-def make_dataset(sample_root, root, num_images, empty_ids=()):
-  """`num_images` copies of the two sample images (ids 1..n) as 'val2017'."""
-  data = json.loads((sample_root / "annotations" /
-                     "panoptic_val2017.json").read_text())
-  anns = {a["image_id"]: a for a in data["annotations"]}
-  (root / "val2017").mkdir(parents=True)
-  (root / "annotations" / "panoptic_val2017").mkdir(parents=True)
-  images, annotations = [], []
-  for i in range(1, num_images + 1):
-    im = data["images"][(i - 1) % 2]
-    ann = anns[im["id"]]
-    stem = f"{i:012d}"
-    shutil.copy(sample_root / "val2017" / im["file_name"],
-                root / "val2017" / f"{stem}.jpg")
-    png = root / "annotations" / "panoptic_val2017" / f"{stem}.png"
-    shutil.copy(sample_root / "annotations" / "panoptic_val2017" /
-                ann["file_name"], png)
-    segments = ann["segments_info"]
-    if i in empty_ids:
-      Image.fromarray(np.zeros((im["height"], im["width"], 3), np.uint8)).save(
-          png)
-      segments = []
-    images.append(dict(im, id=i, file_name=f"{stem}.jpg"))
-    annotations.append({"image_id": i, "file_name": f"{stem}.png",
-                        "segments_info": segments})
-  (root / "annotations" / "panoptic_val2017.json").write_text(json.dumps(
-      {"images": images, "annotations": annotations,
-       "categories": data["categories"]}))
-  return root
 
 
 @pytest.fixture(scope="module")
 def data_root(coco_sample_root, tmp_path_factory):
   return make_dataset(coco_sample_root, tmp_path_factory.mktemp("rep"),
                       NUM_IMAGES)
-
-
-def tiny_config(root, **overrides):
-  fields = dict(root=str(root), train_split="val2017", val_split="val2017",
-                canvas_sizes=((256, 384),), train_min_size_range=(160, 224), max_size=384,
-                eval_min_size=192, eval_max_size=320, max_segments=40)
-  return hparams.DatasetHParams(**{**fields, **overrides})
-
-
-def flat(batch):
-  """[devices, per_device, ...] -> [rows, ...]."""
-  return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
-
-
-def take(iterator, num):
-  return [flat(next(iterator)) for _ in range(num)]
-
-
-# ------------------------------------------------------- NumPy references.
-
-
-def ref_shape(h, w, short, max_size, pad):
-  scale = min(short / min(h, w), max_size / max(h, w), pad[0] / h, pad[1] / w)
-  return (min(max(int(np.floor(h * scale + 0.5)), 1), pad[0]),
-          min(max(int(np.floor(w * scale + 0.5)), 1), pad[1]))
-
-
-def ref_nearest(values, out_h, out_w):
-  h, w = values.shape[:2]
-  rows = np.minimum(np.floor((np.arange(out_h) + 0.5) * h / out_h), h - 1)
-  cols = np.minimum(np.floor((np.arange(out_w) + 0.5) * w / out_w), w - 1)
-  return values[rows.astype(int)][:, cols.astype(int)]
-
-
-def ref_bilinear(image, out_h, out_w):
-  """Half-pixel-centre bilinear resize (TF2 tf.image.resize semantics)."""
-  def axis(n_in, n_out):
-    src = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
-    low = np.floor(src)
-    frac = src - low
-    return (np.clip(low, 0, n_in - 1).astype(int),
-            np.clip(low + 1, 0, n_in - 1).astype(int), frac)
-  y0, y1, fy = axis(image.shape[0], out_h)
-  x0, x1, fx = axis(image.shape[1], out_w)
-  top = image[y0][:, x0] * (1 - fx)[None, :, None] + image[y0][:, x1] * fx[
-      None, :, None]
-  bottom = image[y1][:, x0] * (1 - fx)[None, :, None] + image[y1][:, x1] * fx[
-      None, :, None]
-  return top * (1 - fy)[:, None, None] + bottom * fy[:, None, None]
-
-
-def ref_rows(decoded, max_segments):
-  """Row map and per-row arrays after keeping the largest segments."""
-  n = len(decoded["seg_class"])
-  order = np.argsort(-decoded["seg_area"], kind="stable")[:max_segments]
-  kept = np.sort(order)
-  new_row = np.zeros(n + 1, np.int32)
-  new_row[kept + 1] = np.arange(1, len(kept) + 1)
-  return (new_row[decoded["segment_map"]], decoded["seg_class"][kept],
-          decoded["seg_is_thing"][kept], decoded["seg_is_crowd"][kept])
-
-
-def check_example(out, decoded, *, size_range, max_size, pad, max_segments):
-  """Asserts one output example against the NumPy reference; returns flip."""
-  h, w = decoded["image"].shape[:2]
-  nh, nw = out["image_size"]
-  candidates = [s for s in range(size_range[0], size_range[1] + 1)
-                if ref_shape(h, w, s, max_size, pad) == (nh, nw)]
-  assert candidates, (out["image_size"], (h, w), size_range)
-  assert tuple(out["orig_size"]) == (h, w)
-  row_map, classes, things, crowds = ref_rows(decoded, max_segments)
-
-  expected_map = ref_nearest(row_map, nh, nw)
-  flipped = not np.array_equal(out["segment_map"][:nh, :nw], expected_map)
-  if flipped:
-    expected_map = expected_map[:, ::-1]
-  np.testing.assert_array_equal(out["segment_map"][:nh, :nw], expected_map)
-  assert not out["segment_map"][nh:].any() and not out["segment_map"][:, nw:].any()
-
-  image = (decoded["image"][:, ::-1] if flipped else decoded["image"]) / 255.0
-  expected_image = ref_bilinear((image - MEAN) / STD, nh, nw)
-  # float32 vs float64 arithmetic; one grey level is 0.017 here.
-  np.testing.assert_allclose(out["image"][:nh, :nw], expected_image, atol=2e-3)
-  assert not out["image"][nh:].any() and not out["image"][:, nw:].any()
-
-  for row in range(max_segments):
-    ys, xs = np.nonzero(out["segment_map"] == row + 1)
-    present = ys.size > 0
-    assert out["seg_valid"][row] == present
-    if present:
-      np.testing.assert_array_equal(
-          out["seg_box"][row], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-      assert out["seg_class"][row] == classes[row]
-      assert out["seg_is_thing"][row] == things[row]
-      assert out["seg_is_crowd"][row] == crowds[row]
-    else:
-      assert not out["seg_box"][row].any() and out["seg_class"][row] == 0
-      assert not out["seg_is_thing"][row] and not out["seg_is_crowd"][row]
-  return flipped
-
-
-def decoded_by_id(root):
-  cats = categories_lib.load_categories(
-      root / "annotations" / "panoptic_val2017.json")
-  return {r.image_id: coco.decode_example(r, cats)
-          for r in coco.load_records(root, "val2017")}
 
 
 # ------------------------------------------------------------------ tests.
@@ -206,7 +64,7 @@ def test_train_transforms_match_numpy_reference(data_root):
       out = {k: v[i] for k, v in batch.items()}
       flips.append(check_example(
           out, decoded[int(out["image_id"])], size_range=(160, 224),
-          max_size=384, pad=(256, 384), max_segments=40))
+          max_size=384, canvas=(256, 384), max_segments=40))
   assert 0 < sum(flips) < len(flips)  # Both branches were checked.
   sizes = {tuple(s) for b in [batch] for s in b["image_size"]}
   assert len(sizes) > 1  # The jitter varies the size.
@@ -223,7 +81,7 @@ def test_eval_shrink_to_fit(data_root):
     out = {k: v[i] for k, v in batch.items()}
     assert not check_example(out, decoded[int(out["image_id"])],
                              size_range=(300, 300), max_size=1000,
-                             pad=(128, 256), max_segments=40)
+                             canvas=(128, 256), max_segments=40)
     assert out["image_size"][0] == 128  # Height limited by the padding.
 
 
@@ -238,7 +96,7 @@ def test_vanishing_segments_become_invalid(data_root):
   for i in range(2):
     out = {k: v[i] for k, v in batch.items()}
     ex = decoded[int(out["image_id"])]
-    check_example(out, ex, size_range=(24, 24), max_size=40, pad=(128, 128),
+    check_example(out, ex, size_range=(24, 24), max_size=40, canvas=(128, 128),
                   max_segments=40)
     vanished += len(ex["seg_class"]) - out["seg_valid"].sum()
   assert vanished > 0
@@ -252,7 +110,7 @@ def test_truncation_keeps_largest_segments(data_root):
   for i in range(2):
     out = {k: v[i] for k, v in batch.items()}
     check_example(out, decoded[int(out["image_id"])], size_range=(192, 192),
-                  max_size=320, pad=(256, 384), max_segments=10)
+                  max_size=320, canvas=(256, 384), max_segments=10)
     assert out["seg_valid"].sum() <= 10
 
 
@@ -307,6 +165,7 @@ def test_determinism_and_resume(data_root):
 
 
 def test_epoch_order_is_a_seeded_permutation(data_root):
+  # One canvas, one bucket: the stream is one seeded permutation of all images per epoch.
   cfg = tiny_config(data_root)
   batches = take(pipeline.build_input(cfg, "val2017", train=True,
                                       global_batch_size=8, seed=11), 3)
@@ -314,7 +173,8 @@ def test_epoch_order_is_a_seeded_permutation(data_root):
   sorted_ids = np.arange(1, NUM_IMAGES + 1)
   for epoch in range(2):
     perm = np.random.default_rng(
-        np.random.SeedSequence([11, epoch])).permutation(NUM_IMAGES)
+        np.random.SeedSequence([11, 0, 0, epoch])).permutation(NUM_IMAGES)
+    np.testing.assert_array_equal(perm, schedule.epoch_permutation(11, epoch, NUM_IMAGES, 0))
     got = ids[epoch * NUM_IMAGES:(epoch + 1) * NUM_IMAGES]
     np.testing.assert_array_equal(got, sorted_ids[perm])
 
@@ -334,9 +194,9 @@ def test_eval_yields_every_image_once_with_padding(data_root):
     assert not rows[key][~valid].any()
   for size, orig in zip(rows["image_size"][valid], rows["orig_size"][valid]):
     assert tuple(size) == ref_shape(*orig, 192, 320, (256, 384))
-    # The host-side helper (demo, evaluation) agrees with the graph.
-    assert tuple(size) == transforms.resized_shape(
-        *orig, min_size=192, max_size=320, pad_size=(256, 384))
+    # The host-side rule (demo, evaluation) gives the size the graph resized to.
+    assert tuple(size) == canvas.fit_to_canvas(
+        canvas.resized_shape(*orig, min_size=192, max_size=320), (256, 384))
 
 
 def test_hosts_split_each_global_batch(data_root, monkeypatch):
@@ -378,6 +238,11 @@ def test_config_errors(data_root):
                          global_batch_size=12, seed=0)
   with pytest.raises(ValueError, match="source"):
     tiny_config(data_root, source="lmdb")
+  with pytest.raises(ValueError, match="train_min_size_range"):
+    tiny_config(data_root, train_min_size_range=(300, 200))
+  with pytest.raises(ValueError, match="seed"):
+    pipeline.build_input(tiny_config(data_root), "val2017", train=True, global_batch_size=8,
+                         seed=-1)
 
 
 def test_default_config_fields():
@@ -397,8 +262,8 @@ def test_default_config_fields():
 
 def test_importing_the_data_modules_does_not_import_tensorflow():
   code = ("import sys\n"
-          "from ciae_jax.data import categories, coco, pipeline, synthetic\n"
-          "from ciae_jax.data import tfds_source, transforms\n"
+          "from ciae_jax.data import canvas, categories, coco, dataset, pipeline\n"
+          "from ciae_jax.data import schedule, sources, synthetic, tfds_source, transforms\n"
           "from ciae_jax import config_lib, hparams\n"
           "hparams.HParams.from_config(config_lib.base_config())\n"
           "assert 'tensorflow' not in sys.modules, 'TF imported'\n")

@@ -14,8 +14,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from ciae_jax import hparams
+from ciae_jax.data import canvas
 from ciae_jax.data import categories as categories_lib
 from ciae_jax.data import pipeline
+from ciae_jax.data import schedule
 from ciae_jax.data import tfds_source
 
 
@@ -137,6 +139,37 @@ def test_tfds_batches_equal_coco_file_batches(coco_sample_root, max_segments):
     np.testing.assert_array_equal(tfds_eval[0][key], value, err_msg=key)
   assert coco_eval[0]["example_valid"].sum() == 2
   assert coco_eval[0]["seg_valid"].sum() <= 2 * max_segments
+
+
+def test_tfds_batches_are_on_the_union_canvas(coco_sample_root):
+  """Sizes are known only after decoding: TFDS batches are not bucketed (a documented limit);
+  they hold the coco source's examples, padded further to the union of the canvases."""
+  examples = _sample_examples(coco_sample_root)
+  canvases = ((256, 384), (384, 256))
+  tfds_cfg = _config(coco_sample_root, "tfds").replace(canvas_sizes=canvases)
+  coco_cfg = _config(coco_sample_root, "coco").replace(canvas_sizes=canvases)
+  with tfds.testing.mock_data(as_dataset_fn=_as_dataset_fn(examples)):
+    tfds_eval = list(pipeline.build_input(tfds_cfg, "val2017", train=False,
+                                          global_batch_size=8, seed=0))
+    tfds_train = next(pipeline.build_input(tfds_cfg, "val2017", train=True,
+                                           global_batch_size=8, seed=0))
+  coco_eval = list(pipeline.build_input(coco_cfg, "val2017", train=False,
+                                        global_batch_size=8, seed=0))
+  assert tfds_eval[0]["image"].shape[2:4] == tfds_train["image"].shape[2:4] == (384, 384)
+  assert coco_eval[0]["image"].shape[2:4] == (256, 384)  # Both sample images: landscape.
+  # The host decided the shorter side and the flip of each position; the size followed in the
+  # graph by the same rule (`canvas.place`).
+  shorts, _ = schedule.augmentation(0, 0, 8, tfds_cfg.train_min_size_range, tfds_cfg.flip)
+  for orig, short, size in zip(tfds_train["orig_size"].reshape(-1, 2), shorts,
+                               tfds_train["image_size"].reshape(-1, 2)):
+    assert canvas.place(*orig, min_size=short, max_size=tfds_cfg.max_size,
+                        options=((384, 384),)) == (0, tuple(size))
+  for key, value in coco_eval[0].items():
+    got = tfds_eval[0][key]
+    if key in ("image", "segment_map"):
+      assert not got[:, :, 256:].any(), key
+      got = got[:, :, :256]
+    np.testing.assert_array_equal(got, value, err_msg=key)
 
 
 def test_tfds_training_is_deterministic_and_resumable(coco_sample_root):

@@ -83,3 +83,12 @@ def canvas_for(size: Sequence[int], options: Sequence[Size]) -> int:
 def union_canvas(options: Sequence[Size]) -> Size:
   """The smallest canvas that holds every one of `options` (the per-side maximum)."""
   return max(h for h, _ in options), max(w for _, w in options)
+
+
+def place(height: int, width: int, *, min_size: float, max_size: float,
+          options: Sequence[Size]) -> tuple[int, Size]:
+  """(canvas index, resized `(h, w)` on it) of an image: the resize rule, the canvas that holds
+  the result (`canvas_for`), then shrunk to fit it if none does. Evaluation and the demo."""
+  size = resized_shape(height, width, min_size=min_size, max_size=max_size)
+  index = canvas_for(size, options)
+  return index, fit_to_canvas(size, options[index])

@@ -1,9 +1,14 @@
-"""tf.data input: batches of the example dict of docs/interfaces.md.
+"""tf.data input: batches of the example dict of docs/interfaces.md, one canvas per batch.
 
-Entry point: `build_input(dataset_hp, split, train=..., global_batch_size=...,
-seed=..., start_step=...)`, a NumPy iterator of batches shaped
-`[jax.local_device_count(), per_device_batch, ...]` with an extra key
-`example_valid` (bool `[local_devices, per_device_batch]`).
+Entry point: `build_input(dataset_hp, split, train=..., global_batch_size=..., seed=...,
+start_step=...)`, an `InputIterator` of NumPy batches shaped
+`[jax.local_device_count(), per_device_batch, ...]` with an extra key `example_valid` (bool
+`[local_devices, per_device_batch]`).
+
+The package, by concern: `sources` (records, their checks, skipped images), `schedule` (which
+records, canvas, sizes and flips make each global batch: NumPy, on the host), `transforms`
+(the TF graph of one example), `dataset` (root, categories, evaluation ground truth), and this
+module (the tf.data assembly, the iterator, errors naming the file and image id).
 
 Dataset fields (`config.dataset`, typed as `hparams.DatasetHParams`, which holds
 the defaults):
@@ -18,7 +23,9 @@ the defaults):
   tfds_data_dir: TFDS data_dir of the prepared dataset (None: TFDS default).
   categories_file: panoptic JSON or bare category list (None: the split's
     JSON for coco/synthetic, the bundled COCO panoptic list for tfds).
-  image_size: (H, W) every image is padded to; both divisible by 128.
+  canvas_sizes: the canvases `(H, W)` (multiples of 32) batches are padded to;
+    empty: one per orientation derived from the sizes (`data/canvas.py`:
+    800 x 1344 and 1344 x 800 for COCO).
   train_min_size_range: (lo, hi), training shorter side, uniform integer
     (paper: (640, 800) for the jittered runs, else (800, 800)).
   max_size: training cap of the longer side (1333).
@@ -48,349 +55,78 @@ nothing and give no positives) and listed in `skipped_examples` too;
 evaluation keeps them, and keeps images with too many segments (truncated:
 evaluation reads its ground truth from the files).
 
-Determinism: training example at global position `p` (batch `p // G` for a
-global batch G) is record `perm(seed, p // n)[p % n]` of the `n` training
-images with segments, augmented with stateless random ops seeded by
-`(seed, p)`; `start_step` skips `start_step * G` positions of the index stream
-before any decoding, so a resumed run sees exactly the batches an
-uninterrupted run sees. Each host keeps the positions of its slice of every
-global batch. Evaluation yields every image once (sorted by image id), and
-pads the last global batch with `example_valid=False` rows (zeros, image_id -1).
+Canvases and order (coco and synthetic sources; `data/schedule.py`): every global batch holds
+images of one canvas bucket and is padded to that canvas, so batches of different buckets
+differ in `[H, W]` (the train step compiles once per canvas). The bucket, the records, the
+shorter side and the flip of every row are a pure function of (seed, global batch index),
+decided on the host; the TF graph of a row is a pure function of (record, size, flip), so
+`start_step` reproduces exactly the batches an uninterrupted run sees. Each host keeps its rows
+of every global batch. Evaluation yields every image once, by bucket then image id, each
+bucket's last batch filled with `example_valid=False` rows (zeros, image_id -1).
+
+TFDS source: its records' sizes are known only after decoding, so it cannot be bucketed
+ahead; every batch is padded to the union of the canvases (`canvas.union_canvas`: 1344 x 1344
+for COCO). The order comes from a seeded shuffle buffer; the shorter side and the flip of
+global position `p` are still decided on the host (`schedule.augmentation`), and the resized
+size follows in the graph from the decoded size by the same `canvas` functions. For bucketed
+batches, read the same files with the coco source.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import os
 import re
-import time
 from typing import Any, Callable, Iterator, TYPE_CHECKING
 
-from absl import logging
 import jax
 import numpy as np
 
 from ciae_jax import hparams
 from ciae_jax.data import canvas as canvas_lib
-from ciae_jax.data import categories as categories_lib
-from ciae_jax.data import coco
+from ciae_jax.data import dataset as dataset_lib
+from ciae_jax.data import schedule as schedule_lib
+from ciae_jax.data import sources
 from ciae_jax.data import transforms
 
 if TYPE_CHECKING:  # Annotations only: no TF import at run time.
   import tensorflow as tf  # pylint: disable=g-bad-import-order
 
-def _tf() -> Any:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  # The input pipeline must never grab an accelerator from JAX.
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TF already initialised with GPUs by someone else.
-    logging.warning("TensorFlow was initialised before the input pipeline; "
-                    "it may hold GPU memory")
-  return tf
+Schedule = schedule_lib.TrainSchedule | schedule_lib.EvalSchedule
 
 
-def _check_config(cfg: hparams.DatasetHParams) -> None:
-  if cfg.skip_bad_examples and cfg.source == "tfds":
-    raise ValueError("dataset.skip_bad_examples=True needs source 'coco' or "
-                     "'synthetic' (TFDS examples were checked when the "
-                     "dataset was prepared)")
-  if cfg.source in ("coco", "synthetic") and not cfg.root:
-    raise ValueError(f"dataset.root is required for source {cfg.source!r}")
-
-
-def prepare_root(cfg: hparams.DatasetHParams) -> str:
-  """The dataset root; for 'synthetic', generated there first if missing.
-
-  A 'synthetic' root that already holds another COCO-layout dataset (an `annotations/` folder
-  and no synthetic manifest) is read as it is: `--config.dataset.root=PATH` alone trains the
-  synthetic config on any COCO-layout data, and nothing is ever generated into it.
-  """
-  if cfg.source == "synthetic":
-    from ciae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    if synthetic.holds_other_dataset(cfg.root):
-      logging.info("dataset.root %s holds a COCO-layout dataset: reading it as it is "
-                   "(nothing generated)", cfg.root)
-      return os.fspath(cfg.root)
-    s = cfg.synthetic
-    synthetic.generate_synthetic_dataset(
-        cfg.root, num_train=s.num_train, num_val=s.num_val,
-        image_size=tuple(s.image_size), seed=s.seed)
-  return os.fspath(cfg.root)
-
-
-def load_dataset_categories(
-    cfg: hparams.DatasetHParams) -> categories_lib.CategoryInfo:
-  """The categories of the configured dataset (one set for all splits).
-
-  Raises:
-    ValueError: the file declares no thing category (CIAE's detector needs at least one).
-  """
-  path = _categories_path(cfg)
-  categories = categories_lib.load_categories(path)
-  if categories.num_things == 0:
-    raise ValueError(f"{path}: no thing category (isthing=1) among its "
-                     f"{categories.num_stuff} categories; CIAE detects instances and needs "
-                     "at least one thing class")
-  return categories
-
-
-def _categories_path(cfg: hparams.DatasetHParams) -> str:
-  """The file the dataset's categories are read from."""
-  if cfg.categories_file:
-    return cfg.categories_file
-  if cfg.source == "tfds":
-    from ciae_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-    return tfds_source.COCO_CATEGORIES_FILE
-  root = prepare_root(cfg)
-  for split in (cfg.train_split, cfg.val_split):
-    json_path = coco.split_paths(root, split)[1]
-    if os.path.isfile(json_path):
-      return json_path
-  raise FileNotFoundError(f"no annotation file for {cfg.train_split!r} or "
-                          f"{cfg.val_split!r} under {root}")
-
-
-def eval_ground_truth(cfg: hparams.DatasetHParams,
-                      split: str | None = None) -> coco.PanopticGroundTruth:
-  """Ground-truth files (JSON, PNG folder) and categories for evaluation."""
-  split = split or cfg.val_split
-  if cfg.source == "tfds" and not cfg.root:
-    raise ValueError("evaluation of the tfds source needs dataset.root: the "
-                     "COCO panoptic annotations (annotations/panoptic_"
-                     f"{split}.json and its PNG folder)")
-  root = prepare_root(cfg)
-  gt = coco.ground_truth(root, split, cfg.categories_file)
-  return coco.PanopticGroundTruth(gt.gt_json, gt.gt_folder, gt.image_folder,
-                                  load_dataset_categories(cfg))
-
-
-def epoch_permutation(seed: int, epoch: int, num: int) -> np.ndarray:
-  """The order of the training records in an epoch: a function of (seed, epoch)."""
-  rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
-  return rng.permutation(num).astype(np.int64)  # [num]
-
-
-@dataclasses.dataclass(frozen=True)
-class SkippedExample:
-  """An image the input left out: its id, its files and why."""
-  image_id: int
-  files: str
-  reason: str
-
-
-def _files(image_path: str, png_path: str) -> str:
-  return f"image {image_path}, PNG {png_path}"
-
-
-def _records_collecting_errors(
-    root: str, split: str, categories: categories_lib.CategoryInfo
-) -> tuple[list[coco.ImageRecord], list[SkippedExample]]:
-  """`coco.load_records`, but per-image errors leave the image out instead.
-
-  Errors of the whole file (not JSON, missing fields, duplicate image ids,
-  annotations of unknown images) still raise ValueError.
-  """
-  skipped = []
-
-  def leave_out(image_id: int, image_path: str, png_path: str, error: ValueError) -> None:
-    skipped.append(SkippedExample(image_id, _files(image_path, png_path), str(error)))
-
-  records = coco.load_records(root, split, categories=categories, on_image_error=leave_out)
-  return records, skipped
-
-
-def _decode_error(record: coco.ImageRecord,
-                  categories: categories_lib.CategoryInfo) -> str | None:
-  try:
-    coco.decode_example(record, categories)
-  except ValueError as e:
-    return str(e)
-  return None
-
-
-def validate_records(
-    records: list[coco.ImageRecord],
-    categories: categories_lib.CategoryInfo, *,
-    num_threads: int | None = None
-) -> tuple[list[coco.ImageRecord], list[SkippedExample]]:
-  """(records that decode cleanly, the others with their errors), in order.
-
-  Each image and PNG is fully decoded with the NumPy decoder, which makes the
-  checks the TF graph makes (sizes, PNG/JSON segment ids); PIL releases the
-  GIL while decoding, so threads scale.
-  """
-  start = time.time()
-  num_threads = num_threads or min(32, os.cpu_count() or 1)
-  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-    errors = list(pool.map(lambda r: _decode_error(r, categories), records))
-  good = [r for r, e in zip(records, errors) if e is None]
-  bad = [SkippedExample(r.image_id, _files(r.image_path, r.png_path), e)
-         for r, e in zip(records, errors) if e is not None]
-  logging.info("Checked %d images in %.1f s (%d threads): %d bad",
-               len(records), time.time() - start, num_threads, len(bad))
-  return good, bad
-
-
-def _log_skipped(where: str, skipped: list[SkippedExample], what: str,
-                 limit: int = 20) -> None:
-  if not skipped:
-    return
-  logging.warning("%s: %d images %s:", where, len(skipped), what)
-  for s in skipped[:limit]:
-    logging.warning("  image id %d (%s): %s", s.image_id, s.files, s.reason)
-  if len(skipped) > limit:
-    logging.warning("  ... and %d more", len(skipped) - limit)
-
-
-class CocoSource:
-  """Records of one split in the COCO panoptic layout, as TF tables."""
-
-  def __init__(self, root: str, split: str,
-               categories: categories_lib.CategoryInfo, *, train: bool,
-               max_segments: int, skip_bad_examples: bool = False):
-    self.json_path = coco.split_paths(root, split)[1]
-    skipped = []
-    if skip_bad_examples:
-      records, skipped = _records_collecting_errors(root, split, categories)
-      records, bad = validate_records(records, categories)
-      skipped = sorted(skipped + bad, key=lambda s: s.image_id)
-      _log_skipped(self.json_path, skipped, "are bad and left out")
-    else:
-      records = coco.load_records(root, split, categories=categories)
-    too_many = [r for r in records if len(r.segments) > max_segments]
-    if train:
-      empty = [SkippedExample(r.image_id, _files(r.image_path, r.png_path), "no segments")
-               for r in records if not r.segments]
-      if empty:
-        logging.info("%s: %d of %d images have no segments; skipped in "
-                     "training", self.json_path, len(empty), len(records))
-      skipped += empty
-      records = [r for r in records if r.segments]
-      if skip_bad_examples and too_many:
-        over = [SkippedExample(
-            r.image_id, _files(r.image_path, r.png_path),
-            f"{len(r.segments)} segments, more than dataset.max_segments={max_segments}")
-                for r in too_many]
-        _log_skipped(self.json_path, over, "are left out of training")
-        skipped += over
-        records = [r for r in records if len(r.segments) <= max_segments]
-        too_many = []
-      if not records:
-        raise ValueError(f"{self.json_path}: no images with segments")
-    if too_many:
-      logging.warning("%s: %d images have more than max_segments=%d segments; "
-                      "the smallest are dropped (void), e.g. image ids %s",
-                      self.json_path, len(too_many), max_segments,
-                      [r.image_id for r in too_many[:10]])
-    self.records = records
-    self.categories = categories
-    self.skipped = sorted(skipped, key=lambda s: s.image_id)
-
-  def __len__(self) -> int:
-    return len(self.records)
-
-  def _tables(self) -> dict[str, Any]:
-    tf = _tf()
-    recs, cats = self.records, self.categories
-    segs = [s for r in recs for s in r.segments]
-    classes = np.asarray([cats.contiguous_index(s.category_id) for s in segs],
-                         np.int32).reshape(-1)  # [T]
-    return {
-        "image_path": tf.constant([r.image_path for r in recs]),
-        "png_path": tf.constant([r.png_path for r in recs]),
-        "image_id": tf.constant([r.image_id for r in recs], tf.int32),
-        "size": tf.constant([[r.height, r.width] for r in recs], tf.int32),
-        "offsets": tf.constant(np.cumsum([0] + [len(r.segments) for r in recs]),
-                               tf.int64),
-        "seg_ids": tf.constant(np.asarray([s.id for s in segs], np.int32)),
-        "seg_class": tf.constant(classes),
-        "seg_is_thing": tf.constant(
-            np.asarray([cats.isthing[c] for c in classes], bool)),
-        "seg_is_crowd": tf.constant(np.asarray([s.iscrowd for s in segs],
-                                               bool)),
-        "seg_area": tf.constant(np.asarray([s.area for s in segs],
-                                           np.float32)),
-    }
-
-  def train_tokens(self, seed: int, start_position: int) -> tf.data.Dataset:
-    """(position, record index) from `start_position` on, infinite."""
-    tf = _tf()
-    n = len(self.records)
-    first_epoch, offset = divmod(start_position, n)
-
-    def epoch_dataset(epoch):
-      perm = tf.numpy_function(
-          lambda e: epoch_permutation(seed, int(e), n), [epoch], tf.int64)
-      perm = tf.ensure_shape(perm, [n])  # [n]
-      positions = epoch * n + tf.range(n, dtype=tf.int64)  # [n]
-      return tf.data.Dataset.from_tensor_slices((positions, perm))
-
-    tokens = tf.data.Dataset.counter(first_epoch).flat_map(epoch_dataset)
-    return tokens.skip(offset)
-
-  def eval_tokens(self) -> tf.data.Dataset:
-    """(position, record index) over every record once, in order."""
-    tf = _tf()
-    n = len(self.records)
-    return tf.data.Dataset.range(n).map(lambda i: (i, i))
-
-  def loader(self) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
-    """A TF function: record index -> raw example (transforms module)."""
-    tf = _tf()
-    t = self._tables()
-
-    def load(index):
-      start, end = t["offsets"][index], t["offsets"][index + 1]
-      image = transforms.decode_rgb(tf.io.read_file(t["image_path"][index]))
-      pan = tf.io.decode_png(tf.io.read_file(t["png_path"][index]), channels=3)
-      return {
-          "image": image,  # [h, w, 3]
-          "pan": pan,  # [h, w, 3]
-          "seg_ids": t["seg_ids"][start:end],  # [n]
-          "seg_class": t["seg_class"][start:end],  # [n]
-          "seg_is_thing": t["seg_is_thing"][start:end],  # [n]
-          "seg_is_crowd": t["seg_is_crowd"][start:end],  # [n]
-          "seg_area": t["seg_area"][start:end],  # [n]
-          "image_id": t["image_id"][index],
-          "expect_size": t["size"][index],  # [2]
-          "where": tf.strings.join(["image ", t["image_path"][index],
-                                    ", PNG ", t["png_path"][index]]),
-      }
-
-    return load
-
-  def diagnose(self, indices: list[int]) -> None:
-    """Decodes records with NumPy; raises their ValueError if one is bad."""
-    for i in indices:
-      coco.decode_example(self.records[i], self.categories)
-
-
-def _make_source(cfg: hparams.DatasetHParams, split: str, *, train: bool,
-                 categories: categories_lib.CategoryInfo):
-  if cfg.source == "tfds":
-    from ciae_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-    return tfds_source.TfdsSource(cfg, split, categories, train=train)
-  return CocoSource(prepare_root(cfg), split, categories, train=train,
-                    max_segments=cfg.max_segments,
-                    skip_bad_examples=cfg.skip_bad_examples)
-
-
-def _host_slice(global_batch_size: int) -> tuple[int, int]:
-  """(rows per host, first row of this host) within a global batch."""
+def host_rows(global_batch_size: int) -> tuple[int, int]:
+  """(first row of this host, rows per host) within a global batch."""
   num_hosts = jax.process_count()
   if global_batch_size % (num_hosts * jax.local_device_count()):
     raise ValueError(f"global_batch_size {global_batch_size} must be "
                      f"divisible by processes ({num_hosts}) x local devices "
                      f"({jax.local_device_count()})")
   per_host = global_batch_size // num_hosts
-  return per_host, jax.process_index() * per_host
+  return jax.process_index() * per_host, per_host
+
+
+@dataclasses.dataclass(frozen=True)
+class HostPipeline:
+  """The host's tf.data pipeline (flat batches `[per_host, ...]`) and what it was built from.
+
+  Attributes:
+    dataset: the tf.data pipeline.
+    source: a `sources.CocoSource` or a `tfds_source.TfdsSource`.
+    schedule: the plan of every global batch; None for TFDS (sizes known after decoding).
+    global_batch_size: G, rows of a global batch over all hosts.
+    first_row: this host's first row of every global batch.
+    per_host: this host's rows.
+  """
+  dataset: Any
+  source: Any
+  schedule: Schedule | None
+  global_batch_size: int
+  first_row: int
+  per_host: int
 
 
 def build_tf_dataset(cfg: hparams.DatasetHParams, split: str, *,
                      train: bool, global_batch_size: int, seed: int,
-                     start_step: int = 0, num_threads: int | None = None
-                     ) -> tuple[tf.data.Dataset, Any]:
+                     start_step: int = 0, num_threads: int | None = None) -> HostPipeline:
   """The host's tf.data pipeline: flat batches `[per_host_batch, ...]`.
 
   Args:
@@ -399,111 +135,197 @@ def build_tf_dataset(cfg: hparams.DatasetHParams, split: str, *,
     train: infinite, shuffled, augmented; else every image once, padded.
     global_batch_size: examples per step over all hosts.
     seed: data seed (order and augmentation); non-negative.
-    start_step: first training step (skips `start_step * global_batch_size`
-      positions of the index stream, before decoding).
+    start_step: first training step (the plan starts at that global batch; nothing before it
+      is decoded).
     num_threads: size of a private tf.data thread pool, with intra-op
       parallelism 1 (None: TF's defaults).
 
   Returns:
-    (dataset, source).
+    The `HostPipeline`.
   """
-  tf = _tf()
-  _check_config(cfg)
+  tf = transforms.import_tf()
+  dataset_lib.check_config(cfg)
   if seed < 0 or start_step < 0:
-    raise ValueError(f"seed ({seed}) and start_step ({start_step}) must be "
-                     ">= 0")
-  per_host, first_row = _host_slice(global_batch_size)
-  categories = load_dataset_categories(cfg)
-  source = _make_source(cfg, split, train=train, categories=categories)
-  if train:
-    tokens = source.train_tokens(seed, start_step * global_batch_size)
-    tokens = tokens.map(lambda p, t: (p, tf.constant(True), t))
+    raise ValueError(f"seed ({seed}) and start_step ({start_step}) must be >= 0")
+  first_row, per_host = host_rows(global_batch_size)
+  categories = dataset_lib.load_dataset_categories(cfg)
+  source = sources.make_source(cfg, split, train=train, categories=categories)
+  schedule = _make_schedule(source, cfg, train=train, seed=seed,
+                            global_batch_size=global_batch_size)
+  pipe = HostPipeline(None, source, schedule, global_batch_size, first_row, per_host)
+  if schedule is None:
+    ds = _tfds_batches(pipe, cfg, train=train, seed=seed, start_step=start_step)
   else:
-    n = len(source)
-    padded = -(-n // global_batch_size) * global_batch_size
-    pad = source.eval_tokens().take(1).repeat(padded - n)
-    tokens = source.eval_tokens().map(lambda p, t: (p, tf.constant(True), t))
-    tokens = tokens.concatenate(pad.enumerate(n).map(
-        lambda p, pt: (p, tf.constant(False), pt[1])))
-  # Keep this host's rows of every global batch (cheap: no decoding yet).
-  tokens = tokens.filter(lambda p, v, t: tf.equal(
-      (p % global_batch_size) // per_host, first_row // per_host))
-
-  load = source.loader()
-  if train:
-    size_range, max_size = tuple(cfg.train_min_size_range), cfg.max_size
-  else:
-    size_range, max_size = (cfg.eval_min_size,) * 2, cfg.eval_max_size
-  # Every batch is padded to one canvas that holds all of the dataset's canvases.
-  image_size = canvas_lib.union_canvas(canvas_lib.canvases(cfg))
-  options = dict(image_size=image_size, min_size_range=size_range,
-                 max_size=max_size, flip=cfg.flip,
-                 max_segments=cfg.max_segments, pad=False)
-
-  def make_example(position, valid, token):
-    key = tf.stack([tf.constant(seed, tf.int64), position])  # [2]
-    example = transforms.transform_example(load(token), train=train, key=key,
-                                           **options)
-    if not train:
-      example = tf.cond(valid, lambda: example,
-                        lambda: transforms.blank_like(example))
-    example["example_valid"] = valid
-    return example
-
-  ds = tokens.map(make_example, num_parallel_calls=cfg.num_parallel_calls,
-                  deterministic=True)
-  # padded_batch pads image and map into the batch: one copy, not two.
-  padded_shapes = {k: spec.shape for k, spec in ds.element_spec.items()}
-  padded_shapes["image"] = [*image_size, 3]
-  padded_shapes["segment_map"] = list(image_size)
-  ds = ds.padded_batch(per_host, padded_shapes=padded_shapes,
-                       drop_remainder=True)
+    ds = _planned_batches(pipe, cfg, train=train, start=start_step if train else 0)
   ds = ds.prefetch(cfg.prefetch)
   opts = tf.data.Options()
   opts.deterministic = True
   if num_threads:  # Benchmarks: a fixed number of cores, one per map call.
     opts.threading.private_threadpool_size = num_threads
     opts.threading.max_intra_op_parallelism = 1
-  return ds.with_options(opts), source
+  return dataclasses.replace(pipe, dataset=ds.with_options(opts))
 
 
-_ASSERT_RE = re.compile(re.escape(transforms.ERROR_TAG) +
-                        r"\]?\s*(.*?)(\n|$)", re.S)
+def _make_schedule(source: Any, cfg: hparams.DatasetHParams, *, train: bool, seed: int,
+                   global_batch_size: int) -> Schedule | None:
+  """The plan of every batch; None for a source whose sizes are known after decoding only."""
+  if getattr(source, "sizes", None) is None:  # TFDS.
+    return None
+  if train:
+    return schedule_lib.TrainSchedule(source.sizes, cfg, seed=seed,
+                                      global_batch_size=global_batch_size)
+  return schedule_lib.EvalSchedule(source.sizes, cfg, global_batch_size=global_batch_size)
 
 
-def _as_value_error(error: Exception, source: Any, positions: list[int],
-                    train: bool, seed: int) -> ValueError:
+def _example_fn(load: Callable[[Any], dict[str, Any]], *, max_segments: int, train: bool,
+                size_fn: Callable[[dict[str, Any], dict[str, Any]], Any]
+                ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+  """token -> example: load the record, transform it at the token's size and flip."""
+  tf = transforms.import_tf()
+
+  def make_example(token):
+    raw = load(token["item"])
+    example = transforms.transform_example(raw, size=size_fn(token, raw), flip=token["flip"],
+                                           max_segments=max_segments)
+    if not train:  # Rows that fill an evaluation batch: zeros, image_id -1.
+      example = tf.cond(token["valid"], lambda: example, lambda: transforms.blank_like(example))
+    example["example_valid"] = token["valid"]
+    return example
+
+  return make_example
+
+
+def _pad_to_canvas(ds: tf.data.Dataset, canvas: canvas_lib.Size,
+                   per_host: int) -> tf.data.Dataset:
+  """Batches of `per_host` examples, image and map padded to `canvas` (static shapes)."""
+  # padded_batch pads image and map into the batch: one copy, not two.
+  padded_shapes = {k: spec.shape for k, spec in ds.element_spec.items()}
+  padded_shapes["image"] = [*canvas, 3]
+  padded_shapes["segment_map"] = list(canvas)
+  return ds.padded_batch(per_host, padded_shapes=padded_shapes, drop_remainder=True)
+
+
+def _planned_batches(pipe: HostPipeline, cfg: hparams.DatasetHParams, *, train: bool,
+                     start: int) -> tf.data.Dataset:
+  """The batches of `pipe.schedule` from global batch `start`: one pipeline per bucket (its
+  own static canvas), interleaved in the schedule's bucket order."""
+  tf = transforms.import_tf()
+  schedule = pipe.schedule
+  make_example = _example_fn(pipe.source.loader(), max_segments=cfg.max_segments, train=train,
+                             size_fn=lambda token, raw: token["size"])
+  buckets = schedule.buckets or [0]  # [0]: an empty split gives an empty pipeline.
+  per_bucket = [_bucket_batches(pipe, k, start, make_example, cfg.num_parallel_calls)
+                for k in buckets]
+  if len(per_bucket) == 1:
+    return per_bucket[0]
+  index = {bucket: i for i, bucket in enumerate(buckets)}
+  choices = tf.data.Dataset.from_generator(
+      lambda: (np.int64(index[p.bucket]) for p in schedule.plans(start)),
+      output_signature=tf.TensorSpec([], tf.int64))
+  return tf.data.Dataset.choose_from_datasets(per_bucket, choices)
+
+
+def _bucket_batches(pipe: HostPipeline, bucket: int, start: int,
+                    make_example: Callable[[dict[str, Any]], dict[str, Any]],
+                    num_parallel_calls: int) -> tf.data.Dataset:
+  """This host's rows of the batches of one bucket, transformed and padded to its canvas."""
+  tf = transforms.import_tf()
+  first_row, per_host = pipe.first_row, pipe.per_host
+
+  def tokens():
+    for plan in pipe.schedule.plans(start, bucket):
+      mine = plan.rows(first_row, per_host)
+      yield {"position": mine.positions, "valid": mine.valid, "item": mine.records,
+             "size": mine.sizes, "flip": mine.flips}
+
+  spec = lambda dtype, *shape: tf.TensorSpec([per_host, *shape], dtype)
+  signature = {"position": spec(tf.int64), "valid": spec(tf.bool), "item": spec(tf.int64),
+               "size": spec(tf.int32, 2), "flip": spec(tf.bool)}
+  ds = tf.data.Dataset.from_generator(tokens, output_signature=signature).unbatch()
+  ds = ds.map(make_example, num_parallel_calls=num_parallel_calls, deterministic=True)
+  return _pad_to_canvas(ds, pipe.schedule.canvases[bucket], per_host)
+
+
+def _graph_size_fn(max_size: int, canvas: canvas_lib.Size) -> Callable[..., Any]:
+  """size_fn for TFDS: the host rule (`canvas`) applied to the decoded size, in the graph."""
+  tf = transforms.import_tf()
+
+  def size(h, w, short):
+    _, fitted = canvas_lib.place(int(h), int(w), min_size=int(short), max_size=max_size,
+                                 options=(canvas,))
+    return np.asarray(fitted, np.int32)  # [2]
+
+  def size_fn(token, raw):
+    hw = tf.shape(raw["image"])[:2]  # [2]
+    out = tf.numpy_function(size, [hw[0], hw[1], token["short"]], tf.int32, stateful=False)
+    return tf.ensure_shape(out, [2])
+
+  return size_fn
+
+
+def _tfds_batches(pipe: HostPipeline, cfg: hparams.DatasetHParams, *, train: bool, seed: int,
+                  start_step: int) -> tf.data.Dataset:
+  """TFDS batches, all on the union canvas (module docstring)."""
+  tf = transforms.import_tf()
+  g, source = pipe.global_batch_size, pipe.source
+  if train:
+    augment = tf.data.Dataset.from_generator(
+        lambda: ({"short": s, "flip": f} for s, f in schedule_lib.augmentation_stream(
+            seed, start_step, g, cfg)),
+        output_signature={"short": tf.TensorSpec([g], tf.int64),
+                          "flip": tf.TensorSpec([g], tf.bool)}).unbatch()
+    tokens = tf.data.Dataset.zip(source.train_tokens(seed, start_step * g), augment).map(
+        lambda pe, aug: {"position": pe[0], "valid": True, "item": pe[1], **aug})
+  else:
+    n = len(source)
+    fill = source.eval_tokens().take(1).repeat(-(-n // g) * g - n).enumerate(n)
+    tokens = source.eval_tokens().map(lambda p, ex: {"position": p, "valid": True, "item": ex})
+    tokens = tokens.concatenate(fill.map(
+        lambda p, pe: {"position": p, "valid": False, "item": pe[1]}))
+    tokens = tokens.map(lambda t: {**t, "short": tf.constant(cfg.eval_min_size, tf.int64),
+                                   "flip": False})
+  # Keep this host's rows of every global batch (cheap: no decoding yet).
+  tokens = tokens.filter(lambda t: tf.equal((t["position"] % g) // pipe.per_host,
+                                            pipe.first_row // pipe.per_host))
+  canvas = canvas_lib.union_canvas(canvas_lib.canvases(cfg))
+  max_size = cfg.max_size if train else cfg.eval_max_size
+  make_example = _example_fn(source.loader(), max_segments=cfg.max_segments, train=train,
+                             size_fn=_graph_size_fn(max_size, canvas))
+  ds = tokens.map(make_example, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
+  return _pad_to_canvas(ds, canvas, pipe.per_host)
+
+
+_ASSERT_RE = re.compile(re.escape(transforms.ERROR_TAG) + r"\]?\s*(.*?)(\n|$)", re.S)
+
+
+def _as_value_error(error: Exception, pipe: HostPipeline, batch_index: int) -> ValueError:
   """A clear ValueError for a failed batch: which file, which image id."""
   message = getattr(error, "message", str(error))
   match = _ASSERT_RE.search(message)
   if match:  # An in-graph check: its message names the file and image id.
     return ValueError(transforms.ERROR_TAG + " " + match.group(1).strip("[] "))
-  if hasattr(source, "diagnose"):  # Decode errors: find the file with NumPy.
-    n = len(source)
-    if train:
-      indices = [int(epoch_permutation(seed, p // n, n)[p % n])
-                 for p in positions]
-    else:
-      indices = [p for p in positions if p < n]
+  if pipe.schedule is not None:  # Decode errors: find the file with NumPy.
+    mine = pipe.schedule.plan(batch_index).rows(pipe.first_row, pipe.per_host)
     try:
-      source.diagnose(indices)
+      pipe.source.diagnose(list(dict.fromkeys(mine.records.tolist())))
     except ValueError as e:
       return e
-  return ValueError(f"input pipeline failed (positions {positions[0]}.."
-                    f"{positions[-1]}): {message}")
+  first = batch_index * pipe.global_batch_size + pipe.first_row
+  return ValueError(f"input pipeline failed (global batch {batch_index}, positions {first}.."
+                    f"{first + pipe.per_host - 1}): {message}")
 
 
 def build_input(dataset_cfg: hparams.DatasetHParams, split: str, *,
                 train: bool, global_batch_size: int, seed: int,
-                start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                start_step: int = 0) -> InputIterator:
   """NumPy batches `[local_devices, per_device_batch, ...]` for a split.
 
   Args:
     dataset_cfg: `config.dataset` (module docstring lists the fields).
     split: split name (`dataset_cfg.train_split` or `.val_split`).
     train: True: infinite, shuffled, augmented (skipping images without
-      segments); False: every image exactly once, deterministic resize, the
-      last batch padded with `example_valid=False` rows.
+      segments); False: every image exactly once, deterministic resize, each
+      bucket's last batch filled with `example_valid=False` rows.
     global_batch_size: examples per step over all hosts; divisible by
       `process_count * local_device_count`.
     seed: order and augmentation seed (>= 0).
@@ -516,14 +338,11 @@ def build_input(dataset_cfg: hparams.DatasetHParams, split: str, *,
   Raises:
     ValueError: bad configuration, or bad data (naming file and image id).
   """
-  ds, source = build_tf_dataset(dataset_cfg, split, train=train,
-                                global_batch_size=global_batch_size,
-                                seed=seed, start_step=start_step)
-  batches = _iterate(ds, source, train=train, seed=seed,
-                     global_batch_size=global_batch_size, start_step=start_step)
+  pipe = build_tf_dataset(dataset_cfg, split, train=train, global_batch_size=global_batch_size,
+                          seed=seed, start_step=start_step)
   mode = "training" if train else "evaluation"
-  return InputIterator(batches, getattr(source, "skipped", []),
-                       name=f"{split} ({mode})")
+  return InputIterator(_iterate(pipe, start_step if train else 0),
+                       getattr(pipe.source, "skipped", []), name=f"{split} ({mode})")
 
 
 class InputIterator:
@@ -536,7 +355,7 @@ class InputIterator:
   """
 
   def __init__(self, batches: Iterator[dict[str, np.ndarray]],
-               skipped: list[SkippedExample], *, name: str):
+               skipped: list[sources.SkippedExample], *, name: str):
     self._batches = batches
     self.skipped_examples = list(skipped)
     self._name = name
@@ -551,8 +370,8 @@ class InputIterator:
     except StopIteration:
       if not self._reported:
         self._reported = True
-        _log_skipped(f"{self._name} ended", self.skipped_examples,
-                     "were left out (no prediction)", limit=1000)
+        sources.log_skipped(f"{self._name} ended", self.skipped_examples,
+                            "were left out (no prediction)", limit=1000)
       raise
 
   def close(self) -> None:
@@ -560,24 +379,19 @@ class InputIterator:
     self._batches.close()
 
 
-def _iterate(ds: tf.data.Dataset, source: Any, *, train: bool, seed: int,
-             global_batch_size: int, start_step: int
-             ) -> Iterator[dict[str, np.ndarray]]:
+def _iterate(pipe: HostPipeline, first_batch: int) -> Iterator[dict[str, np.ndarray]]:
   """Reshapes host batches per device; turns TF errors into ValueErrors."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = transforms.import_tf()
   devices = jax.local_device_count()
-  per_host, first_row = _host_slice(global_batch_size)
-  iterator = ds.as_numpy_iterator()
-  step = start_step if train else 0
+  iterator = pipe.dataset.as_numpy_iterator()
+  batch_index = first_batch
   while True:
     try:
       batch = next(iterator)
     except StopIteration:
       return
     except tf.errors.OpError as e:
-      first = step * global_batch_size + first_row
-      raise _as_value_error(e, source, list(range(first, first + per_host)),
-                            train, seed) from None
-    step += 1
-    yield {k: v.reshape(devices, per_host // devices, *v.shape[1:])
+      raise _as_value_error(e, pipe, batch_index) from None
+    batch_index += 1
+    yield {k: v.reshape(devices, pipe.per_host // devices, *v.shape[1:])
            for k, v in batch.items()}

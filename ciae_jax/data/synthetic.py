@@ -244,7 +244,7 @@ def _write_split(root: str, split: str, num_images: int,
 
 
 def generate_synthetic_dataset(root: str | os.PathLike, *, num_train: int, num_val: int,
-                               image_size: tuple[int, int], seed: int = 0) -> str:
+                               image_size: tuple[int, int], seed: int) -> str:
   """Writes the synthetic dataset under `root` unless already there.
 
   Args:

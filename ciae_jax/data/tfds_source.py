@@ -16,15 +16,18 @@ is deterministic; a resume (`start_step > 0`) counts the non-empty examples
 once and then skips records (I/O and parsing only, no image decoding) up to
 one epoch. Segments beyond `max_segments` are dropped with a printed line
 per image.
+
+Canvases: the sizes are known only after decoding, so TFDS batches are not bucketed; every
+batch is padded to the union of the dataset's canvases (`data/pipeline.py`).
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Callable, TYPE_CHECKING
 
-import ml_collections
 import numpy as np
 
+from ciae_jax import hparams
 from ciae_jax.data import categories as categories_lib
 from ciae_jax.data import transforms
 
@@ -69,10 +72,17 @@ def label_to_class_table(category_list: list[dict[str, Any]],
 
 
 class TfdsSource:
-  """A TFDS panoptic split as (position, encoded example) tokens."""
+  """A TFDS panoptic split as (position, encoded example) tokens.
 
-  def __init__(self, cfg: ml_collections.ConfigDict, split: str,
+  Attributes:
+    sizes: None: the images' sizes are known only after decoding, so the pipeline cannot plan
+      canvas buckets ahead (`data/pipeline.py`: every batch on the union canvas).
+  """
+  sizes = None
+
+  def __init__(self, cfg: hparams.DatasetHParams, split: str,
                categories: categories_lib.CategoryInfo, *, train: bool):
+    transforms.import_tf()  # GPUs hidden before TFDS initialises TF.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self._tfds = tfds
     self.name = cfg.tfds_name
@@ -105,13 +115,13 @@ class TfdsSource:
     return self._len
 
   def _non_empty(self) -> tf.data.Dataset:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = transforms.import_tf()
     return self.base().filter(
         lambda ex: tf.size(ex["panoptic_objects"]["id"]) > 0)
 
   def train_tokens(self, seed: int, start_position: int) -> tf.data.Dataset:
     """(position, example) from `start_position` on, infinite."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = transforms.import_tf()
     non_empty = self._non_empty()
     buffer = self.shuffle_buffer
 
@@ -141,7 +151,7 @@ class TfdsSource:
 
   def loader(self) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
     """A TF function: encoded TFDS example -> raw example (transforms)."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = transforms.import_tf()
     label_to_class = tf.constant(self.label_to_class)  # [num_labels]
     is_thing = tf.constant(np.asarray(self.categories.isthing))  # [C]
     prefix = f"tfds {self.name}:{self.split}/"

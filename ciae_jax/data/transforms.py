@@ -1,4 +1,4 @@
-"""TF transforms shared by every source: id -> row, resize, flip, pad, boxes.
+"""TF transforms shared by every source: id -> row, resize, flip, boxes.
 
 The sources (COCO files, TFDS) decode an image and its panoptic PNG into a
 "raw example"; `transform_example` turns it into the example dict of
@@ -19,8 +19,9 @@ Raw example (per image, unbatched):
 """
 from __future__ import annotations
 
-import math
 from typing import Any, TYPE_CHECKING
+
+from absl import logging
 
 if TYPE_CHECKING:  # Annotations only: no TF import at run time.
   import tensorflow as tf  # pylint: disable=g-bad-import-order
@@ -34,40 +35,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ERROR_TAG = "ciae_jax input error:"
 
 
-def resized_shape(height: int, width: int, *, min_size: float,
-                  max_size: float, pad_size: tuple[int, int]
-                  ) -> tuple[int, int]:
-  """Size of an image after the resize rule (pure Python, host side).
+def import_tf() -> Any:
+  """TensorFlow, imported on first use, with every GPU hidden from it.
 
-  Shorter side to `min_size`, unless the longer side would exceed `max_size`;
-  then, if the result would not fit into `pad_size`, shrunk to fit.
-
-  Args:
-    height: original height.
-    width: original width.
-    min_size: target of the shorter side.
-    max_size: cap of the longer side.
-    pad_size: (H, W) of the padded input.
-
-  Returns:
-    (new_height, new_width), each at least 1 and within pad_size.
+  The input pipeline must never take an accelerator (or its memory) from JAX; hiding the GPUs
+  again is a no-op, so every TF user in `data/` calls this.
   """
-  scale = min(min_size / min(height, width), max_size / max(height, width),
-              pad_size[0] / height, pad_size[1] / width)
-  new_h = min(max(int(math.floor(height * scale + 0.5)), 1), pad_size[0])
-  new_w = min(max(int(math.floor(width * scale + 0.5)), 1), pad_size[1])
-  return new_h, new_w
-
-
-def _tf() -> Any:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF was initialised with its GPUs before the input pipeline.
+    logging.warning("TensorFlow was initialised before the input pipeline; "
+                    "it may hold GPU memory")
   return tf
 
 
 def check(cond: tf.Tensor, raw: dict[str, Any],
           message: tf.Tensor | str) -> tf.Operation:
   """An assert op whose error names the image id and the files (or key)."""
-  tf = _tf()
+  tf = import_tf()
   text = tf.strings.join(["image id ", tf.strings.as_string(raw["image_id"]),
                           " (", raw["where"], "): ", message])
   return tf.debugging.Assert(cond, [ERROR_TAG, text])
@@ -79,7 +65,7 @@ def decode_rgb(contents: tf.Tensor) -> tf.Tensor:
   The accurate integer DCT decodes exactly as PIL/libjpeg do by default (the
   demo and evaluation read images with PIL) and costs no more time.
   """
-  tf = _tf()
+  tf = import_tf()
   return tf.cond(
       tf.io.is_jpeg(contents),
       lambda: tf.io.decode_jpeg(contents, channels=3,
@@ -88,31 +74,13 @@ def decode_rgb(contents: tf.Tensor) -> tf.Tensor:
                                  expand_animations=False))
 
 
-def resized_shape_tf(height: tf.Tensor, width: tf.Tensor, min_size: tf.Tensor,
-                     max_size: float, pad_size: tuple[int, int]
-                     ) -> tuple[tf.Tensor, tf.Tensor]:
-  """`resized_shape` in TF (same arithmetic, float64)."""
-  tf = _tf()
-  h = tf.cast(height, tf.float64)
-  w = tf.cast(width, tf.float64)
-  min_size = tf.cast(min_size, tf.float64)
-  scale = tf.reduce_min(tf.stack([
-      min_size / tf.minimum(h, w), max_size / tf.maximum(h, w),
-      pad_size[0] / h, pad_size[1] / w]))
-  new_h = tf.clip_by_value(tf.cast(tf.floor(h * scale + 0.5), tf.int32), 1,
-                           pad_size[0])
-  new_w = tf.clip_by_value(tf.cast(tf.floor(w * scale + 0.5), tf.int32), 1,
-                           pad_size[1])
-  return new_h, new_w
-
-
 def truncation_rows(seg_area: tf.Tensor, max_segments: int) -> tf.Tensor:
   """Output row (1-based, 0 = dropped) of each JSON segment.
 
   With more than `max_segments` segments, the largest ones (by JSON area) are
   kept, in JSON order; the others become void.
   """
-  tf = _tf()
+  tf = import_tf()
   n = tf.shape(seg_area)[0]
   k = tf.minimum(n, max_segments)
   kept = tf.sort(tf.math.top_k(seg_area, k=k).indices)  # [k]
@@ -127,7 +95,7 @@ def ids_to_rows(raw: dict[str, Any], seg_rows: tf.Tensor
   Returns:
     (row_map int32 [h, w], list of assert ops).
   """
-  tf = _tf()
+  tf = import_tf()
   pan = tf.cast(raw["pan"], tf.int32)  # [h, w, 3]
   ids = pan[..., 0] + 256 * pan[..., 1] + 65536 * pan[..., 2]  # [h, w]
   seg_ids = tf.cast(raw["seg_ids"], tf.int32)  # [n]
@@ -157,17 +125,22 @@ def ids_to_rows(raw: dict[str, Any], seg_rows: tf.Tensor
 
 
 def nearest_indices(in_size: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
-  """Source index of each output pixel, nearest neighbour, half-pixel centres."""
-  tf = _tf()
-  scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
-  src = tf.floor((tf.range(out_size, dtype=tf.float64) + 0.5) * scale)
-  return tf.minimum(tf.cast(src, tf.int32), in_size - 1)  # [out_size]
+  """Source index of each output pixel, nearest neighbour, half-pixel centres.
+
+  `floor((i + 0.5) * in / out)` in integers, `((2i + 1) in) // (2 out)`: exact, also where a
+  centre falls on a pixel border (in float64, `(i + 0.5) * (in / out)` can land just below).
+  """
+  tf = import_tf()
+  in_size = tf.cast(in_size, tf.int64)
+  out_size = tf.cast(out_size, tf.int64)
+  src = (2 * tf.range(out_size) + 1) * in_size // (2 * out_size)  # [out_size]
+  return tf.cast(tf.minimum(src, in_size - 1), tf.int32)  # [out_size]
 
 
 def gather_2d(values: tf.Tensor, rows_src: tf.Tensor,
               cols_src: tf.Tensor) -> tf.Tensor:
   """`values[rows_src][:, cols_src]` (nearest resize and flip by indices)."""
-  tf = _tf()
+  tf = import_tf()
   # Row gathers copy whole rows; gathering columns as rows of the transpose
   # is several times faster than tf.gather(axis=1).
   picked = tf.gather(values, rows_src, axis=0)  # [new_h, w]
@@ -177,7 +150,7 @@ def gather_2d(values: tf.Tensor, rows_src: tf.Tensor,
 
 def _first_last(presence: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   """First and last True along axis 1 of a bool [K, N] (0, -1 if none)."""
-  tf = _tf()
+  tf = import_tf()
   n = tf.shape(presence)[1]
   as_int = tf.cast(presence, tf.int32)  # [K, N]
   first = tf.argmax(as_int, axis=1, output_type=tf.int32)  # [K]
@@ -188,7 +161,7 @@ def _first_last(presence: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 def _presence(values: tf.Tensor, num_rows: int) -> tf.Tensor:
   """presence[k - 1, j]: value k occurs in column j of `values` [M, L] -> [S, L]."""
-  tf = _tf()
+  tf = import_tf()
   length = tf.shape(values)[1]
   flat = tf.reshape(tf.cast(values, tf.int32) * length + tf.range(length),
                     [-1])  # [M*L]
@@ -211,7 +184,7 @@ def boxes_after_resize(row_map: tf.Tensor, rows_src: tf.Tensor,
   Returns:
     (box float32 [S, 4], present bool [S]).
   """
-  tf = _tf()
+  tf = import_tf()
   used_rows = tf.unique(rows_src).y  # [u_h]
   used_cols = tf.unique(cols_src).y  # [u_w]
   # Presence per source line, over the source pixels the resize uses.
@@ -230,7 +203,7 @@ def boxes_after_resize(row_map: tf.Tensor, rows_src: tf.Tensor,
 
 def normalize_image(image: tf.Tensor) -> tf.Tensor:
   """uint8 RGB -> `(x / 255 - mean) / std` float32, channels last."""
-  tf = _tf()
+  tf = import_tf()
   scale = tf.linalg.diag(tf.constant([1.0 / (255.0 * s)
                                       for s in IMAGENET_STD]))  # [3, 3]
   offset = tf.constant([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])
@@ -243,103 +216,72 @@ def normalize_image(image: tf.Tensor) -> tf.Tensor:
 def _per_row(values: tf.Tensor, seg_rows: tf.Tensor, num_rows: int,
              dtype: tf.DType) -> tf.Tensor:
   """Scatters per-JSON-segment values into the padded rows [S]."""
-  tf = _tf()
+  tf = import_tf()
   kept = seg_rows > 0  # [n]
   idx = tf.boolean_mask(seg_rows - 1, kept)  # [k]
   vals = tf.boolean_mask(tf.cast(values, dtype), kept)  # [k]
   return tf.scatter_nd(idx[:, None], vals, [num_rows])  # [S]
 
 
-def transform_example(raw: dict[str, Any], *, train: bool,
-                      key: tf.Tensor | None = None,
-                      image_size: tuple[int, int],
-                      min_size_range: tuple[int, int] = (800, 800),
-                      max_size: int = 1333,
-                      flip: bool = True,
-                      max_segments: int = 100,
-                      pad: bool = True) -> dict[str, Any]:
-  """Raw decoded example -> the padded example dict of docs/interfaces.md.
+def _size_checks(raw: dict[str, Any]) -> list[tf.Operation]:
+  """The image, its PNG and the annotations agree on the size."""
+  tf = import_tf()
+  hw = tf.shape(raw["image"])[:2]  # [2]
+  pan_hw = tf.shape(raw["pan"])[:2]  # [2]
+  expect = tf.cast(raw["expect_size"], tf.int32)  # [2]
+  return [
+      check(tf.reduce_all(tf.equal(pan_hw, hw)), raw,
+            tf.strings.format("PNG size {} differs from image size {}", (pan_hw, hw))),
+      check(tf.logical_or(expect[0] < 0, tf.reduce_all(tf.equal(expect, hw))), raw,
+            tf.strings.format("image size {} differs from the JSON's {}", (hw, expect))),
+  ]
 
-  Training: shorter side uniform in `min_size_range` (integers, inclusive),
-  longer side capped at `max_size`, horizontal flip with probability 0.5, all
-  drawn from the stateless `key`. Evaluation: pass `min_size_range=(s, s)`.
-  If the resized image would not fit into `image_size`, it is shrunk until it
-  fits (aspect ratio kept). Image bilinear (half-pixel centres), segment map
-  nearest neighbour; boxes are recomputed from the transformed map; segments
-  whose pixels vanish get `seg_valid=False`.
+
+def transform_example(raw: dict[str, Any], *, size: tf.Tensor, flip: tf.Tensor,
+                      max_segments: int) -> dict[str, Any]:
+  """Raw decoded example -> the example dict of docs/interfaces.md, unpadded.
+
+  A pure function of (raw, size, flip): the size and the flip were decided on the host
+  (`data/schedule.py`: `canvas.resized_shape`, then `canvas.fit_to_canvas`), and padding to
+  the batch's canvas is left to `padded_batch` (one copy less). Image bilinear (half-pixel
+  centres), segment map nearest neighbour; boxes are recomputed from the transformed map;
+  segments whose pixels vanish get `seg_valid=False`.
 
   Args:
     raw: the raw example (module docstring).
-    train: enables jitter and flip (needs `key`).
-    key: int64 [2] stateless seed, e.g. (seed, global position).
-    image_size: padded (H, W).
-    min_size_range: (lo, hi) of the shorter side.
-    max_size: cap of the longer side.
-    flip: allow horizontal flips in training.
+    size: int32 [2], the resized `(h, w)`.
+    flip: bool [], flip horizontally (after the resize, exactly).
     max_segments: S, the number of segment rows.
-    pad: pad `image` and `segment_map` to `image_size` here; False leaves it
-      to `padded_batch` (one copy less).
 
   Returns:
-    The example dict (without `example_valid`).
+    The example dict (without `example_valid`); `image` [h, w, 3], `segment_map` [h, w].
   """
-  tf = _tf()
+  tf = import_tf()
   image = raw["image"]  # [h, w, 3]
   h, w = tf.shape(image)[0], tf.shape(image)[1]
-  expect = tf.cast(raw["expect_size"], tf.int32)  # [2]
-  checks = [
-      check(tf.reduce_all(tf.equal(tf.shape(raw["pan"])[:2], [h, w])), raw,
-            tf.strings.format("PNG size {} differs from image size {}",
-                              (tf.shape(raw["pan"])[:2], [h, w]))),
-      check(tf.logical_or(expect[0] < 0, tf.reduce_all(tf.equal(expect,
-                                                                 [h, w]))),
-            raw, tf.strings.format("image size {} differs from the JSON's {}",
-                                   ([h, w], expect))),
-  ]
-  seg_rows = truncation_rows(tf.cast(raw["seg_area"], tf.float32),
-                             max_segments)  # [n]
+  new_h, new_w = tf.unstack(tf.cast(size, tf.int32))
+  do_flip = tf.cast(flip, tf.bool)
+  seg_rows = truncation_rows(tf.cast(raw["seg_area"], tf.float32), max_segments)  # [n]
   row_map, id_checks = ids_to_rows(raw, seg_rows)  # [h, w]
-  checks += id_checks
   if max_segments < 256:  # Gathers move 4x fewer bytes.
     row_map = tf.cast(row_map, tf.uint8)
 
-  lo, hi = min_size_range
-  if train:
-    k_size, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-    short = tf.random.stateless_uniform([], k_size, minval=lo, maxval=hi + 1,
-                                        dtype=tf.int32)
-    do_flip = tf.logical_and(
-        tf.constant(bool(flip)), tf.random.stateless_uniform([], k_flip) < 0.5)
-  else:
-    short = tf.constant(lo, tf.int32)
-    do_flip = tf.constant(False)
-  new_h, new_w = resized_shape_tf(h, w, short, max_size, image_size)
-
-  with tf.control_dependencies(checks):
+  with tf.control_dependencies(_size_checks(raw) + id_checks):
     rows_src = nearest_indices(h, new_h)  # [new_h]
     cols_src = nearest_indices(w, new_w)  # [new_w]
   # Flips by reversed indices: exact for the map, free, after the resize.
-  cols_src = tf.cond(do_flip, lambda: tf.reverse(cols_src, [0]),
-                     lambda: cols_src)  # [new_w]
-  seg_map = tf.cast(gather_2d(row_map, rows_src, cols_src),
-                    tf.int32)  # [new_h, new_w]
-  box, present = boxes_after_resize(row_map, rows_src, cols_src,
-                                    max_segments)  # [S, 4], [S]
+  cols_src = tf.cond(do_flip, lambda: tf.reverse(cols_src, [0]), lambda: cols_src)  # [new_w]
+  seg_map = tf.cast(gather_2d(row_map, rows_src, cols_src), tf.int32)  # [new_h, new_w]
+  box, present = boxes_after_resize(row_map, rows_src, cols_src, max_segments)  # [S, 4], [S]
 
   # The image is flipped before the (mirror-symmetric) bilinear resize and
   # normalised at the source size: both are cheaper there.
   image = tf.cond(do_flip, lambda: tf.reverse(image, [1]), lambda: image)
   resized = tf.image.resize(normalize_image(image), tf.stack([new_h, new_w]),
                             method="bilinear")  # [new_h, new_w, 3]
-  if pad:
-    pad_h, pad_w = image_size[0] - new_h, image_size[1] - new_w
-    resized = tf.ensure_shape(
-        tf.pad(resized, [[0, pad_h], [0, pad_w], [0, 0]]), [*image_size, 3])
-    seg_map = tf.ensure_shape(tf.pad(seg_map, [[0, pad_h], [0, pad_w]]),
-                              image_size)
-  seg_class = _per_row(raw["seg_class"], seg_rows, max_segments, tf.int32)
-  is_thing = _per_row(raw["seg_is_thing"], seg_rows, max_segments, tf.int32)
-  is_crowd = _per_row(raw["seg_is_crowd"], seg_rows, max_segments, tf.int32)
+  seg_class = _per_row(raw["seg_class"], seg_rows, max_segments, tf.int32)  # [S]
+  is_thing = _per_row(raw["seg_is_thing"], seg_rows, max_segments, tf.int32)  # [S]
+  is_crowd = _per_row(raw["seg_is_crowd"], seg_rows, max_segments, tf.int32)  # [S]
   return {
       "image": resized,
       "segment_map": seg_map,
@@ -356,7 +298,7 @@ def transform_example(raw: dict[str, Any], *, train: bool,
 
 def blank_like(example: dict[str, Any]) -> dict[str, Any]:
   """A padding row: zeros everywhere, image_id -1 (with example_valid False)."""
-  tf = _tf()
+  tf = import_tf()
   out = {k: tf.zeros_like(v) for k, v in example.items()}
   out["image_id"] = tf.constant(-1, tf.int32)
   return out

@@ -22,6 +22,7 @@ from ciae_jax import hparams
 from ciae_jax import inference
 from ciae_jax import memory as memory_lib
 from ciae_jax import panoptic_png
+from ciae_jax.data import dataset as dataset_lib
 from ciae_jax.data import pipeline
 from ciae_jax.evaluation import box_ap as box_ap_lib
 from ciae_jax.evaluation import coco_format
@@ -99,8 +100,8 @@ def evaluate(hp: hparams.HParams, *, variables: Any, memory: Any,
     (pycocotools COCOeval bbox metrics) and `num_images`.
   """
   dataset = hp.dataset
-  categories = pipeline.load_dataset_categories(dataset)
-  gt_files = pipeline.eval_ground_truth(dataset)
+  categories = dataset_lib.load_dataset_categories(dataset)
+  gt_files = dataset_lib.eval_ground_truth(dataset)
   ground_truth = GroundTruth(gt_files.gt_json, gt_files.gt_folder)
   model = ciae_model.build_model(hp.model, categories.num_things)
   predict = make_predict_fn(model, hp, categories.num_stuff)
@@ -195,7 +196,7 @@ def restore_for_inference(hp: hparams.HParams, workdir: str,
     FileNotFoundError: no checkpoint (or not that step) in the workdir.
     ValueError: the checkpoint does not fit the model of `hp`.
   """
-  categories = pipeline.load_dataset_categories(hp.dataset)
+  categories = dataset_lib.load_dataset_categories(hp.dataset)
   model = ciae_model.build_model(hp.model, categories.num_things)
   template = inference_template(hp, model, num_stuff=categories.num_stuff,
                                 num_things=categories.num_things)

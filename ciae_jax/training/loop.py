@@ -31,6 +31,7 @@ import numpy as np
 from ciae_jax import checkpoint as checkpoint_lib
 from ciae_jax import files
 from ciae_jax import hparams
+from ciae_jax.data import dataset as dataset_lib
 from ciae_jax.data import pipeline
 from ciae_jax.evaluation import pq as pq_lib
 from ciae_jax.evaluation import runner as eval_runner
@@ -122,7 +123,7 @@ def train_and_evaluate(hp: hparams.HParams, workdir: str, *,
 
 def _train_and_evaluate(hp, workdir, *, evaluate_fn, input_fn, watcher):
   """`train_and_evaluate` after the config and workdir checks, under `watcher`."""
-  categories = pipeline.load_dataset_categories(hp.dataset)
+  categories = dataset_lib.load_dataset_categories(hp.dataset)
   num_stuff, num_things = categories.num_stuff, categories.num_things
   logging.info("Dataset: %d stuff + %d thing classes", num_stuff, num_things)
   model = ciae_model.build_model(hp.model, num_things)
