@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ciae_jax.losses import triplet
 from ciae_jax.memory import l2_normalize
 from ciae_jax.memory import memory_index
 
@@ -37,8 +38,17 @@ def embedding_triplet_loss(pixel_emb: Array,
                            top_k: int = 5,
                            include_own: bool = False,
                            query_valid: Optional[Array] = None,
-                           eps: float = 1e-6) -> Tuple[Array, Array]:
+                           eps: float = 1e-6,
+                           box_filter: Optional[triplet.BoxFilter] = None,
+                           chunk_size: int = triplet.DEFAULT_CHUNK_SIZE) -> Tuple[Array, Array]:
   """Top-K triplet loss of pixels against query embeddings (Eq. 5-9), unnormalised.
+
+  Per pixel i and query k: `s = p_i . q_k` (0 where masked), `d = 1 - s`, `d_pos` the distance
+  to the own query, `d_neg_k = d_k` (0 for the own query, Eq. 6),
+  `l_k = -log(1 - min(max(d_pos - d_neg_k + margin, 0) / (2 + margin), 1 - eps))`; uncounted
+  queries give 0, and the `top_k` largest `l_k` of the pixel are summed. Computed by the chunked
+  kernel `ciae_jax.losses.triplet` (no `[P, Q]` array for all pixels at once unless `query_mask`
+  is one).
 
   Args:
     pixel_emb: `[P, D]` unit pixel embeddings.
@@ -52,31 +62,18 @@ def embedding_triplet_loss(pixel_emb: Array,
     include_own: add Eq. 6's `k = c_i` term (`d_neg = 0`); False per design.md.
     query_valid: `[Q]` bool, False for padding queries, which never count; None = all valid.
     eps: keeps `l' / (2 + margin) <= 1 - eps`, so `l <= -log(eps)` stays finite.
+    box_filter: a `triplet.BoxFilter`: the box filter evaluated chunk by chunk instead of a dense
+      `query_mask` (combined with it by "and" if both are given).
+    chunk_size: pixels per chunk of the kernel (`triplet.DEFAULT_CHUNK_SIZE`).
 
   Returns:
     `(sum_i w_i * sum of the top_k l of pixel i, number of pixels with w_i > 0)`, float32.
   """
-  num_queries = queries.shape[0]
-  pixel_emb = jnp.asarray(pixel_emb, jnp.float32)  # [P, D]
-  queries = jnp.asarray(queries, jnp.float32)  # [Q, D]
-  similarity = pixel_emb @ queries.T  # [P, Q]
-  if query_mask is not None:
-    similarity = jnp.where(query_mask, similarity, 0.0)  # [P, Q]
-  distance = 1.0 - similarity  # [P, Q]
-  own = target[:, None] == jnp.arange(num_queries)[None, :]  # [P, Q]
-  d_pos = jnp.sum(jnp.where(own, distance, 0.0), axis=1)  # [P]
-  d_neg = jnp.where(own, 0.0, distance)  # [P, Q] Eq. 6: 0 for the own query
-  hinge = jnp.maximum(d_pos[:, None] - d_neg + margin, 0.0)  # [P, Q] Eq. 7
-  ratio = jnp.minimum(hinge / (2.0 + margin), 1.0 - eps)  # [P, Q]
-  per_query = -jnp.log1p(-ratio)  # [P, Q] Eq. 8, >= 0
-  counted = jnp.ones_like(own) if include_own else ~own  # [P, Q]
-  if query_valid is not None:
-    counted &= query_valid[None, :]  # [P, Q]
-  # Zeros never change a top-K sum of non-negative values, so uncounted entries become 0.
-  per_query = jnp.where(counted, per_query, 0.0)  # [P, Q]
-  top, _ = jax.lax.top_k(per_query, min(top_k, num_queries))  # [P, K]
   pixel_weight = jnp.asarray(pixel_weight, jnp.float32)  # [P]
-  loss_sum = jnp.sum(pixel_weight * jnp.sum(top, axis=1))  # []
+  loss_sum = triplet.triplet_loss_sum(
+      pixel_emb, queries, target, pixel_weight, query_mask=query_mask, box_filter=box_filter,
+      query_valid=query_valid, margin=margin, top_k=top_k, include_own=include_own, eps=eps,
+      chunk_size=chunk_size)  # []
   count = jnp.sum((pixel_weight > 0).astype(jnp.float32))  # []
   return loss_sum, count
 
@@ -113,18 +110,24 @@ def pixel_centres(height: int, width: int, stride: int = 1) -> Tuple[np.ndarray,
   return (xs.reshape(-1) + 0.5).astype(np.float32), (ys.reshape(-1) + 0.5).astype(np.float32)
 
 
-def expanded_box_mask(centre_x: Array, centre_y: Array, seg_box: Array,
-                      box_expand: float = 1.5) -> Array:
-  """`[P, S]` bool: point inside each box scaled `box_expand` x about its centre (closed)."""
+def expanded_box_bounds(seg_box: Array, box_expand: float = 1.5) -> Tuple[Array, ...]:
+  """`(x_lo, x_hi, y_lo, y_hi)`, each `[S]` float32: the boxes scaled `box_expand` x about their
+  centres."""
   seg_box = jnp.asarray(seg_box, jnp.float32)  # [S, 4]
   mid_x = 0.5 * (seg_box[:, 0] + seg_box[:, 2])  # [S]
   mid_y = 0.5 * (seg_box[:, 1] + seg_box[:, 3])  # [S]
   half_w = 0.5 * box_expand * (seg_box[:, 2] - seg_box[:, 0])  # [S]
   half_h = 0.5 * box_expand * (seg_box[:, 3] - seg_box[:, 1])  # [S]
+  return mid_x - half_w, mid_x + half_w, mid_y - half_h, mid_y + half_h
+
+
+def expanded_box_mask(centre_x: Array, centre_y: Array, seg_box: Array,
+                      box_expand: float = 1.5) -> Array:
+  """`[P, S]` bool: point inside each box scaled `box_expand` x about its centre (closed)."""
+  x_lo, x_hi, y_lo, y_hi = expanded_box_bounds(seg_box, box_expand)  # each [S]
   cx = jnp.asarray(centre_x)[:, None]  # [P, 1]
   cy = jnp.asarray(centre_y)[:, None]  # [P, 1]
-  return ((mid_x - half_w <= cx) & (cx <= mid_x + half_w)
-          & (mid_y - half_h <= cy) & (cy <= mid_y + half_h))  # [P, S]
+  return (x_lo <= cx) & (cx <= x_hi) & (y_lo <= cy) & (cy <= y_hi)  # [P, S]
 
 
 def ciae_loss(embedding: Array,
@@ -212,26 +215,31 @@ def ciae_loss(embedding: Array,
   cae_target = memory_index(pixel_class, num_stuff, merge_things)  # [P]
   cae_sum, num_pixels = embedding_triplet_loss(
       pixels, memory, cae_target, None, valid.astype(jnp.float32),
-      margin=margin, top_k=top_k, include_own=include_own)
+      margin=margin, top_k=top_k, include_own=include_own, chunk_size=triplet.DEFAULT_CHUNK_SIZE)
 
   # L_IAE (Eq. 11): stuff memories, then one query per segment row (instances only valid).
   queries = jnp.concatenate([memory[:num_stuff], means], axis=0)  # [C_st + S, D]
   is_instance = seg_valid & seg_is_thing & ~seg_is_crowd  # [S]
   query_valid = jnp.concatenate([jnp.ones((num_stuff,), bool), is_instance])  # [C_st + S]
   iae_target = jnp.where(pixel_is_thing, num_stuff + row, pixel_class)  # [P]
-  own_instance = row[:, None] == jnp.arange(num_segments)[None, :]  # [P, S]
-  own_instance &= pixel_is_thing[:, None]  # [P, S]
   if use_box_filter:
+    # The filter of Eq. 11 as per-query bounds, evaluated chunk by chunk by the kernel: stuff
+    # queries are never filtered, instance k keeps pixels inside its expanded box, and a thing
+    # pixel's own instance is never filtered (own query = `iae_target`).
     centre_x, centre_y = pixel_centres(height, width, loss_stride)  # [P], [P]
-    near = expanded_box_mask(centre_x, centre_y, seg_box, box_expand) | own_instance  # [P, S]
+    unbounded = jnp.full((num_stuff,), jnp.inf, jnp.float32)  # [C_st]
+    x_lo, x_hi, y_lo, y_hi = expanded_box_bounds(seg_box, box_expand)  # each [S]
+    bounds = jnp.stack([jnp.concatenate([-unbounded, x_lo]), jnp.concatenate([unbounded, x_hi]),
+                        jnp.concatenate([-unbounded, y_lo]), jnp.concatenate([unbounded, y_hi])],
+                       axis=1)  # [C_st + S, 4]
+    box_filter = triplet.BoxFilter(centre_x, centre_y, bounds, own_exempt=pixel_is_thing)
   else:
-    near = jnp.ones_like(own_instance)  # [P, S]
-  query_mask = jnp.concatenate([jnp.ones((near.shape[0], num_stuff), bool), near],
-                               axis=1)  # [P, C_st + S]
+    box_filter = None
   iae_weight = jnp.where(valid, jnp.where(pixel_is_thing, thing_weight, 1.0), 0.0)  # [P]
   iae_sum, _ = embedding_triplet_loss(
-      pixels, queries, iae_target, query_mask, iae_weight,
-      margin=margin, top_k=top_k, include_own=include_own, query_valid=query_valid)
+      pixels, queries, iae_target, None, iae_weight, margin=margin, top_k=top_k,
+      include_own=include_own, query_valid=query_valid, box_filter=box_filter,
+      chunk_size=triplet.DEFAULT_CHUNK_SIZE)
 
   return {
       "loss_cae_sum": cae_sum,
