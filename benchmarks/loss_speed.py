@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dense = next((d for d in results if d["impl"] == "dense" and d["size"] == r["size"]), None)
     speedup = f"{dense['median_ms'] / r['median_ms']:.2f}x" if dense else "n/a"
     rel = f"{abs(r['loss'] - dense['loss']) / abs(dense['loss']):.1e}" if dense else "n/a"
-    chunk = r["chunk_size"] or (triplet.DEFAULT_CHUNK_SIZE if r["impl"] == "chunked" else "-")
+    chunk = r["chunk_size"] or (triplet.default_chunk_size() if r["impl"] == "chunked" else "-")
     rows.append([r["impl"], f"{args.batch} x {r['size'][0]} x {r['size'][1]}", chunk,
                  f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['max_ms']:.1f}", speedup,
                  rel])
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   payload = {"device": common.device_info(), "args": {
       "sizes": [list(s) for s in sizes], "batch": args.batch, "impls": impls,
       "chunk_sizes": chunk_sizes, "things": list(args.things), "repeats": args.repeats,
-      "warmup": args.warmup, "default_chunk_size": triplet.DEFAULT_CHUNK_SIZE,
+      "warmup": args.warmup, "default_chunk_size": triplet.default_chunk_size(),
       "memory_size": list(args.memory_size) if args.memory_size else None},
       "results": results, "memory_plans": plans}
   common.print_json("loss_speed", payload)

@@ -14,6 +14,10 @@ largest `l` of the pixel are summed (design.md: tau_K read as top-K negatives pe
   pixel's own instance); thing pixels weigh `thing_weight`.
 * Void, padding-row and crowd pixels take no part. Both sums are divided by the number of valid
   pixels (`ciae_total`, after the caller's `psum`), `L_CIAE = L_CAE + alpha * L_IAE`.
+
+Both triplet sums are computed by the chunked kernel `ciae_jax.losses.triplet` (pixels in
+chunks, the box filter per chunk, a custom VJP without `[P, Q]` residuals); `ciae_dense.py` keeps
+the former dense formulation as the reference it is tested and benchmarked against.
 """
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -40,7 +44,7 @@ def embedding_triplet_loss(pixel_emb: Array,
                            query_valid: Optional[Array] = None,
                            eps: float = 1e-6,
                            box_filter: Optional[triplet.BoxFilter] = None,
-                           chunk_size: int = triplet.DEFAULT_CHUNK_SIZE) -> Tuple[Array, Array]:
+                           chunk_size: Optional[int] = None) -> Tuple[Array, Array]:
   """Top-K triplet loss of pixels against query embeddings (Eq. 5-9), unnormalised.
 
   Per pixel i and query k: `s = p_i . q_k` (0 where masked), `d = 1 - s`, `d_pos` the distance
@@ -64,7 +68,7 @@ def embedding_triplet_loss(pixel_emb: Array,
     eps: keeps `l' / (2 + margin) <= 1 - eps`, so `l <= -log(eps)` stays finite.
     box_filter: a `triplet.BoxFilter`: the box filter evaluated chunk by chunk instead of a dense
       `query_mask` (combined with it by "and" if both are given).
-    chunk_size: pixels per chunk of the kernel (`triplet.DEFAULT_CHUNK_SIZE`).
+    chunk_size: pixels per chunk of the kernel (None: `triplet.default_chunk_size()`).
 
   Returns:
     `(sum_i w_i * sum of the top_k l of pixel i, number of pixels with w_i > 0)`, float32.
@@ -215,7 +219,7 @@ def ciae_loss(embedding: Array,
   cae_target = memory_index(pixel_class, num_stuff, merge_things)  # [P]
   cae_sum, num_pixels = embedding_triplet_loss(
       pixels, memory, cae_target, None, valid.astype(jnp.float32),
-      margin=margin, top_k=top_k, include_own=include_own, chunk_size=triplet.DEFAULT_CHUNK_SIZE)
+      margin=margin, top_k=top_k, include_own=include_own)
 
   # L_IAE (Eq. 11): stuff memories, then one query per segment row (instances only valid).
   queries = jnp.concatenate([memory[:num_stuff], means], axis=0)  # [C_st + S, D]
@@ -238,8 +242,7 @@ def ciae_loss(embedding: Array,
   iae_weight = jnp.where(valid, jnp.where(pixel_is_thing, thing_weight, 1.0), 0.0)  # [P]
   iae_sum, _ = embedding_triplet_loss(
       pixels, queries, iae_target, None, iae_weight, margin=margin, top_k=top_k,
-      include_own=include_own, query_valid=query_valid, box_filter=box_filter,
-      chunk_size=triplet.DEFAULT_CHUNK_SIZE)
+      include_own=include_own, query_valid=query_valid, box_filter=box_filter)
 
   return {
       "loss_cae_sum": cae_sum,

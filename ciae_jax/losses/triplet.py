@@ -4,15 +4,17 @@
 k)` (see `ciae.embedding_triplet_loss` for the terms) without ever holding a `[P, Q]` array for the
 whole image:
 
-* Pixels are processed in fixed-size chunks of `chunk_size` (`lax.scan`; P is padded up to a
-  multiple of the chunk with zero-weight pixels, which add exactly 0 to the sum and gradients).
-  The box filter is evaluated per chunk from the pixel centres and per-query box bounds
-  (`BoxFilter`), so the `[P, S]` mask is never built either.
+* Pixels are processed in fixed-size chunks of `chunk_size` (a `fori_loop` slicing the inputs in
+  place; when P is not a multiple of the chunk, the last chunk is shifted back to end at P and
+  its pixels already done get weight 0, which adds exactly 0 to the sums and gradients). The box
+  filter is evaluated per chunk from the pixel centres and per-query box bounds (`BoxFilter`),
+  so the `[P, S]` mask is never built either.
 * A `jax.custom_vjp`: when differentiated, the forward pass computes, chunk by chunk, the loss and
-  its gradients with respect to the pixel embeddings `[P, D]` (chunk outputs), the queries
-  `[Q, D]` (accumulated in the scan carry) and the pixel weights `[P]`; the backward pass only
-  scales them by the cotangent. No `[P, Q]` residual is kept. Gradients of inputs that are not
-  differentiated (e.g. the stop-gradient memory of L_CAE) are not computed (symbolic zeros).
+  its gradients with respect to the pixel embeddings `[P, D]` (written in place into the loop
+  carry), the queries `[Q, D]` (accumulated in the carry) and the pixel weights `[P]`; the
+  backward pass only scales them by the cotangent. No `[P, Q]` residual is kept. Gradients of
+  inputs that are not differentiated (e.g. the stop-gradient memory of L_CAE) are not computed
+  (`symbolic_zeros`). Without differentiation only the loss is computed.
 * Top-K without a scatter: `lax.top_k` runs on the chunk's `[C, Q]` values (XLA's TopK; ties go
   to the lower index, as in the dense formulation, which calls the same op on the same values).
   The loss sums its `[C, K]` values in the dense formulation's order. The gradient is built from
@@ -32,10 +34,25 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# Pixels per chunk. Chosen by timing fwd+bwd of the CIAE loss on the 2-core AVX-512 CPU
-# (benchmarks/loss_speed.py --chunk_sizes 256,512,1024,2048,4096,8192 at 256x384 and 512x768):
-# see the table in benchmarks/RESULTS.md.
-DEFAULT_CHUNK_SIZE = 1024
+# Pixels per chunk, by backend. CPU: timed with benchmarks/loss_speed.py --chunk_sizes on the
+# 2-core AVX-512 CPU at 2 x 256 x 384 and 2 x 512 x 768 (benchmarks/RESULTS.md, "CIAE loss"):
+# 256-4096 are within the noise of each other; smaller chunks pay the loop's per-iteration cost,
+# larger ones leave the caches ([C, Q] float32 at C = 1024, Q = 153 is 0.6 MiB per live array).
+# Accelerators: not measured (no GPU in that task); large chunks keep the number of sequential
+# loop iterations (kernel launches) small, ~33 per image at 800 x 1344, while the per-chunk
+# arrays stay ~20 MiB each.
+CPU_CHUNK_SIZE = 1024
+ACCELERATOR_CHUNK_SIZE = 32768
+# Overrides both when set (tests and benchmarks patch it: ciae_loss has no chunk keyword, its
+# keywords mirror the config's `loss` fields).
+DEFAULT_CHUNK_SIZE: Optional[int] = None
+
+
+def default_chunk_size() -> int:
+  """`DEFAULT_CHUNK_SIZE` if set, else the size for the default backend."""
+  if DEFAULT_CHUNK_SIZE is not None:
+    return int(DEFAULT_CHUNK_SIZE)
+  return CPU_CHUNK_SIZE if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK_SIZE
 
 
 class BoxFilter(NamedTuple):
@@ -128,7 +145,10 @@ def _similarity_cotangent(cfg: _Config, weight: Array, target: Array, x: Array,
   ct_pos = -ct_d_pos  # [C] d d_pos / d s_own = -1
   if keep is not None:
     ct_neg = jnp.where(_take(keep, index), ct_neg, 0.0)  # [C, K]
-    ct_pos = jnp.where(_take(keep, target[:, None])[:, 0], ct_pos, 0.0)  # [C]
+    # (A target outside [0, Q) has no own query, as in the dense formulation: clip the read,
+    # the term lands on no column below.)
+    keep_own = jnp.take_along_axis(keep, target[:, None], axis=1, mode="clip")[:, 0]  # [C]
+    ct_pos = jnp.where(keep_own, ct_pos, 0.0)  # [C]
   iota = jnp.arange(num_queries, dtype=jnp.int32)[None, :]  # [1, Q]
   # Each column gets one non-zero term at most (the own query is zeroed among the selected),
   # so the order of these additions does not matter. One elementwise pass over [C, Q] (a
@@ -139,57 +159,65 @@ def _similarity_cotangent(cfg: _Config, weight: Array, target: Array, x: Array,
   return ct_similarity
 
 
-def _split(x: Optional[Array], num_chunks: int, chunk: int) -> Optional[Array]:
-  """`[P, ...]` padded with zeros / False to `num_chunks * chunk` and reshaped `[n, C, ...]`."""
-  if x is None:
-    return None
-  pad = num_chunks * chunk - x.shape[0]
-  x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))  # [n * C, ...]
-  return x.reshape((num_chunks, chunk) + x.shape[1:])  # [n, C, ...]
-
-
 def _scan(cfg: _Config, pixel_emb, queries, target, weight, mask, box, query_valid, *,
           grad_pixels: bool, grad_queries: bool):
   """`(loss, per-pixel top-K sums [P], d loss / d pixel_emb or None, d loss / d queries or None)`.
 
-  Padding pixels have weight 0 (and zero embeddings), so they add exactly 0 to the loss and to
-  the gradients.
+  A loop over chunks that slices the per-pixel inputs in place (`dynamic_slice`) and writes the
+  per-pixel outputs in place (`dynamic_update_slice` into the loop carry): no padded or
+  transposed copy of the `[P, D]` inputs (under `vmap` a stacked `scan` input would be one). When
+  P is not a multiple of the chunk, the last chunk is shifted back to end at P (as
+  `dynamic_slice` clamps it); its pixels already done by the previous chunk get weight 0 (adding
+  exactly 0 to the sums) and keep their outputs.
   """
-  num_pixels = pixel_emb.shape[0]
-  num_queries = queries.shape[0]
+  num_pixels, dim = pixel_emb.shape
   chunk = cfg.chunk_size
-  num_chunks = max(1, -(-num_pixels // chunk))
-  split = functools.partial(_split, num_chunks=num_chunks, chunk=chunk)
-  box_xs = None if box is None else (split(box.centre_x), split(box.centre_y),
-                                     split(box.own_exempt))
-  xs = (split(pixel_emb), split(target), split(weight), split(mask), box_xs)
+  num_chunks = -(-num_pixels // chunk)
   need_grad = grad_pixels or grad_queries
 
-  def body(dq, chunk_xs):
-    p, t, w, m, b = chunk_xs
-    chunk_box = None if b is None else (b[0], b[1], box.bounds, b[2])
+  def chunk_of(x, start):
+    return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=0)
+
+  def body(i, carry):
+    loss_acc, per_pixel_all, dp_all, dq = carry
+    start = jnp.minimum(i * chunk, num_pixels - chunk)  # [] the last chunk ends at P
+    fresh = jnp.arange(chunk) + start >= i * chunk  # [C] not done by the previous chunk
+    p = chunk_of(pixel_emb, start)  # [C, D]
+    t = chunk_of(target, start)  # [C]
+    w = jnp.where(fresh, chunk_of(weight, start), 0.0)  # [C]
+    m = chunk_of(mask, start)  # [C, Q] or None
+    chunk_box = None if box is None else (chunk_of(box.centre_x, start),
+                                          chunk_of(box.centre_y, start), box.bounds,
+                                          chunk_of(box.own_exempt, start))
     values, x, keep, counted = _chunk_terms(cfg, p, queries, t, m, chunk_box, query_valid)
-    top, index = jax.lax.top_k(values, min(cfg.top_k, num_queries))  # [C, K] each
+    top, index = jax.lax.top_k(values, min(cfg.top_k, queries.shape[0]))  # [C, K] each
     # Keeps XLA from merging the column slices of `index` below into top_k's own slice, which
     # stops it from using its TopK call (a full sort instead, ~20x slower on CPU).
     index = jax.lax.optimization_barrier(index)  # [C, K]
     per_pixel = jnp.sum(top, axis=1)  # [C] summed as the dense formulation does
-    loss = jnp.sum(w * per_pixel)  # []
-    dp = None
+    loss_acc = loss_acc + jnp.sum(w * per_pixel)  # []
+    keep_fresh = lambda new, old_all: jnp.where(
+        fresh.reshape((chunk,) + (1,) * (new.ndim - 1)), new, chunk_of(old_all, start))
+    per_pixel_all = jax.lax.dynamic_update_slice_in_dim(
+        per_pixel_all, keep_fresh(per_pixel, per_pixel_all), start, axis=0)  # [P]
     if need_grad:
       ct_similarity = _similarity_cotangent(cfg, w, t, x, keep, counted, index)  # [C, Q]
       if grad_pixels:
         dp = ct_similarity @ queries  # [C, D]
+        dp_all = jax.lax.dynamic_update_slice_in_dim(
+            dp_all, keep_fresh(dp, dp_all), start, axis=0)  # [P, D]
       if grad_queries:
         dq = dq + (p.T @ ct_similarity).T  # [Q, D] (faster on CPU than ct_similarity.T @ p)
-    return dq, (loss, per_pixel, dp)
+    return loss_acc, per_pixel_all, dp_all, dq
 
-  dq0 = jnp.zeros(queries.shape, jnp.float32) if grad_queries else None
-  dq, (losses, per_pixel, dp) = jax.lax.scan(body, dq0, xs)
-  per_pixel = per_pixel.reshape(-1)[:num_pixels]  # [P]
-  if dp is not None:
-    dp = dp.reshape(-1, dp.shape[-1])[:num_pixels]  # [P, D]
-  return jnp.sum(losses), per_pixel, dp, dq
+  # A zero that depends on every input: under shard_map (check_vma) the carry must be "varying"
+  # over the mesh axes any input varies over, as the loop body's outputs are.
+  zero = sum(jnp.sum(leaf.reshape(-1)[:0].astype(jnp.float32)) for leaf in jax.tree.leaves(
+      (pixel_emb, queries, target, weight, mask, box, query_valid)))  # []
+  zeros = lambda shape: jnp.zeros(shape, jnp.float32) + zero
+  init = (zeros(()), zeros((num_pixels,)), zeros((num_pixels, dim)) if grad_pixels else None,
+          zeros(queries.shape) if grad_queries else None)
+  return jax.lax.fori_loop(0, num_chunks, body, init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -232,7 +260,7 @@ def triplet_loss_sum(pixel_emb: Array,
                      top_k: int = 5,
                      include_own: bool = False,
                      eps: float = 1e-6,
-                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> Array:
+                     chunk_size: Optional[int] = None) -> Array:
   """`sum_i w_i * (sum of the top_k largest l of pixel i)`, float32, chunked (module docstring).
 
   Args:
@@ -245,11 +273,12 @@ def triplet_loss_sum(pixel_emb: Array,
       similarity is kept where both keep it).
     query_valid: `[Q]` bool, False for padding queries, which never count; None = all valid.
     margin, top_k, include_own, eps: as in `ciae.embedding_triplet_loss`.
-    chunk_size: pixels per chunk (a static int >= 1, capped at P); results depend on it only
-      through float32 rounding.
+    chunk_size: pixels per chunk (a static int >= 1, capped at P; None: `default_chunk_size()`);
+      results depend on it only through float32 rounding.
 
   Differentiable with respect to `pixel_emb`, `queries` and `pixel_weight`.
   """
+  chunk_size = default_chunk_size() if chunk_size is None else chunk_size
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
   num_pixels, dim = pixel_emb.shape
