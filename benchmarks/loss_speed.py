@@ -1,4 +1,4 @@
-r"""Speed and XLA memory plan of the CIAE loss, forward + backward: dense reference vs chunked kernel.
+r"""Speed and XLA memory plan of the CIAE loss (forward + backward), dense reference vs chunked.
 
 Times `jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))` with respect to `embedding` and
 `embedding_prenorm`, where `loss` is the train step's use of the loss: `ciae_loss` vmapped over
@@ -8,10 +8,14 @@ the batch (memory unbatched), summed, `ciae_total(...)["loss_ciae"]`. Two implem
   arrays for the whole image, the `[P, S]` box mask, `lax.top_k` differentiated by a scatter);
 * `chunked`: `ciae_jax.losses.ciae`, which calls the chunked kernel `ciae_jax.losses.triplet`.
 
-Inputs are COCO-like (53 stuff classes, 80 thing classes merged into one memory row, 100 segment
-rows per image): 4 stuff bands, `--things` thing rectangles of 32-400 px sides painted over them
-(one of them crowd), a void strip at the bottom, random unit embeddings. Each size: `--warmup`
-calls, then `--repeats` timed calls (each synchronised); median / min / max wall ms. Then XLA's
+Inputs are COCO-like (53 stuff classes, 80 thing classes merged into one memory row, 100
+segment rows per image): 4 stuff bands, `--things` thing rectangles of 32-400 px sides painted
+over them (one of them crowd), a void strip at the bottom, random unit embeddings.
+
+Each size: `--warmup` calls, then `--repeats` timed calls (each synchronised; the variants take
+turns within each repeat, so they share the machine's load): median / min / max wall ms, the
+process CPU time per call ("CPU ms", all threads; less sensitive to other jobs on a shared
+machine), and the medians over repeats of the per-repeat ratios to dense ("paired"). Then XLA's
 static memory plan (arguments + outputs + temporaries - aliased) of both programs compiled at
 `--memory_size` (not run). Prints a table and a one-line JSON summary (`loss_speed {...}`).
 Imports no TensorFlow.
@@ -25,7 +29,9 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import sys
+import time
 from typing import Any, Callable
 from unittest import mock
 
@@ -94,25 +100,52 @@ def chunk_context(name: str, chunk_size: int | None):
   return mock.patch.object(triplet, "DEFAULT_CHUNK_SIZE", chunk_size)
 
 
-def bench_size(args: argparse.Namespace, size: tuple[int, int], name: str,
-               chunk_size: int | None) -> dict[str, Any]:
-  """Timing of one implementation at one size."""
+def bench_size(args: argparse.Namespace, size: tuple[int, int],
+               variants: list[tuple[str, int | None]]) -> list[dict[str, Any]]:
+  """Timings of every (implementation, chunk size) at one size, taking turns within each repeat.
+
+  Each repeat calls every variant once in turn, so that all see the same load (the machine may
+  be shared); `paired_speedup` is the median over repeats of dense time / this variant's time.
+  """
   segments, embedding, prenorm = coco_like_inputs(args.batch, size, args.things, args.seed)
   memory = np.asarray(common.random_memory(common.NUM_STUFF, EMBED_DIM))
-  with chunk_context(name, chunk_size):
-    compiled = loss_and_grad(IMPLEMENTATIONS[name], segments, memory).lower(
-        embedding, prenorm).compile()
-  loss, grads = compiled(embedding, prenorm)
-  times = common.time_calls(lambda: compiled(embedding, prenorm), repeats=args.repeats,
-                            warmup=args.warmup)
-  return {"impl": name, "size": list(size), "chunk_size": chunk_size, "loss": float(loss),
-          "grad_norms": [float(jnp.linalg.norm(g)) for g in grads], **common.summary(times)}
+  compiled, outputs = [], []
+  for name, chunk_size in variants:
+    with chunk_context(name, chunk_size):
+      compiled.append(loss_and_grad(IMPLEMENTATIONS[name], segments, memory).lower(
+          embedding, prenorm).compile())
+    outputs.append(jax.block_until_ready(compiled[-1](embedding, prenorm)))
+  for _ in range(args.warmup):
+    for fn in compiled:
+      jax.block_until_ready(fn(embedding, prenorm))
+  wall = [[] for _ in variants]
+  cpu = [[] for _ in variants]
+  for _ in range(args.repeats):
+    for i, fn in enumerate(compiled):
+      start_wall, start_cpu = time.perf_counter(), time.process_time()
+      jax.block_until_ready(fn(embedding, prenorm))
+      wall[i].append(time.perf_counter() - start_wall)
+      cpu[i].append(time.process_time() - start_cpu)
+  dense = next((i for i, (name, _) in enumerate(variants) if name == "dense"), None)
+  results = []
+  for i, (name, chunk_size) in enumerate(variants):
+    loss, grads = outputs[i]
+    result = {"impl": name, "size": list(size), "chunk_size": chunk_size, "loss": float(loss),
+              "grad_norms": [float(jnp.linalg.norm(g)) for g in grads],
+              **common.summary(wall[i]), "cpu_median_ms": 1e3 * statistics.median(cpu[i])}
+    if dense is not None:
+      result["paired_speedup"] = statistics.median(d / t for d, t in zip(wall[dense], wall[i]))
+      result["paired_cpu_speedup"] = statistics.median(d / t for d, t in zip(cpu[dense], cpu[i]))
+      result["loss_rel_diff"] = abs(float(loss) - float(outputs[dense][0])) / abs(
+          float(outputs[dense][0]))
+    results.append(result)
+  return results
 
 
 def memory_plan(args: argparse.Namespace, name: str) -> dict[str, int] | None:
   """XLA's memory plan of one implementation at `--memory_size` (compiled, not run)."""
   size = args.memory_size
-  segments, embedding, prenorm = coco_like_inputs(args.batch, size, args.things, args.seed)
+  segments, embedding, _ = coco_like_inputs(args.batch, size, args.things, args.seed)
   memory = np.asarray(common.random_memory(common.NUM_STUFF, EMBED_DIM))
   spec = jax.ShapeDtypeStruct(embedding.shape, jnp.float32)
   with chunk_context(name, None):
@@ -143,25 +176,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.error(f"bad --impls {sorted(unknown)} / --repeats / --batch")
   chunk_sizes = [int(c) for c in args.chunk_sizes.split(",") if c] or [None]
 
+  variants = [(name, chunk) for name in impls
+              for chunk in (chunk_sizes if name == "chunked" else [None])]
   results = []
   for size in sizes:
-    for name in impls:
-      for chunk_size in (chunk_sizes if name == "chunked" else [None]):
-        results.append(bench_size(args, size, name, chunk_size))
-        print(f"# {results[-1]}", flush=True)
+    for result in bench_size(args, size, variants):
+      results.append(result)
+      print(f"# {result}", flush=True)
   plans = {name: memory_plan(args, name) for name in impls} if args.memory_size else {}
 
   rows = []
   for r in results:
-    dense = next((d for d in results if d["impl"] == "dense" and d["size"] == r["size"]), None)
-    speedup = f"{dense['median_ms'] / r['median_ms']:.2f}x" if dense else "n/a"
-    rel = f"{abs(r['loss'] - dense['loss']) / abs(dense['loss']):.1e}" if dense else "n/a"
     chunk = r["chunk_size"] or (triplet.default_chunk_size() if r["impl"] == "chunked" else "-")
+    paired = lambda key, r=r: f"{r[key]:.2f}x" if key in r else "n/a"
     rows.append([r["impl"], f"{args.batch} x {r['size'][0]} x {r['size'][1]}", chunk,
-                 f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['max_ms']:.1f}", speedup,
-                 rel])
+                 f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['max_ms']:.1f}",
+                 paired("paired_speedup"), f"{r['cpu_median_ms']:.1f}",
+                 paired("paired_cpu_speedup"),
+                 f"{r['loss_rel_diff']:.1e}" if "loss_rel_diff" in r else "n/a"])
   common.print_table(["impl", "batch x H x W", "chunk", "fwd+bwd ms (median)", "min", "max",
-                      "speedup vs dense", "loss rel. diff"], rows)
+                      "speedup vs dense (paired)", "CPU ms (median)", "CPU speedup (paired)",
+                      "loss rel. diff"], rows)
   if plans:
     print()
     common.print_table(

@@ -159,7 +159,7 @@ def _similarity_cotangent(cfg: _Config, weight: Array, target: Array, x: Array,
   return ct_similarity
 
 
-def _scan(cfg: _Config, pixel_emb, queries, target, weight, mask, box, query_valid, *,
+def _chunk_loop(cfg: _Config, pixel_emb, queries, target, weight, mask, box, query_valid, *,
           grad_pixels: bool, grad_queries: bool):
   """`(loss, per-pixel top-K sums [P], d loss / d pixel_emb or None, d loss / d queries or None)`.
 
@@ -222,7 +222,7 @@ def _scan(cfg: _Config, pixel_emb, queries, target, weight, mask, box, query_val
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _loss_sum(cfg, pixel_emb, queries, target, weight, mask, box, query_valid):
-  loss, _, _, _ = _scan(cfg, pixel_emb, queries, target, weight, mask, box, query_valid,
+  loss, _, _, _ = _chunk_loop(cfg, pixel_emb, queries, target, weight, mask, box, query_valid,
                         grad_pixels=False, grad_queries=False)
   return loss
 
@@ -230,7 +230,7 @@ def _loss_sum(cfg, pixel_emb, queries, target, weight, mask, box, query_valid):
 def _loss_sum_fwd(cfg, pixel_emb, queries, target, weight, mask, box, query_valid):
   # symbolic_zeros=True: every array argument arrives as CustomVJPPrimal(value, perturbed).
   unwrap = lambda tree: jax.tree.map(lambda a: a.value, tree)
-  loss, per_pixel, dp, dq = _scan(
+  loss, per_pixel, dp, dq = _chunk_loop(
       cfg, pixel_emb.value, queries.value, target.value, weight.value, unwrap(mask), unwrap(box),
       unwrap(query_valid), grad_pixels=pixel_emb.perturbed, grad_queries=queries.perturbed)
   return loss, (dp, dq, per_pixel if weight.perturbed else None)
@@ -284,8 +284,11 @@ def triplet_loss_sum(pixel_emb: Array,
   num_pixels, dim = pixel_emb.shape
   if queries.ndim != 2 or queries.shape[1] != dim:
     raise ValueError(f"queries shape {queries.shape} does not match pixel dim {dim}")
+  if num_pixels == 0 or queries.shape[0] == 0:  # nothing to sum (keeps the graph free of pixels)
+    return jnp.sum(jnp.asarray(pixel_emb, jnp.float32)) * 0.0 + jnp.sum(
+        jnp.asarray(queries, jnp.float32)) * 0.0
   cfg = _Config(margin=float(margin), top_k=int(top_k), include_own=bool(include_own),
-                eps=float(eps), chunk_size=int(min(chunk_size, max(num_pixels, 1))))
+                eps=float(eps), chunk_size=int(min(chunk_size, num_pixels)))
   pixel_emb = jnp.asarray(pixel_emb, jnp.float32)  # [P, D]
   queries = jnp.asarray(queries, jnp.float32)  # [Q, D]
   target = jnp.asarray(target, jnp.int32)  # [P]
