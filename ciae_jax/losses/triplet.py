@@ -160,7 +160,7 @@ def _similarity_cotangent(cfg: _Config, weight: Array, target: Array, x: Array,
 
 
 def _chunk_loop(cfg: _Config, pixel_emb, queries, target, weight, mask, box, query_valid, *,
-          grad_pixels: bool, grad_queries: bool):
+                grad_pixels: bool, grad_queries: bool):
   """`(loss, per-pixel top-K sums [P], d loss / d pixel_emb or None, d loss / d queries or None)`.
 
   A loop over chunks that slices the per-pixel inputs in place (`dynamic_slice`) and writes the
@@ -223,7 +223,7 @@ def _chunk_loop(cfg: _Config, pixel_emb, queries, target, weight, mask, box, que
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _loss_sum(cfg, pixel_emb, queries, target, weight, mask, box, query_valid):
   loss, _, _, _ = _chunk_loop(cfg, pixel_emb, queries, target, weight, mask, box, query_valid,
-                        grad_pixels=False, grad_queries=False)
+                              grad_pixels=False, grad_queries=False)
   return loss
 
 
@@ -284,7 +284,7 @@ def triplet_loss_sum(pixel_emb: Array,
   num_pixels, dim = pixel_emb.shape
   if queries.ndim != 2 or queries.shape[1] != dim:
     raise ValueError(f"queries shape {queries.shape} does not match pixel dim {dim}")
-  if num_pixels == 0 or queries.shape[0] == 0:  # nothing to sum (keeps the graph free of pixels)
+  if num_pixels == 0 or queries.shape[0] == 0:  # nothing to sum: a 0 that depends on the inputs
     return jnp.sum(jnp.asarray(pixel_emb, jnp.float32)) * 0.0 + jnp.sum(
         jnp.asarray(queries, jnp.float32)) * 0.0
   cfg = _Config(margin=float(margin), top_k=int(top_k), include_own=bool(include_own),
