@@ -5,4 +5,6 @@ iou.py         IoU / GIoU loss on l, t, r, b distances (FCOS regression)
 centerness.py  centerness BCE with logits
 fcos.py        the three FCOS losses normalised by global positive counts
 ciae.py        the CIAE loss: L_CAE, L_IAE and their triplet building block
+triplet.py     the chunked top-K triplet kernel behind ciae.py (custom VJP, no [P, Q] arrays)
+ciae_dense.py  the former dense CIAE loss, the reference of tests and benchmarks only
 """

@@ -14,6 +14,10 @@ largest `l` of the pixel are summed (design.md: tau_K read as top-K negatives pe
   pixel's own instance); thing pixels weigh `thing_weight`.
 * Void, padding-row and crowd pixels take no part. Both sums are divided by the number of valid
   pixels (`ciae_total`, after the caller's `psum`), `L_CIAE = L_CAE + alpha * L_IAE`.
+
+Both triplet sums are computed by the chunked kernel `ciae_jax.losses.triplet` (pixels in
+chunks, the box filter per chunk, a custom VJP without `[P, Q]` residuals); `ciae_dense.py` keeps
+the former dense formulation as the reference it is tested and benchmarked against.
 """
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -24,6 +28,7 @@ import numpy as np
 from ciae_jax import hparams
 from ciae_jax import ops
 from ciae_jax import segments as segments_lib
+from ciae_jax.losses import triplet
 from ciae_jax.memory import memory_index
 from ciae_jax.segments import SEGMENT_KEYS
 from ciae_jax.segments import Segments
@@ -41,8 +46,17 @@ def embedding_triplet_loss(pixel_emb: Array,
                            top_k: int,
                            include_own: bool,
                            query_valid: Optional[Array] = None,
-                           eps: float = 1e-6) -> Tuple[Array, Array]:
+                           eps: float = 1e-6,
+                           box_filter: Optional[triplet.BoxFilter] = None,
+                           chunk_size: Optional[int] = None) -> Tuple[Array, Array]:
   """Top-K triplet loss of pixels against query embeddings (Eq. 5-9), unnormalised.
+
+  Per pixel i and query k: `s = p_i . q_k` (0 where masked), `d = 1 - s`, `d_pos` the distance
+  to the own query, `d_neg_k = d_k` (0 for the own query, Eq. 6),
+  `l_k = -log(1 - min(max(d_pos - d_neg_k + margin, 0) / (2 + margin), 1 - eps))`; uncounted
+  queries give 0, and the `top_k` largest `l_k` of the pixel are summed. Computed by the chunked
+  kernel `ciae_jax.losses.triplet` (no `[P, Q]` array for all pixels at once unless `query_mask`
+  is one).
 
   Args:
     pixel_emb: `[P, D]` unit pixel embeddings.
@@ -56,31 +70,18 @@ def embedding_triplet_loss(pixel_emb: Array,
     include_own: add Eq. 6's `k = c_i` term (`d_neg = 0`).
     query_valid: `[Q]` bool, False for padding queries, which never count; None = all valid.
     eps: keeps `l' / (2 + margin) <= 1 - eps`, so `l <= -log(eps)` stays finite.
+    box_filter: a `triplet.BoxFilter`: the box filter evaluated chunk by chunk instead of a dense
+      `query_mask` (combined with it by "and" if both are given).
+    chunk_size: pixels per chunk of the kernel (None: `triplet.default_chunk_size()`).
 
   Returns:
     `(sum_i w_i * sum of the top_k l of pixel i, number of pixels with w_i > 0)`, float32.
   """
-  num_queries = queries.shape[0]
-  pixel_emb = jnp.asarray(pixel_emb, jnp.float32)  # [P, D]
-  queries = jnp.asarray(queries, jnp.float32)  # [Q, D]
-  similarity = pixel_emb @ queries.T  # [P, Q]
-  if query_mask is not None:
-    similarity = jnp.where(query_mask, similarity, 0.0)  # [P, Q]
-  distance = 1.0 - similarity  # [P, Q]
-  own = target[:, None] == jnp.arange(num_queries)[None, :]  # [P, Q]
-  d_pos = jnp.sum(jnp.where(own, distance, 0.0), axis=1)  # [P]
-  d_neg = jnp.where(own, 0.0, distance)  # [P, Q] Eq. 6: 0 for the own query
-  hinge = jnp.maximum(d_pos[:, None] - d_neg + margin, 0.0)  # [P, Q] Eq. 7
-  ratio = jnp.minimum(hinge / (2.0 + margin), 1.0 - eps)  # [P, Q]
-  per_query = -jnp.log1p(-ratio)  # [P, Q] Eq. 8, >= 0
-  counted = jnp.ones_like(own) if include_own else ~own  # [P, Q]
-  if query_valid is not None:
-    counted &= query_valid[None, :]  # [P, Q]
-  # Zeros never change a top-K sum of non-negative values, so uncounted entries become 0.
-  per_query = jnp.where(counted, per_query, 0.0)  # [P, Q]
-  top, _ = jax.lax.top_k(per_query, min(top_k, num_queries))  # [P, K]
   pixel_weight = jnp.asarray(pixel_weight, jnp.float32)  # [P]
-  loss_sum = jnp.sum(pixel_weight * jnp.sum(top, axis=1))  # []
+  loss_sum = triplet.triplet_loss_sum(
+      pixel_emb, queries, target, pixel_weight, query_mask=query_mask, box_filter=box_filter,
+      query_valid=query_valid, margin=margin, top_k=top_k, include_own=include_own, eps=eps,
+      chunk_size=chunk_size)  # []
   count = jnp.sum((pixel_weight > 0).astype(jnp.float32))  # []
   return loss_sum, count
 
@@ -100,14 +101,20 @@ def pixel_centres(height: int, width: int, stride: int = 1) -> Tuple[np.ndarray,
   return (xs.reshape(-1) + 0.5).astype(np.float32), (ys.reshape(-1) + 0.5).astype(np.float32)
 
 
+def expanded_box_bounds(seg_box: Array, box_expand: float) -> Tuple[Array, ...]:
+  """`(x_lo, x_hi, y_lo, y_hi)`, each `[S]` float32: the boxes scaled `box_expand` x about their
+  centres."""
+  boxes = ops.expand_boxes(jnp.asarray(seg_box, jnp.float32), box_expand)  # [S, 4]
+  return boxes[:, 0], boxes[:, 2], boxes[:, 1], boxes[:, 3]
+
+
 def expanded_box_mask(centre_x: Array, centre_y: Array, seg_box: Array,
                       box_expand: float) -> Array:
   """`[P, S]` bool: point inside each box scaled `box_expand` x about its centre (closed)."""
-  boxes = ops.expand_boxes(jnp.asarray(seg_box, jnp.float32), box_expand)  # [S, 4]
+  x_lo, x_hi, y_lo, y_hi = expanded_box_bounds(seg_box, box_expand)  # each [S]
   cx = jnp.asarray(centre_x)[:, None]  # [P, 1]
   cy = jnp.asarray(centre_y)[:, None]  # [P, 1]
-  return ((boxes[:, 0] <= cx) & (cx <= boxes[:, 2])
-          & (boxes[:, 1] <= cy) & (cy <= boxes[:, 3]))  # [P, S]
+  return (x_lo <= cx) & (cx <= x_hi) & (y_lo <= cy) & (cy <= y_hi)  # [P, S]
 
 
 def ciae_loss(embedding: Array,
@@ -182,19 +189,23 @@ def ciae_loss(embedding: Array,
   is_instance = seg_valid & seg_is_thing & ~seg_is_crowd  # [S]
   query_valid = jnp.concatenate([jnp.ones((num_stuff,), bool), is_instance])  # [C_st + S]
   iae_target = jnp.where(pixel_is_thing, num_stuff + row, pixel_class)  # [P]
-  own_instance = row[:, None] == jnp.arange(num_segments)[None, :]  # [P, S]
-  own_instance &= pixel_is_thing[:, None]  # [P, S]
   if hp.use_box_filter:
+    # The filter of Eq. 11 as per-query bounds, evaluated chunk by chunk by the kernel: stuff
+    # queries are never filtered, instance k keeps pixels inside its expanded box, and a thing
+    # pixel's own instance is never filtered (own query = `iae_target`).
     centre_x, centre_y = pixel_centres(height, width, loss_stride)  # [P], [P]
-    near = expanded_box_mask(centre_x, centre_y, seg_box, hp.box_expand) | own_instance  # [P, S]
+    unbounded = jnp.full((num_stuff,), jnp.inf, jnp.float32)  # [C_st]
+    x_lo, x_hi, y_lo, y_hi = expanded_box_bounds(seg_box, hp.box_expand)  # each [S]
+    bounds = jnp.stack([jnp.concatenate([-unbounded, x_lo]), jnp.concatenate([unbounded, x_hi]),
+                        jnp.concatenate([-unbounded, y_lo]), jnp.concatenate([unbounded, y_hi])],
+                       axis=1)  # [C_st + S, 4]
+    box_filter = triplet.BoxFilter(centre_x, centre_y, bounds, own_exempt=pixel_is_thing)
   else:
-    near = jnp.ones_like(own_instance)  # [P, S]
-  query_mask = jnp.concatenate([jnp.ones((near.shape[0], num_stuff), bool), near],
-                               axis=1)  # [P, C_st + S]
+    box_filter = None
   iae_weight = jnp.where(valid, jnp.where(pixel_is_thing, hp.thing_weight, 1.0), 0.0)  # [P]
   iae_sum, _ = embedding_triplet_loss(
-      pixels, queries, iae_target, query_mask, iae_weight,
-      margin=margin, top_k=top_k, include_own=include_own, query_valid=query_valid)
+      pixels, queries, iae_target, None, iae_weight, margin=margin, top_k=top_k,
+      include_own=include_own, query_valid=query_valid, box_filter=box_filter)
 
   return {
       "loss_cae_sum": cae_sum,
