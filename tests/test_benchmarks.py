@@ -3,7 +3,6 @@ docs/interfaces.md, the peer is skipped with a line when torch is absent, and in
 once per padded image size.
 """
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from ciae_jax import eval_lib
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import config_lib
 from ciae_jax.training import step as step_lib
+import xla_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -40,9 +40,8 @@ print("TENSORFLOW_IMPORTED", "tensorflow" in sys.modules)
 
 @pytest.mark.slow  # ~70 s of CPU, most of it compiling the tiny train step once.
 def test_scripts_run_at_a_tiny_size_without_tensorflow():
-  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=str(REPO_ROOT))
+  env = xla_flags.env_with_device_count(2, JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+                                        JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
   result = subprocess.run(
       [sys.executable, "-c", SMOKE.format(bench=str(REPO_ROOT / "benchmarks"))],
       capture_output=True, text=True, env=env, timeout=600, check=False)

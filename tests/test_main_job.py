@@ -6,7 +6,6 @@ reproduce the PQ printed at the end of training, and agree with panopticapi's `p
 run on the exported files; the demo must write both pictures.
 """
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -16,13 +15,15 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import xla_flags
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
 
 
 def _run(args, env_extra=None, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="true", **(env_extra or {}))
+  env = xla_flags.env_with_device_count(1, JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+                                        **(env_extra or {}))
   result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
   output = result.stdout + result.stderr
