@@ -1,6 +1,10 @@
-"""Test configuration: 8 simulated CPU devices, quiet TensorFlow, paths to the shared data."""
+"""Test configuration: 8 simulated CPU devices, quiet TensorFlow, no torch in the pytest
+processes, paths to the shared data."""
+import importlib.abc
+import importlib.machinery
 import os
 import pathlib
+import sys
 
 import xla_flags
 
@@ -17,6 +21,39 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import pytest  # noqa: E402
+
+
+class _NoTorchHere(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  """Makes `import torch` / `import torchvision` fail in the pytest processes (ImportError).
+
+  Importing torch (torch._dynamo -> triton) in an xdist worker that already holds JAX crashed
+  the worker. Tests that need the benchmark peer run it in a subprocess (which does not load
+  this file); tests that only need to know whether it is installed ask
+  `importlib.util.find_spec`, which still answers truly: the spec of an installed torch is
+  returned, only executing it fails.
+  """
+  BLOCKED = ("torch", "torchvision")
+
+  def find_spec(self, fullname, path=None, target=None):
+    if fullname.split(".")[0] not in self.BLOCKED:
+      return None
+    for finder in sys.meta_path:
+      find = getattr(finder, "find_spec", None)
+      real = None if finder is self or find is None else find(fullname, path, target)
+      if real is not None:
+        return importlib.machinery.ModuleSpec(fullname, self, origin=real.origin)
+    return None  # Not installed: the usual ModuleNotFoundError.
+
+  def create_module(self, spec):
+    raise ImportError(f"tests/conftest.py: {spec.name} is not imported in the pytest process "
+                      "(it crashed xdist workers holding JAX); run it in a subprocess",
+                      name=spec.name)
+
+  def exec_module(self, module):  # Never reached: create_module raises.
+    raise ImportError(module.__name__)
+
+
+sys.meta_path.insert(0, _NoTorchHere())
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 COCO_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "coco_panoptic_sample"

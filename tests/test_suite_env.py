@@ -1,7 +1,10 @@
-"""The suite's own environment (tests/conftest.py): XLA_FLAGS kept but the device count."""
+"""The suite's own environment (tests/conftest.py): XLA_FLAGS kept but the device count, no
+torch in the pytest processes."""
+import importlib.util
 import os
 
 import jax
+import pytest
 
 import xla_flags
 
@@ -24,3 +27,11 @@ def test_this_process_has_8_devices_and_the_users_flags():
   flags = os.environ["XLA_FLAGS"]
   assert flags.split().count(f"{xla_flags.DEVICE_COUNT_FLAG}=8") == 1, flags
   assert flags == xla_flags.with_device_count(8, os.environ["CIAE_TESTS_USER_XLA_FLAGS"])
+
+
+@pytest.mark.parametrize("name", ["torch", "torchvision"])
+def test_torch_is_never_imported_here(name):
+  with pytest.raises(ImportError):
+    __import__(name)
+  # find_spec still says whether it is installed (ModuleSpec or None), without importing it.
+  importlib.util.find_spec(name)
