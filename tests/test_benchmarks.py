@@ -55,6 +55,7 @@ def test_scripts_run_at_a_tiny_size_without_tensorflow():
   ours = inference["ours"]["float32"]
   for part in ("end_to_end", "network", "postprocess", "detection", "fusion"):
     assert ours[part]["median_ms"] > 0, part
+  # float64 arithmetic on the same numbers (JSON keeps float64 exactly): a few ulps, 1e-16.
   np.testing.assert_allclose(ours["fps"], 1e3 / ours["end_to_end"]["median_ms"], rtol=1e-9)
   assert ours["compiles"] == 1
   assert inference["args"]["padded"] == [128, 128]
@@ -64,7 +65,7 @@ def test_scripts_run_at_a_tiny_size_without_tensorflow():
   assert ours["devices"] == 2 and ours["global_batch"] == 2
   assert "make_train_step" in ours["step_source"]
   assert np.isfinite(ours["last_loss"]) and ours["last_loss"] > 0
-  np.testing.assert_allclose(ours["images_per_s"], 2 * 1e3 / ours["step_ms"], rtol=1e-9)
+  np.testing.assert_allclose(ours["images_per_s"], 2 * 1e3 / ours["step_ms"], rtol=1e-9)  # Same.
   assert ours["xla_memory_plan"]["total_bytes"] > 0
   assert ours["state_donated"]
 

@@ -184,7 +184,8 @@ def reference_run(global_batch: int, num_steps: int) -> tuple[list, list]:
 # - two float32 ulps of the value itself: a parameter ~1 moved by ~1e-4 rounds to 1.2e-7.
 # A wrong reduction is off by factors: psum instead of pmean multiplies the gradient by 8
 # (4.3 after the clipping at norm 100; the first parameter checked was off by 3.3e3x its
-# bound); local instead of global normalisers weight each device's losses by its own counts.
+# bound); a local instead of the global CIAE pixel count scales that loss's gradient by ~8
+# (off by 600x its bound).
 UPDATE_RTOL = 1e-3
 UPDATE_FLOOR = 1e-6
 ULPS = 2 * float(np.finfo(np.float32).eps)
