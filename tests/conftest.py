@@ -1,13 +1,59 @@
-"""Test configuration: 8 simulated CPU devices, quiet TensorFlow, paths to the shared data."""
+"""Test configuration: 8 simulated CPU devices, quiet TensorFlow, no torch in the pytest
+processes, paths to the shared data."""
+import importlib.abc
+import importlib.machinery
 import os
 import pathlib
+import sys
+
+import xla_flags
 
 # Must be set before JAX initialises its backends: multi-device tests use 8 fake CPU devices.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Only the device count flag is set (replaced if given); any other flag in the user's
+# XLA_FLAGS is kept, here and in the subprocesses of the tests (tests/xla_flags.py), so that
+# e.g. `XLA_FLAGS=--xla_cpu_max_isa=AVX2 bash scripts/test.sh` runs every process of the suite
+# with the code XLA generates for an AVX2-only CPU.
+# The user's flags as given to the first pytest process (xdist workers inherit it), for
+# tests/test_suite_env.py.
+os.environ.setdefault("CIAE_TESTS_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = xla_flags.with_device_count(8)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import pytest  # noqa: E402
+
+
+class _NoTorchHere(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  """Makes `import torch` / `import torchvision` fail in the pytest processes (ImportError).
+
+  Importing torch (torch._dynamo -> triton) in an xdist worker that already holds JAX crashed
+  the worker. Tests that need the benchmark peer run it in a subprocess (which does not load
+  this file); tests that only need to know whether it is installed ask
+  `importlib.util.find_spec`, which still answers truly: the spec of an installed torch is
+  returned, only executing it fails.
+  """
+  BLOCKED = ("torch", "torchvision")
+
+  def find_spec(self, fullname, path=None, target=None):
+    if fullname.split(".")[0] not in self.BLOCKED:
+      return None
+    for finder in sys.meta_path:
+      find = getattr(finder, "find_spec", None)
+      real = None if finder is self or find is None else find(fullname, path, target)
+      if real is not None:
+        return importlib.machinery.ModuleSpec(fullname, self, origin=real.origin)
+    return None  # Not installed: the usual ModuleNotFoundError.
+
+  def create_module(self, spec):
+    raise ImportError(f"tests/conftest.py: {spec.name} is not imported in the pytest process "
+                      "(it crashed xdist workers holding JAX); run it in a subprocess",
+                      name=spec.name)
+
+  def exec_module(self, module):  # Never reached: create_module raises.
+    raise ImportError(module.__name__)
+
+
+sys.meta_path.insert(0, _NoTorchHere())
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 COCO_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "coco_panoptic_sample"

@@ -23,6 +23,12 @@ jax.config.update("jax_disable_most_optimizations", True)
 NUM_STUFF = 3
 NUM_THINGS = 3
 DIM = 8
+# Float32 loss sums vs the float64 loop on the same float32 inputs. Each term carries a few
+# eps (eps = 2^-23 ~ 1.2e-7) from its 8-term dot products and its log1p; an instance mean,
+# a float32 sum of <= 64 random vectors, carries ~log2(64) eps times their cancellation
+# (~8x), ~6e-6; the sums of <= 16 * 16 * 20 non-negative terms add <= log2(N) eps. rtol
+# 2e-5 (~170 eps) covers that in any summation order; measured <= 2e-7.
+LOSS_RTOL = 2e-5
 
 
 def _unit(v):
@@ -172,14 +178,16 @@ def test_ciae_loss_matches_naive_loop(setting):
   got = _run(case, memory, **kwargs)
   cae, iae, count = _reference(case, memory, **kwargs)
   assert count > 20
-  np.testing.assert_allclose(got["num_pixels"], count)
-  np.testing.assert_allclose(got["loss_cae_sum"], cae, rtol=2e-5)
-  np.testing.assert_allclose(got["loss_iae_sum"], iae, rtol=2e-5)
-  np.testing.assert_allclose(got["loss_ciae_sum"], cae + 2.0 * iae, rtol=2e-5)
+  # A pixel count: an integer, exact in float32.
+  np.testing.assert_array_equal(got["num_pixels"], count)
+  np.testing.assert_allclose(got["loss_cae_sum"], cae, rtol=LOSS_RTOL)
+  np.testing.assert_allclose(got["loss_iae_sum"], iae, rtol=LOSS_RTOL)
+  np.testing.assert_allclose(got["loss_ciae_sum"], cae + 2.0 * iae, rtol=LOSS_RTOL)
   total = ciae_lib.ciae_total(got, hparams.LossHParams(alpha=2.0))
-  np.testing.assert_allclose(total["loss_cae"], cae / count, rtol=2e-5)
-  np.testing.assert_allclose(total["loss_iae"], iae / count, rtol=2e-5)
-  np.testing.assert_allclose(total["loss_ciae"], (cae + 2.0 * iae) / count, rtol=2e-5)
+  # The same sums, each divided once by the exact count (one more rounding).
+  np.testing.assert_allclose(total["loss_cae"], cae / count, rtol=LOSS_RTOL)
+  np.testing.assert_allclose(total["loss_iae"], iae / count, rtol=LOSS_RTOL)
+  np.testing.assert_allclose(total["loss_ciae"], (cae + 2.0 * iae) / count, rtol=LOSS_RTOL)
 
 
 def test_box_filter_changes_the_loss():
@@ -188,7 +196,7 @@ def test_box_filter_changes_the_loss():
   memory = _random_memory(rng, True)
   filtered = _run(case, memory)["loss_iae_sum"]
   unfiltered = _run(case, memory, use_box_filter=False)["loss_iae_sum"]
-  assert abs(filtered - unfiltered) > 1e-3 * unfiltered
+  assert abs(filtered - unfiltered) > 1e-3 * unfiltered  # >> float32 noise (~1e-6): a change
 
 
 def _perfect_case(merge_things):
@@ -250,6 +258,8 @@ def test_perfect_embeddings_give_zero_and_swaps_do_not(merge_things):
     l_own = -math.log(1.0 - 0.15 / 2.15)
     seg = case["segment_map"]
     num_thing_px = np.isin(seg, [3, 4]).sum()
+    # Sums of N <= 256 equal float32 terms: even summed one by one they drift by at most
+    # ~N/2 roundings of 2^-24 (7.7e-6) plus the one rounding of the term's log.
     np.testing.assert_allclose(own["loss_cae_sum"], l_own * own["num_pixels"], rtol=1e-5)
     np.testing.assert_allclose(own["loss_iae_sum"],
                                l_own * (own["num_pixels"] + 4 * num_thing_px), rtol=1e-5)
@@ -268,7 +278,8 @@ def test_perfect_embeddings_give_zero_and_swaps_do_not(merge_things):
   # Each swapped pixel inside B's expanded box costs 5 x -log(1 - 0.44 / 2.15) = 1.14.
   assert got_swapped["loss_iae_sum"] / (len(a_pixels) // 2) > 0.3
   np.testing.assert_allclose(got_swapped["loss_iae_sum"],
-                             _reference(swapped, memory, merge_things=merge_things)[1], rtol=2e-5)
+                             _reference(swapped, memory, merge_things=merge_things)[1],
+                             rtol=LOSS_RTOL)
 
   if not merge_things:
     # A and B (different classes) swap their embeddings entirely: L_CAE is far from zero (L_IAE
@@ -312,8 +323,8 @@ def test_vmap_over_batch_sums_per_image():
   got = jax.jit(jax.vmap(fn))(**batch)
   for i, case in enumerate(cases):
     cae, iae, count = _reference(case, memory)
-    np.testing.assert_allclose(got["loss_cae_sum"][i], cae, rtol=2e-5)
-    np.testing.assert_allclose(got["loss_iae_sum"][i], iae, rtol=2e-5)
+    np.testing.assert_allclose(got["loss_cae_sum"][i], cae, rtol=LOSS_RTOL)
+    np.testing.assert_allclose(got["loss_iae_sum"][i], iae, rtol=LOSS_RTOL)
     assert got["num_pixels"][i] == count
 
 
@@ -336,6 +347,7 @@ def test_triplet_loss_padding_queries_and_top_k():
       forced = [not m for m in query_mask[i, :3]]
       want += weight[i] * _ref_pixel_loss(pixels[i], list(queries[:3]), forced, target[i],
                                           margin=0.15, top_k=top_k, include_own=False)
+    # 6 pixels x <= 3 terms of a few eps each (8-term dot products, log1p), no means.
     np.testing.assert_allclose(got_sum, want, rtol=1e-5)
     assert float(got_count) == 5.0
 
@@ -346,6 +358,9 @@ def test_instance_and_class_means_match_loop():
   seg, pre = case["segment_map"], case["embedding_prenorm"].astype(np.float64)
   means = np.asarray(segments_lib.instance_means(pre, seg, 9))
   classes = np.asarray(ciae_lib.class_means(pre, seg, case["seg_class"], 6))
+  # Unit vectors of float32 sums of N <= 256 standard-normal rows: |sum| ~ sqrt(N) while
+  # sum|terms| ~ 0.8 N, so the bound log2(N) * eps * sum|terms| / |sum| of a blocked sum is
+  # ~1.2e-5 at N = 256; random roundings give ~100x less (measured 1e-7): atol 1e-5.
   for k in range(9):
     np.testing.assert_allclose(means[k], _unit(pre[seg == k + 1].sum(0)), atol=1e-5)
   for c in range(6):
@@ -364,7 +379,7 @@ def test_own_instance_is_never_filtered():
   memory = _random_memory(rng, True)
   got = _run(case, memory, box_expand=1.0)
   np.testing.assert_allclose(got["loss_iae_sum"], _reference(case, memory, box_expand=1.0)[1],
-                             rtol=2e-5)
+                             rtol=LOSS_RTOL)
 
 
 def test_bad_arguments_raise():

@@ -90,6 +90,9 @@ def test_decode_boxes_scores_and_threshold():
   got = {(int(decoded["level"][i]), int(decoded["flat_index"][i]),
           int(decoded["thing_class"][i])): i for i in valid}
   assert sorted(got) == sorted(expected)
+  # Boxes: integer locations -/+ integer distances, clipped: exact in float32 (atol 1e-5, ~40
+  # eps at 32, for any other rounding). Scores: sigmoid products (a few ulps of exp and a
+  # division each) vs float64: < 1e-6; rtol 1e-5 (~80 eps). The same below.
   for key, (box, score, location) in expected.items():
     np.testing.assert_allclose(decoded["box"][got[key]], box, atol=1e-5)
     np.testing.assert_allclose(decoded["score"][got[key]], score, rtol=1e-5)
@@ -191,6 +194,8 @@ def test_scene_regions_box_filter_and_stuff_area():
   # The stuff-1 patch has 12 px < 64 * 0.5**2 = 16 px: void. Outside image_size: void.
   np.testing.assert_array_equal(result["panoptic"], scene_expected())
   np.testing.assert_array_equal(result["det_valid"], [True, True, True, False, False])
+  # Scores: float32 sigmoid products (< 1e-6 relative); rtol 1e-5 as above. Boxes: integer
+  # coordinates, exact (assert_allclose's default rtol 1e-7 on values <= 28 is < 1 ulp).
   np.testing.assert_allclose(result["det_score"][:3], [A_SCORE, B_SCORE, LOW_SCORE], rtol=1e-5)
   np.testing.assert_allclose(result["det_box"][:3],
                              [[2, 2, 10, 10], [18, 18, 28, 26], [11, 19, 13, 21]])
@@ -201,6 +206,7 @@ def test_scene_regions_box_filter_and_stuff_area():
   np.testing.assert_array_equal(result["query_valid"], [True, False, True, True] + [False] * 3)
   np.testing.assert_array_equal(result["query_area"],
                                 [28 * 30 - 64 - 80 - 12, 0, 64, 80, 0, 0, 0])
+  # Integer boxes: exact. Scores: 1 for stuff, float32 sigmoid products (rtol 1e-5, above).
   np.testing.assert_allclose(result["query_box"][2:4], [[2, 2, 10, 10], [18, 18, 28, 26]])
   np.testing.assert_allclose(result["query_score"][:4], [1, 1, A_SCORE, B_SCORE], rtol=1e-5)
 
@@ -385,6 +391,8 @@ def test_random_scene_matches_numpy_reference(seed, options):
   result = run_jitted(panoptic, outputs, memory, image_size, **kwargs)
   expected_map, kept = reference_panoptic(outputs, memory, image_size, **kwargs)
   assert len(kept) == 5, "the scene should fill every detection slot"
+  # Boxes: a location -/+ a float32 regression of up to 14 px, clipped to the 30 x 27 image:
+  # a few roundings of 2^-24 * 32 ~ 2e-6 each vs float64, atol 1e-4. Scores as above.
   np.testing.assert_allclose(result["det_box"], [d["box"] for d in kept], atol=1e-4)
   np.testing.assert_allclose(result["det_score"], [d["score"] for d in kept], rtol=1e-5)
   np.testing.assert_array_equal(result["panoptic"], expected_map)
@@ -459,4 +467,5 @@ def test_oracle_reproduces_ground_truth_with_perfect_embeddings(include_crowd):
   np.testing.assert_array_equal(result["det_valid"],
                                 [False, False, True, include_crowd, True, False])
   for row in (2, 3, 4) if include_crowd else (2, 4):
+    # Oracle boxes are the ground-truth boxes copied: exact (default rtol 1e-7 < 1 ulp).
     np.testing.assert_allclose(result["det_box"][row], gt[4][row])

@@ -114,6 +114,7 @@ def test_detections_to_coco_original_coordinates():
   }
   coco_ids = list(range(100, 100 + 133))
   detections = coco_format.detections_to_coco(result, 42, 2.0, coco_ids)
+  # Scores are float32(0.9), float32(0.1): within 3e-8 relative of the decimals (approx: 1e-6).
   assert detections == [
       {"image_id": 42, "category_id": 155, "bbox": [5.0, 10.0, 20.0, 30.0],
        "score": pytest.approx(0.9)},

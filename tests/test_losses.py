@@ -56,11 +56,15 @@ def test_focal_matches_optax():
   labels = (rng.random((64, 5)) < 0.2).astype(np.float32)
   got = focal_lib.sigmoid_focal_loss(logits, labels, alpha=0.25, gamma=2.0)
   want = optax.sigmoid_focal_loss(logits, labels, alpha=0.25, gamma=2.0)
+  # Two float32 formulas of the same elementwise loss: a few ulps each from exp / log (XLA's
+  # approximations are within ~4 ulps); 1e-5 is ~80 eps. atol 1e-7 for terms near 0 (|logit|
+  # up to ~18: 1 - sigmoid loses its digits in one formula, and the loss is < 1e-7 there).
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(focal_lib.sigmoid_focal_loss_sum(logits, labels, alpha=0.5,
                                                               gamma=1.0),
                              np.sum(optax.sigmoid_focal_loss(logits, labels, alpha=0.5,
                                                              gamma=1.0)), rtol=1e-5)
+  # (Sums of 320 non-negative terms of those: + log2(320) eps in any order.)
   grad = jax.grad(lambda x: focal_lib.sigmoid_focal_loss_sum(x, labels, alpha=0.25,
                                                             gamma=2.0))(logits * 10)
   assert np.isfinite(grad).all()
@@ -76,9 +80,14 @@ def test_iou_losses_match_numpy(kind):
   pred[1] = 0.0  # an empty prediction
   got = iou_lib.iou_loss(pred, target, kind=kind)
   want = _np_iou_loss(pred, target, kind)
+  # float32 areas of boxes up to 100 px (products of sums: ~3 eps), a ratio and a log: the
+  # loss of a near-perfect box, -log(IoU) ~ 1 - IoU, loses the digits IoU has in common with
+  # 1, so its relative error is ~eps / (1 - IoU): rtol 1e-4 for IoU < 0.99, atol 1e-5 (~100
+  # eps of the IoU itself) below. The perfect box: inter == union exactly, loss 0 up to 1e-5.
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   assert abs(float(got[0])) < 1e-5
   weight = rng.random(40).astype(np.float32)
+  # The weighted sum of 40 of those non-negative losses: the same relative tolerance.
   np.testing.assert_allclose(iou_lib.weighted_iou_loss_sum(pred, target, weight, kind=kind),
                              np.sum(want * weight), rtol=1e-4)
   with pytest.raises(ValueError, match="kind"):
@@ -89,6 +98,9 @@ def test_centerness_bce_matches_numpy():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=50).astype(np.float32) * 4
   targets = rng.random(50).astype(np.float32)
+  # float32 BCE with logits (|x| < ~12: a softplus, a product) vs float64: a few ulps of each
+  # term (1e-5 ~ 80 eps), atol 1e-6 for terms near 0 whose two parts nearly cancel; the sum
+  # of 25 non-negative terms adds log2(25) eps.
   np.testing.assert_allclose(centerness_lib.centerness_bce(logits, targets),
                              _np_bce(logits, targets), rtol=1e-5, atol=1e-6)
   weight = (rng.random(50) < 0.5).astype(np.float32)
@@ -138,14 +150,22 @@ def test_fcos_losses_match_numpy(weighted):
   else:
     reg = np.sum(iou) / num_pos_global
   ctr = np.sum(_np_bce(centerness[pos], targets["centerness_target"][pos])) / num_pos_global
+  # float32 sums of <= 240 non-negative terms (a few ulps each) over exact normalisers vs
+  # float64: ~log2(240) eps + a few ulps ~ 1e-6; rtol 1e-5 (~80 eps).
   np.testing.assert_allclose(got["loss_cls"], focal / num_pos_global, rtol=1e-5)
   np.testing.assert_allclose(got["loss_reg"], reg, rtol=1e-5)
   np.testing.assert_allclose(got["loss_ctr"], ctr, rtol=1e-5)
 
   norms = fcos_lib.fcos_normalizers(targets)
-  np.testing.assert_allclose(norms["num_positives"], pos.sum())
+  # A count: an integer, exact in float32.
+  np.testing.assert_array_equal(norms["num_positives"], pos.sum())
+  # Two float32 sums (XLA's, NumPy's) of the same N positive terms in different orders: each
+  # within (N - 1) * 2^-24 of the exact sum (the bound of any order), so they differ by at
+  # most N * eps (~2e-6 here, measured 2e-7). The former rtol 1e-6 was below that bound.
+  num_pos = int(pos.sum())
   np.testing.assert_allclose(norms["centerness_target_sum"],
-                             targets["centerness_target"][pos].sum(), rtol=1e-6)
+                             targets["centerness_target"][pos].sum(),
+                             rtol=num_pos * float(np.finfo(np.float32).eps))
 
 
 def test_fcos_losses_no_positives_and_batch_axes():
@@ -157,7 +177,7 @@ def test_fcos_losses_no_positives_and_batch_axes():
                positive=np.zeros_like(targets["positive"]))
   got = fcos_lib.fcos_losses(cls_logits, box_reg, centerness, empty, 0.0, 0.0, PAPER)
   assert float(got["loss_reg"]) == 0.0 and float(got["loss_ctr"]) == 0.0
-  # Clamped to one positive: the plain focal sum.
+  # Clamped to one positive: the plain focal sum (240 non-negative float32 terms, as above).
   np.testing.assert_allclose(got["loss_cls"],
                              np.sum(optax.sigmoid_focal_loss(cls_logits, 0 * cls_logits,
                                                              alpha=0.25)), rtol=1e-5)
@@ -168,6 +188,8 @@ def test_fcos_losses_no_positives_and_batch_axes():
                               jax.tree.map(batch, targets, empty), 5.0, 2.0, PAPER)
   one = fcos_lib.fcos_losses(cls_logits, box_reg, centerness, targets, 5.0, 2.0, PAPER)
   one_empty = fcos_lib.fcos_losses(cls_logits, box_reg, centerness, empty, 5.0, 2.0, PAPER)
+  # Sums over 2 x 60 locations vs two sums of 60 added: the same non-negative float32 terms
+  # in another order, <= log2(120) eps apart (rtol 1e-5 ~ 80 eps).
   for key in one:
     np.testing.assert_allclose(both[key], one[key] + one_empty[key], rtol=1e-5, err_msg=key)
   grads = jax.grad(lambda r: fcos_lib.fcos_losses(cls_logits, r, centerness, targets, 5.0,

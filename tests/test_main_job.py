@@ -6,7 +6,6 @@ reproduce the PQ printed at the end of training, and agree with panopticapi's `p
 run on the exported files; the demo must write both pictures.
 """
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -16,13 +15,15 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import xla_flags
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
 
 
 def _run(args, env_extra=None, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="true", **(env_extra or {}))
+  env = xla_flags.env_with_device_count(1, JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+                                        **(env_extra or {}))
   result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
   output = result.stdout + result.stderr
@@ -70,7 +71,10 @@ def test_evaluate_py_writes_outputs_that_pq_compute_reads_alike(trained, tmp_pat
   assert len(predictions["annotations"]) == metrics["num_images"] == 3  # every image
   assert set(metrics["box_ap"]) >= {"AP", "AP50", "AP75"}
 
-  # evaluate.py reproduces the PQ printed at the end of training (same checkpoint).
+  # evaluate.py reproduces the PQ printed at the end of training (same checkpoint): the same
+  # parameters, images and inference program on this machine give the same panoptic maps,
+  # and PQ is float64 arithmetic on the same counts, logged with repr (17 digits): equal up
+  # to float64 rounding (1e-16), hence abs 1e-12.
   logged = float(re.search(r"eval/All/pq': ([0-9.e-]+)", log).group(1))
   assert metrics["All"]["pq"] == pytest.approx(logged, abs=1e-12)
 
@@ -78,6 +82,9 @@ def test_evaluate_py_writes_outputs_that_pq_compute_reads_alike(trained, tmp_pat
   reference = pq_compute(str(root / "panoptic_val2017.json"),
                          str(out_dir / "panoptic_predictions.json"),
                          str(root / "panoptic_val2017"), str(out_dir / "panoptic_predictions"))
+  # The same integer counts and float64 IoU sums (<= 1e3 terms, maybe in another order:
+  # ~1e-13) as pq_compute on the exported files: 1e-9 is far above float64 rounding and far
+  # below one miscounted segment.
   for group in ("All", "Things", "Stuff"):
     for key in ("pq", "sq", "rq", "n"):
       assert metrics[group][key] == pytest.approx(reference[group][key], abs=1e-9), (group, key)

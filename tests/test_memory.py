@@ -50,6 +50,9 @@ def test_class_sums_match_loop(merge_things):
       row = c if (c < NUM_STUFF or not merge_things) else NUM_STUFF
       want_sums[row] += prenorm[y, x]
       want_counts[row] += 1
+  # float32 sums of N <= 120 standard-normal values per class (|sum| ~ 10, sum|terms| ~ 100)
+  # vs float64: a blocked / pairwise order is within log2(N) * eps * sum|terms| ~ 8e-5, a
+  # random walk of roundings ~1e-6 (measured); rtol 1e-5 + atol 1e-5 allow ~1e-4.
   np.testing.assert_allclose(sums, want_sums, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(counts, want_counts)
   assert want_counts.sum() < (segment_map > 0).sum()  # void, crowd and padding were dropped
@@ -64,8 +67,10 @@ def test_memory_index():
 def test_init_memory_unit_rows():
   mem = memory_lib.init_memory(jax.random.key(0), 5, 32)
   assert mem.shape == (5, 32) and mem.dtype == np.float32
+  # float32 normalisation of 32 components: unit length within ~18 * 2^-24 ~ 1e-6.
   np.testing.assert_allclose(np.linalg.norm(mem, axis=1), 1.0, rtol=1e-5)
-  assert np.abs(np.asarray(mem) @ np.asarray(mem).T - np.eye(5)).max() < 0.9  # distinct rows
+  # Distinct rows: random unit vectors in 32-d have |cos| ~ 0.2; 0.9 catches duplicates.
+  assert np.abs(np.asarray(mem) @ np.asarray(mem).T - np.eye(5)).max() < 0.9
   np.testing.assert_array_equal(mem, memory_lib.init_memory(jax.random.key(0), 5, 32))
 
 
@@ -74,7 +79,10 @@ def test_momentum_eq13():
   for step in (0, 250, 999, 1000, 1500):
     frac = min(step / total, 1.0)
     want = 1.0 - 1e-4 * (1.0 - frac) ** 3
+    # 1 - 1e-4 * x in float32: the final rounding near 1 is half an ulp (3e-8); the errors of
+    # x (a few eps) are scaled by 1e-4. rtol 1e-7 is ~2 ulps.
     np.testing.assert_allclose(memory_lib.momentum(step, total, PAPER), want, rtol=1e-7)
+  # 1 - 0.5 * 0.5: exact in float32.
   np.testing.assert_allclose(memory_lib.momentum(500, total, hparams.MemoryHParams(0.5, 1.0)),
                              0.75)
 
@@ -97,9 +105,13 @@ def test_update_memory_eq14_and_absent_rows_untouched():
       continue
     batch_mean = sums[row] / np.linalg.norm(sums[row])
     mixed = lam * mem[row].astype(np.float64) + (1 - lam) * batch_mean
+    # Two float32 normalisations of 4 components and a mix: ~10 roundings of unit-scale
+    # values (< 1e-6); rtol 1e-5, atol 1e-6 for components near 0.
     np.testing.assert_allclose(got[row], mixed / np.linalg.norm(mixed), rtol=1e-5, atol=1e-6)
+    # 1 - lam = 0.07 of a difference of unit vectors: the move is ~1e-1, far above 1e-3.
     assert np.abs(got[row] - mem[row]).max() > 1e-3
-  # Default coefficients barely move the memory at step 0 (lam = 1 - 1e-4).
+  # Default coefficients barely move the memory at step 0 (lam = 1 - 1e-4): by at most
+  # 1e-4 * |M_c - M| <= 2e-4 before the renormalisation, but by more than float32 rounding.
   tiny = np.asarray(memory_lib.update_memory(mem, sums, counts, 0, total, PAPER))
   assert 0 < np.abs(tiny - mem).max() < 1e-3
 

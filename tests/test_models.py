@@ -113,6 +113,9 @@ def test_embedding_is_unit_norm_prenorm_direction(tiny):
   _, _, out, _, _ = tiny
   emb = np.asarray(out["embedding"], np.float64)
   pre = np.asarray(out["embedding_prenorm"], np.float64)
+  # A float32 L2 normalisation of 32 components: a norm of 32 squares and one division per
+  # component put each unit vector within ~(32 / 2 + 2) * 2^-24 ~ 1e-6 of unit length and of
+  # the direction of its pre-norm vector; atol 1e-5 (~80 eps).
   np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(emb, pre / np.linalg.norm(pre, axis=-1, keepdims=True), atol=1e-5)
 
@@ -134,6 +137,8 @@ def test_prenorm_is_bilinear_4x_of_the_quarter_map(tiny):
   _, _, out, _, intermediates = tiny
   quarter = np.asarray(intermediates["embedding"]["embedding_quarter"][0], np.float64)
   assert quarter.shape == (2, 32, 32, 32)
+  # float32 bilinear interpolation (2 weights per axis, 4 products) vs float64 on the same
+  # float32 map: a few eps of the values (|x| < ~5), i.e. < 1e-5 absolute or relative.
   np.testing.assert_allclose(np.asarray(out["embedding_prenorm"]),
                              numpy_bilinear(quarter, 128, 128), rtol=1e-5, atol=1e-5)
 
@@ -144,25 +149,37 @@ def test_bfloat16_matches_float32_loosely(tiny):
   assert shapes_of(out_bf16) == shapes_of(out)
   for leaf in jax.tree.leaves(out_bf16):
     assert leaf.dtype == jnp.float32
+  # bfloat16 keeps 8 significant bits (each rounding <= 2^-9 = 0.2% relative): outputs below
+  # 8 in magnitude are rounded to a grid of <= 2^-5 = 0.03, and the bfloat16 noise of the
+  # ~25 layers below has an RMS of 0.1-0.5% of max|output| (measured; its max over a level
+  # ~5x that). atol 0.05 (cls logits ~ -4.6, centerness, box_embed < 1) is 1.6 grid steps at
+  # |x| < 8; box_reg, up to ~8 after the stride, gets 5% of its max (measured: max error
+  # 1-2% of max). A model computing garbage or ignoring dtype differs by the outputs' scale.
   for key in ("cls_logits", "centerness", "box_embed"):
     for a, b in zip(out[key], out_bf16[key]):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=0.05)
   for a, b in zip(out["box_reg"], out_bf16["box_reg"]):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=0.05 * float(np.max(a)) + 1e-3)
   cosine = np.sum(np.asarray(out["embedding"]) * np.asarray(out_bf16["embedding"]), axis=-1)
+  # 32-dim unit vectors with ~0.5% noise per component: 1 - cos ~ noise^2 / 2 (measured
+  # min 0.9996); 0.98 is an angle of 11 degrees.
   assert cosine.min() > 0.98
 
 
 def test_prior_bias_and_level_scales(tiny):
   _, _, _, variables, _ = tiny
   head = variables["params"]["head"]
+  # -log(99) rounded once to float32 (half an ulp, 6e-8 relative); rtol 1e-6 = 8 eps. The
+  # zero init is exact.
   np.testing.assert_allclose(np.asarray(head["cls_logits"]["bias"]), -math.log(99.0), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(head["centerness"]["bias"]), 0.0)
   for name in ("p3", "p4", "p5", "p6", "p7"):
     scale = head[f"scale_{name}"]
     assert scale.shape == () and float(scale) == 1.0
   kernel = np.asarray(head["cls_tower_conv0"]["kernel"])
-  assert abs(kernel.std() - 0.01) < 0.002  # normal(0.01) init
+  # normal(0.01) init: the sample std of 3 * 3 * 32 * 32 draws has a relative standard error
+  # of 1 / sqrt(2 * 9216) = 0.7%; 0.002 is 20%.
+  assert abs(kernel.std() - 0.01) < 0.002
 
 
 def test_box_reg_is_relu_of_scaled_logit_times_stride():
@@ -175,6 +192,8 @@ def test_box_reg_is_relu_of_scaled_logit_times_stride():
   doubled = apply({"params": params}, levels)
   for level in range(5):
     factor = 2.0 if level == 1 else 1.0
+    # x2 is exact in float32, so the boxes are exactly doubled when both programs round the
+    # convs alike; 8 eps allow another fusion of them (init vs apply compile separately).
     np.testing.assert_allclose(np.asarray(doubled["box_reg"][level]),
                                factor * np.asarray(base["box_reg"][level]), rtol=1e-6, atol=1e-7)
   # Raw regression = box_reg / stride must be a ReLU output: >= 0 with zeros present.
@@ -188,6 +207,8 @@ def test_flatten_levels_order():
   flat = np.asarray(ciae.flatten_levels([jnp.asarray(x) for x in levels]))
   expected = [x[b, y, xx] for b in range(2) for x in levels
               for y in range(x.shape[1]) for xx in range(x.shape[2])]
+  # A pure reordering of the float64 inputs, which jnp.asarray rounded to float32 (half an
+  # ulp, 6e-8 relative): rtol 1e-6.
   np.testing.assert_allclose(flat, np.stack(expected).reshape(2, -1, 3), rtol=1e-6)
 
 
@@ -219,6 +240,10 @@ def test_fpn_top_down_is_nearest_and_p6_p7_come_from_p5():
   expected["p6"] = expected["p5"][:, ::2, ::2]  # 3x3 stride 2 pad 1, centre tap: even pixels
   expected["p7"] = np.maximum(expected["p6"], 0)[:, ::2, ::2]
   assert out["p6"].shape == (1, 2, 3, channels) and out["p7"].shape == (1, 1, 2, channels)
+  # Identity taps (products by 0 and 1, sums with exact zeros) and the same float32 additions
+  # as here: exact for a direct or GEMM convolution (measured: equal); 1e-5 (~50 eps of the
+  # values, |x| < ~4) leaves room for a transform-based one (Winograd), which rounds even
+  # identity kernels.
   for key, value in expected.items():
     np.testing.assert_allclose(np.asarray(out[key]), value, rtol=1e-5, atol=1e-5, err_msg=key)
 
@@ -243,6 +268,8 @@ def test_box_embeddings_are_bilinearly_upsampled_and_summed():
   (prenorm, _), state = apply(params, feats, boxes)
   quarter = np.asarray(state["intermediates"]["embedding_quarter"][0])
   expected = sum(numpy_bilinear(b.astype(np.float64), 16, 24) for b in boxes)
+  # float32 bilinear resizes (4 products each) of 5 standard-normal maps, summed, vs float64:
+  # ~10 roundings of values |x| < ~10, i.e. < 1e-5 absolute or relative (measured 8e-7).
   np.testing.assert_allclose(quarter, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(prenorm), numpy_bilinear(expected, 64, 96),
                              rtol=1e-5, atol=1e-5)
@@ -343,6 +370,8 @@ def test_coord_channels_match_linspace_formula():
   assert coords.shape == (2, 3, 5, 2)
   for y in range(3):
     for x in range(5):
+      # The grid points -1 + k / 2 are dyadic: exact in float32 from any formula of exact
+      # steps, so atol 1e-7 (below one ulp at 1) asks for exact values.
       np.testing.assert_allclose(coords[1, y, x], [-1 + 2 * x / 4, -1 + 2 * y / 2], atol=1e-7)
 
 

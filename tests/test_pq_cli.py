@@ -78,12 +78,14 @@ def test_cli_writes_result_json(prediction, tmp_path, capsys):
     assert set(written[group]) == {"pq", "sq", "rq", "n"}
     assert written[group]["n"] == ref[group]["n"]
     for k in ("pq", "sq", "rq"):
+      # The same integer counts and float64 IoU sums (<= 1e3 terms, maybe in another order:
+      # ~1e-13) as pq_compute: 1e-9 is far above float64 rounding, far below any miscount.
       assert abs(written[group][k] - ref[group][k]) <= 1e-9
   # JSON object keys are strings: the per-class table keyed by category id.
   assert {int(k) for k in written["per_class"]} == set(ref["per_class"])
   for cat, values in ref["per_class"].items():
     for k in ("pq", "sq", "rq"):
-      assert abs(written["per_class"][str(cat)][k] - values[k]) <= 1e-9
+      assert abs(written["per_class"][str(cat)][k] - values[k]) <= 1e-9  # As above.
   # The printed table is pq_compute's table.
   table = [line for line in proc.stdout.splitlines() if "|" in line]
   assert len(table) == 4

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+import xla_flags
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -39,8 +41,7 @@ def compilation_cache_dir(tmp_path_factory) -> pathlib.Path:
 
 def subprocess_env(cache_dir: pathlib.Path, *, devices: int = 1) -> dict[str, str]:
   """Environment of a training subprocess: `devices` CPU devices, quick XLA, shared cache."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env = xla_flags.env_with_device_count(devices)  # Keeps the user's other XLA flags.
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
   env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

@@ -131,6 +131,8 @@ def test_full_file_system_is_an_error(tmp_path, monkeypatch):
   state, _, _ = train_state_lib.init_train_state(_config(tmp_path), model, num_stuff=2,
                                                  num_things=1, rng=jax.random.PRNGKey(0))
   expected = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)) / 2**20
+  # The message prints MiB with one decimal: within 0.05 of the exact size when it is the
+  # state's bytes (no float arithmetic beyond the division).
   assert needed == pytest.approx(expected, abs=0.05)
   assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
 

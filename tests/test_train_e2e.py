@@ -5,11 +5,12 @@ the test's temporary folder), the `configs/synthetic.py:small` config shrunk fur
 `--config.x=...` overrides, on the 8 fake CPU devices of tests/conftest.py under
 `parallel=shard_map` (the pmap path of the loop runs in tests/test_train_resume.py).
 """
-import os
 import pathlib
 import re
 import subprocess
 import sys
+
+import xla_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 6
@@ -17,8 +18,7 @@ TOTAL_STEPS = 6
 
 def test_train_py_runs_end_to_end(tmp_path):
   workdir = tmp_path / "run"
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env = xla_flags.env_with_device_count(8)  # Keeps the user's other XLA flags.
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"  # Compile time dominates this short run.
   command = [
       sys.executable, "train.py", "--config", "configs/synthetic.py:small",

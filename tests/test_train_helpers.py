@@ -4,6 +4,7 @@ Batches follow docs/interfaces.md ("One example"): per image two stuff bands, tw
 rectangles (sometimes a crowd one), a void corner; images carry the segments as colour offsets
 so that a few steps can fit them. No test lives here.
 """
+import functools
 from typing import Any
 
 import jax
@@ -128,61 +129,141 @@ def initial_state(model: ciae_model.CIAE, *, lr: float = 0.01, seed: int = 0):
   return jax.device_get(state), step_fn
 
 
-def run_parallel(mode: str, num_devices: int, per_device: int, num_steps: int):
-  """`num_steps` steps of the tiny model under `mode` on the first `num_devices` devices.
+def step_runner(mode: str, num_devices: int, per_device: int):
+  """One compiled step of the tiny model under `mode` on the first `num_devices` devices.
 
-  Step t uses `make_batch(t, (num_devices, per_device))`, so runs that split the same global
-  batch differently see the same images. Returns (final device state, list of host metrics).
+  Returns `run(host_state, t) -> (device state, host metrics)`: the state (a host TrainState
+  after t - 1 steps) is replicated, then one step runs on `make_batch(t - 1, (num_devices *
+  per_device,))` split over the devices, so runs that split the same global batch differently
+  see the same images at step t.
   """
-  model = tiny_model()
-  host_state, step_fn = initial_state(model)
+  _, step_fn = initial_state(tiny_model())
   devices = jax.devices()[:num_devices]
   mesh = parallel.make_mesh(devices)
   run_step = parallel.parallelize(step_fn, parallel=mode, mesh=mesh, devices=devices)
-  state = parallel.replicate(host_state, parallel=mode, mesh=mesh, devices=devices)
-  history = []
-  for step in range(num_steps):
-    global_batch = make_batch(step, (num_devices * per_device,))
+
+  def run(host_state, step: int):
+    global_batch = make_batch(step - 1, (num_devices * per_device,))
     batch = {k: v.reshape((num_devices, per_device) + v.shape[1:])
              for k, v in global_batch.items()}
+    state = parallel.replicate(host_state, parallel=mode, mesh=mesh, devices=devices)
     state, metrics = run_step(state, parallel.shard_batch(batch, parallel=mode, mesh=mesh))
-    history.append(jax.device_get(parallel.first_copy(metrics, parallel=mode)))
-  return state, history
+    return state, jax.device_get(parallel.first_copy(metrics, parallel=mode))
+  return run
 
 
-def assert_trees_close(actual: Any, expected: Any, what: str, *, tol: float) -> None:
-  """Leaf-wise |actual - expected| <= tol * max(max|expected|, 1e-4).
+def reference_run(global_batch: int, num_steps: int) -> tuple[list, list]:
+  """`num_steps` steps on one device that sees the whole global batch of every step.
 
-  Float32 reordering noise scales with each leaf's magnitude; the floor covers leaves whose
-  gradient is pure noise (biases right before a GroupNorm have a zero true gradient).
+  Returns (host states after 0, 1, ..., num_steps steps, host metrics of steps 1..num_steps).
+  """
+  state, _ = initial_state(tiny_model())
+  run = step_runner("pmap", 1, global_batch)
+  states, history = [state], []
+  for step in range(1, num_steps + 1):
+    state, metrics = run(states[-1], step)
+    states.append(parallel.unreplicate(state, parallel="pmap"))
+    history.append(metrics)
+  return states, history
+
+
+# Tolerances of one data-parallel step against the 1-device step, both from the same state
+# and the same global batch, so that nothing compounds over steps (after 3 compounded steps,
+# float32 noise had grown to 7e-3 of a leaf on an AVX2 CI machine). The two programs compute the
+# same sums in other orders: per-image convolutions at another batch size (other blocking),
+# and each gradient, a sum over 8 * 128 * 128 = 2^17 pixels, summed per device then averaged
+# by `pmean` instead of summed at once. Reordering a float32 sum of N terms changes it by
+# ~log2(N) * eps * sum|terms| with XLA's blocked reductions (eps = 2^-23 ~ 1.2e-7, log2(N) =
+# 17: ~2e-6 of sum|terms|); a machine with other vector widths, thread counts or kernels
+# only picks another such order. sum|terms| exceeds the leaf's largest gradient by the
+# cancellation of its terms (GroupNorm scales and biases: ~10x), hence
+# - UPDATE_RTOL, relative to the largest update of the leaf in this step: 1e-3 allows a
+#   cancellation of ~500x. Measured worst case 2.4e-5 (1 device vs 2, 4 and 8 devices, pmap
+#   and shard_map, AVX-512 and XLA_FLAGS=--xla_cpu_max_isa=AVX2), a margin of 40x;
+# - UPDATE_FLOOR, relative to the largest update of all leaves in this step: leaves whose
+#   true gradient is ~0 (conv biases that a GroupNorm cancels) get an update that is pure
+#   summation noise, sized by their summed contributions (at most of the order of the step's
+#   gradient scale), not by their own ~0 update. 1e-6 of the largest update covers summed
+#   contributions up to ~half of it; measured: 5e-9 (a margin of 200x);
+# - two float32 ulps of the value itself: a parameter ~1 moved by ~1e-4 rounds to 1.2e-7.
+# A wrong reduction is off by factors: psum instead of pmean multiplies the gradient by 8
+# (4.3 after the clipping at norm 100; the first parameter checked was off by 3.3e3x its
+# bound); a local instead of the global CIAE pixel count scales that loss's gradient by ~8
+# (off by 600x its bound).
+UPDATE_RTOL = 1e-3
+UPDATE_FLOOR = 1e-6
+ULPS = 2 * float(np.finfo(np.float32).eps)
+
+
+def assert_update_close(actual: Any, expected: Any, previous: Any, what: str, *,
+                        rtol: float = UPDATE_RTOL, floor: float = UPDATE_FLOOR) -> None:
+  """One step's result `actual` equals `expected`, both computed from `previous`.
+
+  Integer leaves (counts) must be equal. Float leaves, elementwise: `|actual - expected| <=
+  rtol * max|expected - previous| (this leaf's update) + floor * (the largest update of all
+  leaves) + 2 ulps of expected` (see UPDATE_RTOL).
   """
   flat_a, tree_a = jax.tree_util.tree_flatten_with_path(actual)
   flat_e, tree_e = jax.tree_util.tree_flatten_with_path(expected)
-  assert tree_a == tree_e, f"{what}: tree structures differ"
-  for (path, a), (_, e) in zip(flat_a, flat_e):
-    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-    scale = max(float(np.abs(e).max()), 1e-4)
-    np.testing.assert_allclose(a, e, rtol=0, atol=tol * scale,
-                               err_msg=f"{what}{jax.tree_util.keystr(path)}")
+  flat_p, tree_p = jax.tree_util.tree_flatten_with_path(previous)
+  assert tree_a == tree_e == tree_p, f"{what}: tree structures differ"
+  leaves = []
+  for (path, a), (_, e), (_, p) in zip(flat_a, flat_e, flat_p):
+    a, e, p = np.asarray(a), np.asarray(e), np.asarray(p)
+    name = f"{what}{jax.tree_util.keystr(path)}"
+    if not np.issubdtype(e.dtype, np.floating):
+      np.testing.assert_array_equal(a, e, err_msg=name)
+      continue
+    a, e, p = (x.astype(np.float64) for x in (a, e, p))
+    leaves.append((name, a, e, float(np.abs(e - p).max(initial=0.0))))
+  global_scale = max((scale for *_, scale in leaves), default=0.0)
+  for name, a, e, scale in leaves:
+    error = np.abs(a - e)
+    bound = rtol * scale + floor * global_scale + ULPS * np.abs(e)
+    if error.size == 0 or np.all(error <= bound):
+      continue
+    worst = tuple(int(i) for i in np.unravel_index(np.argmax(error - bound), error.shape))
+    raise AssertionError(
+        f"{name}{list(worst)}: {a[worst]!r} vs {e[worst]!r} differ by {error[worst]:.3g} > "
+        f"{bound[worst]:.3g} = {rtol:g} * {scale:.3g} (largest update of the leaf) + {floor:g} * "
+        f"{global_scale:.3g} (largest update of {what}) + 2 ulps; {int(np.sum(error > bound))} "
+        f"of {error.size} elements over")
 
 
-# Step 1 agrees to ~2e-5 of each leaf's scale (float32 summation order); top-K selections in
-# the CIAE loss let that grow to ~1e-3 by step 3. A wrong reduction (psum instead of pmean,
-# local instead of global normalisers) is off by factors.
-PARALLEL_TOL = 5e-3
+# Metrics of one step against the 1-device step (same state, same global batch):
+# - losses are global sums of non-negative terms (focal, IoU, BCE, triplet) over up to 2^17
+#   locations / pixels divided by exact integer counts: no cancellation, so another order of
+#   the sums and the ulp-level differences of the forward pass change them by ~log2(N) * eps
+#   (~2e-6); measured <= 5e-7 over the splits above. LOSS_RTOL = 1e-4 keeps a margin of 50x
+#   over the estimate; a wrong normaliser is off by >= 1e-2;
+# - grad_norm: the norm of gradients that agree to UPDATE_RTOL of their scale (measured 6e-6);
+# - memory_drift: the mean |M_t - M_{t-1}| of memories that agree to UPDATE_RTOL of that
+#   step's move (measured 1.4e-7);
+# - learning_rate: the same few float32 operations on the same step in both programs (8 eps);
+# - num_positives (an integer count < 2^24, exact in float32) and finite: equal.
+LOSS_RTOL = 1e-4
+METRIC_RTOL = {"grad_norm": UPDATE_RTOL, "memory_drift": UPDATE_RTOL,
+               "learning_rate": 8 * float(np.finfo(np.float32).eps)}
+EXACT_METRICS = ("num_positives", "finite")
 
 
-def assert_matches_one_device(run: tuple[Any, list], mode: str, reference_run: tuple[Any, list],
-                              num_steps: int) -> None:
-  """State and per-step metrics of a `run_parallel` run equal those of the 1-device run."""
-  reference = parallel.unreplicate(reference_run[0], parallel="pmap")
-  state = parallel.unreplicate(run[0], parallel=mode)
-  assert int(state.step) == int(reference.step) == num_steps
-  np.testing.assert_array_equal(state.rng, reference.rng)
+def assert_step_matches_one_device(state: Any, metrics: dict, previous: Any, expected: Any,
+                                   expected_metrics: dict, what: str) -> None:
+  """Host state / metrics of one parallel step equal those of the 1-device step.
+
+  `previous` is the state both steps started from, `expected` the 1-device result.
+  """
+  assert int(state.step) == int(expected.step) == int(previous.step) + 1, what
+  np.testing.assert_array_equal(state.rng, expected.rng, err_msg=f"{what}: rng")
+  jax.tree.map(functools.partial(np.testing.assert_array_equal, err_msg=f"{what}: model_state"),
+               state.model_state, expected.model_state)
   for name in ("params", "opt_state", "memory"):
-    assert_trees_close(getattr(state, name), getattr(reference, name), name, tol=PARALLEL_TOL)
-  for step, (got, want) in enumerate(zip(run[1], reference_run[1]), start=1):
-    assert got.keys() == want.keys()
-    for key in want:
-      np.testing.assert_allclose(got[key], want[key], rtol=PARALLEL_TOL, atol=1e-6,
-                                 err_msg=f"{mode}: metric {key} at step {step}")
+    assert_update_close(getattr(state, name), getattr(expected, name), getattr(previous, name),
+                        f"{what}: {name}")
+  assert metrics.keys() == expected_metrics.keys(), what
+  for key, want in expected_metrics.items():
+    if key in EXACT_METRICS:
+      np.testing.assert_array_equal(metrics[key], want, err_msg=f"{what}: metric {key}")
+    else:
+      np.testing.assert_allclose(metrics[key], want, rtol=METRIC_RTOL.get(key, LOSS_RTOL),
+                                 atol=0, err_msg=f"{what}: metric {key}")

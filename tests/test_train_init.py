@@ -81,6 +81,7 @@ def _check_backbone_comes_from_the_file(setup):
 def _check_memory_and_seed(setup):
   config, model, state, _, _, _ = setup
   assert state.memory.shape == (helpers.NUM_STUFF + 1, helpers.TINY_MODEL["embed_dim"])
+  # Unit rows of 8 float32 components: within ~(8 / 2 + 2) * 2^-24 ~ 4e-7 of unit length.
   np.testing.assert_allclose(np.linalg.norm(state.memory, axis=-1), 1.0, rtol=1e-6)
   assert int(state.step) == 0
   again, _, _ = train_state_lib.init_train_state(config, model, num_stuff=helpers.NUM_STUFF,

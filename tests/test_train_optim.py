@@ -31,6 +31,9 @@ def test_schedule_matches_warmup_and_steps():
   steps = np.arange(0, 100)
   got = np.asarray(jax.vmap(schedule)(jnp.asarray(steps)))
   want = [_reference_lr(int(s), **kwargs) for s in steps]
+  # float32 schedule vs float64: lr, the factors and 0.1 rounded to float32 and ~6 float32
+  # operations, each within half an ulp (2^-24 ~ 6e-8): < 5e-7; rtol 1e-6 (also pytest.approx's
+  # default below).
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert got[0] == pytest.approx(0.02 * 0.001)
   assert got[59] == pytest.approx(0.02) and got[60] == pytest.approx(0.002)
@@ -46,6 +49,7 @@ def test_paper_schedule_defaults():
 
 
 def test_learning_rate_scales_with_batch():
+  # Python float64 arithmetic: pytest.approx's 1e-6 is ~1e10 float64 ulps.
   assert optim.scaled_learning_rate(base_lr=0.01, batch_size=16, lr=None) == pytest.approx(0.01)
   assert optim.scaled_learning_rate(base_lr=0.01, batch_size=64, lr=None) == pytest.approx(0.04)
   assert optim.scaled_learning_rate(base_lr=0.01, batch_size=8, lr=0.3) == pytest.approx(0.3)
@@ -116,9 +120,11 @@ def test_sgd_momentum_decay_clip_frozen_match_numpy(clip):
       buffers[name] = 0.9 * buffers[name] + grad
       flat_params[name] = flat_params[name] - LR_FACTOR[group] * lr * buffers[name]
 
+  # 4 float32 optimizer steps (clip norm over <= 100 squares, decay, momentum, update: ~6
+  # roundings a step) vs float64 on parameters of magnitude 0.2-4: ~25 roundings of 6e-8,
+  # < 2e-6 relative; rtol 1e-5, and atol 1e-6 for values that cancel towards 0.
   for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
     name = "/".join(str(k.key) for k in path)
-    # Float32 against float64 after 4 updates of O(1) values: rounding of a few ulp per step.
     np.testing.assert_allclose(value, flat_params[name], rtol=1e-5, atol=1e-6, err_msg=name)
   np.testing.assert_array_equal(params["backbone"]["conv1"]["kernel"],
                                 PARAMS["backbone"]["conv1"]["kernel"])

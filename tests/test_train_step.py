@@ -59,6 +59,8 @@ def _check_loss_decreases_and_every_term_is_finite(run):
   for step, metrics in enumerate(history, start=1):
     for key in (*LOSS_TERMS, "grad_norm", "memory_drift", "num_positives"):
       assert np.isfinite(metrics[key]), f"{key} at step {step}: {metrics[key]}"
+    # Sums of 4 (2) non-negative float32 terms, here and in the step in any order: <= 3
+    # roundings of 2^-24 (2e-7); rtol 1e-5.
     np.testing.assert_allclose(
         metrics["loss"], metrics["loss_cls"] + metrics["loss_reg"] + metrics["loss_ctr"]
         + metrics["loss_ciae"], rtol=1e-5, err_msg=f"L = L_ctr + L_cls + L_reg + L_CIAE, {step}")
@@ -77,6 +79,7 @@ def _check_step_counter_rng_and_learning_rate(run):
   assert len({tuple(np.asarray(s.rng)) for s in states}) == len(states)
   # Schedule of helpers.initial_state: 0.01, linear warm-up from x0.5 over 2 steps.
   expected = [0.01 * (0.5 + 0.5 * min(t / 2, 1.0)) for t in range(NUM_STEPS)]
+  # A few float32 operations vs float64 (test_train_optim.py): < 5e-7, rtol 1e-6.
   np.testing.assert_allclose([m["learning_rate"] for m in history], expected, rtol=1e-6)
 
 
@@ -84,6 +87,8 @@ def _check_memory_drift_metric(run):
   _, _, states, history = run
   for step in range(1, NUM_STEPS + 1):
     drift = np.mean(np.abs(np.asarray(states[step].memory) - np.asarray(states[step - 1].memory)))
+    # The float32 mean of 3 x 8 differences on device vs float64 here: <= ~26 roundings of
+    # 2^-24 (1.6e-6) in any order; rtol 1e-5, atol 1e-9 for a near-zero drift.
     np.testing.assert_allclose(history[step - 1]["memory_drift"], drift, rtol=1e-5, atol=1e-9)
     assert drift > 0
 
@@ -123,6 +128,10 @@ def _check_first_step_losses_and_memory_update_match_reference(run):
 
   expected, expected_memory = jax.device_get(
       reference(state0.params, state0.memory, {k: jnp.asarray(v) for k, v in batch.items()}))
+  # Two float32 programs (the step, this jit) computing the same sums of non-negative loss
+  # terms over 4 * 128 * 128 pixels, possibly in other orders: ~log2(N) * eps ~ 2e-6 (see
+  # LOSS_RTOL in test_train_helpers.py); rtol 1e-4. num_positives is an exact count. The
+  # memory: unit rows from float32 sums of the same embeddings (atol 1e-6 near 0).
   for key, value in expected.items():
     np.testing.assert_allclose(history[0][key], value, rtol=1e-4, err_msg=key)
   np.testing.assert_allclose(states[1].memory, expected_memory, rtol=1e-4, atol=1e-6)
