@@ -2,7 +2,8 @@
 
 The command runs in a folder laid out like the repository after the main job: `configs/` (a
 link to the repository's), `runs/synthetic` (a checkpoint of the main job's model at its
-initialisation: params, model state, memory) and `data/synthetic` (a small COCO-layout dataset holding the README's image).
+initialisation: params, model state, memory) and `data/synthetic` (a small COCO-layout dataset
+holding the README's image).
 """
 import os
 import pathlib
