@@ -78,23 +78,36 @@ def _height(text_font: Any) -> int:
   return int(getattr(text_font, "size", 11))
 
 
+Box = tuple[float, float, float, float]
+
+
 def _label(draw: ImageDraw.ImageDraw, size: tuple[int, int], xy: tuple[float, float], text: str,
-           colour: Sequence[int], text_font: Any) -> None:
-  """Text on a dark box (readable over any colour), kept inside a picture of `size` (w, h)."""
+           colour: Sequence[int], text_font: Any, taken: list[Box] | None = None) -> Box | None:
+  """Text on a dark box (readable over any colour), kept inside a picture of `size` (w, h).
+
+  With `taken` (the boxes of the labels drawn so far), a label that would cover one of them is
+  left out (None), and a drawn one is added. Returns the box of the label.
+  """
   left, top, right, bottom = draw.textbbox((0, 0), text, font=text_font)
   width, height = right - left + 4, bottom - top + 4
   x = min(max(0, xy[0]), max(0, size[0] - width))
   y = min(max(0, xy[1]), max(0, size[1] - height))
-  draw.rectangle([x, y, x + width, y + height], fill=(0, 0, 0))
+  box = (x, y, x + width, y + height)
+  if taken is not None:
+    if any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+      return None
+    taken.append(box)
+  draw.rectangle(box, fill=(0, 0, 0))
   draw.text((x + 2 - left, y + 2 - top), text, fill=tuple(int(c) for c in colour), font=text_font)
+  return box
 
 
 def draw_panoptic(image: np.ndarray, id_map: np.ndarray, segments_info: Sequence[dict],
                   category_colors: dict[int, Sequence[int]], category_names: dict[int, str],
                   thing_category_ids: frozenset[int] = frozenset(), boxes: Sequence[dict] = (),
                   alpha: float = 0.55, font_size: int | None = None) -> np.ndarray:
-  """Blends the coloured panoptic map over `image`, names the larger stuff segments and draws
-  boxes with labels and scores.
+  """Blends the coloured panoptic map over `image`, draws boxes with labels and scores, and
+  names the larger stuff segments where no other label is.
 
   Args:
     image: `[H, W, 3]` uint8, the image.
@@ -111,6 +124,15 @@ def draw_panoptic(image: np.ndarray, id_map: np.ndarray, segments_info: Sequence
   canvas = Image.fromarray(blend.astype(np.uint8))
   draw = ImageDraw.Draw(canvas)
   text_font = font(font_size or max(12, max(id_map.shape) // 28))
+  line = max(2, max(id_map.shape) // 256)
+  taken: list[Box] = []
+  for box in boxes:
+    x, y, w, h = box["bbox"]
+    colour = tuple(int(c) for c in category_colors.get(box["category_id"], (255, 255, 255)))
+    draw.rectangle([x, y, x + w, y + h], outline=colour, width=line)
+    label = f"{category_names.get(box['category_id'], box['category_id'])} {box['score']:.2f}"
+    taken.append(_label(draw, canvas.size, (x, y - _height(text_font) - 4), label, colour,
+                        text_font))
   for segment in segments_info:
     if segment["category_id"] in thing_category_ids:
       continue
@@ -121,14 +143,8 @@ def draw_panoptic(image: np.ndarray, id_map: np.ndarray, segments_info: Sequence
       continue
     nearest = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
     name = category_names.get(segment["category_id"], "?")
-    _label(draw, canvas.size, (xs[nearest], ys[nearest]), name, (255, 255, 255), text_font)
-  line = max(2, max(id_map.shape) // 256)
-  for box in boxes:
-    x, y, w, h = box["bbox"]
-    colour = tuple(int(c) for c in category_colors.get(box["category_id"], (255, 255, 255)))
-    draw.rectangle([x, y, x + w, y + h], outline=colour, width=line)
-    label = f"{category_names.get(box['category_id'], box['category_id'])} {box['score']:.2f}"
-    _label(draw, canvas.size, (x, y - _height(text_font) - 4), label, colour, text_font)
+    _label(draw, canvas.size, (xs[nearest], ys[nearest]), name, (255, 255, 255), text_font,
+           taken)
   return np.asarray(canvas)
 
 
