@@ -8,40 +8,30 @@ Preemption: SIGTERM finishes the current step, saves a checkpoint there and exit
 0; start the same command again to resume. A killed run (SIGKILL) resumes from its last
 complete checkpoint.
 
-Multi-host: every process runs the same command and reads its own slice of each global batch.
-`jax.distributed.initialize()` is called with `--multihost` (cluster auto-detection: SLURM,
-Open MPI, Kubernetes, Cloud TPU), when JAX_COORDINATOR_ADDRESS is set, or with
-`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (e.g. several processes on
-one machine).
+Multi-host: every process runs the same command and reads its own slice of each global batch
+(`--multihost`, JAX_COORDINATOR_ADDRESS or `--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`; see `ciae_jax/launch.py`, which also turns on the persistent compilation
+cache, so that a resumed run does not compile again).
 """
-import os
-
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ciae_jax import launch
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/*.py[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and TensorBoard logs go here.")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS "
-    "or --coordinator_address is set).")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0 for jax.distributed.initialize().")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1.")
+launch.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  launch.start()
   import jax  # pylint: disable=g-import-not-at-top
-  if (_MULTIHOST.value or _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")):
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
   from ciae_jax.training import loop  # pylint: disable=g-import-not-at-top
   hp = hparams.HParams.from_config(_CONFIG.value)

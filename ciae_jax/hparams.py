@@ -189,7 +189,9 @@ class InferenceHParams(_Group):
   box_expand_infer: float = 1.0  # Scale of the predicted boxes for the box filter.
   outside_box_similarity: float = 0.0  # Paper: 0 outside the box; -inf makes it a hard limit.
   oracle: bool = False  # Table V: ground-truth boxes and mean embeddings as queries.
-  batch_size: int = 0  # Evaluation batch (global); 0: the training batch size.
+  # Images per device and call in evaluation and prediction (the global batch is this times
+  # the devices of all processes; the last one of each canvas is padded).
+  per_device_batch: int = 2
 
   def __post_init__(self):
     _require(self.category_from in _CATEGORY_SOURCES, "inference.category_from",
@@ -198,7 +200,8 @@ class InferenceHParams(_Group):
              f"must be >= 1, got {self.max_detections}")
     _require(self.pre_nms_top_n >= 1, "inference.pre_nms_top_n",
              f"must be >= 1, got {self.pre_nms_top_n}")
-    _require(self.batch_size >= 0, "inference.batch_size", f"must be >= 0, got {self.batch_size}")
+    _require(self.per_device_batch >= 1, "inference.per_device_batch",
+             f"must be >= 1, got {self.per_device_batch}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """The main job's whole path, as CI runs it: train.py (a few steps), evaluate.py, the demo.
 
 `configs/synthetic.py` itself (not a test config) with only the step count, the dataset size
-and the root overridden; then `evaluate.py` on its checkpoint must write the four outputs,
-reproduce the PQ printed at the end of training, and agree with panopticapi's `pq_compute`
-run on the exported files; the demo must write both pictures.
+and the root overridden; the evaluation at the end of training must log its pictures to
+TensorBoard; then `evaluate.py` on its checkpoint must write the four outputs, reproduce the
+PQ printed at the end of training, and agree with panopticapi's `pq_compute` run on the
+exported files; the demo must write its picture.
 """
 import json
 import pathlib
@@ -38,7 +39,7 @@ def trained(tmp_path_factory):
   overrides = [
       f"--config.dataset.root={tmp / 'synthetic'}",
       "--config.dataset.synthetic.num_train=8", "--config.dataset.synthetic.num_val=3",
-      "--config.batch_size=2", "--config.inference.batch_size=2",
+      "--config.batch_size=2", "--config.inference.per_device_batch=2",
       # An untrained detector scores ~0.01: let its detections compete so that the exported
       # predictions have thing segments too.
       "--config.inference.instance_score_thresh=0.0", "--config.inference.pre_nms_thresh=0.0",
@@ -93,15 +94,37 @@ def test_evaluate_py_writes_outputs_that_pq_compute_reads_alike(trained, tmp_pat
       assert metrics["per_class"][str(category)][key] == pytest.approx(values[key], abs=1e-9)
 
 
-def test_demo_writes_both_pictures(trained, tmp_path):
+def test_training_logs_evaluation_pictures(trained):
+  """The evaluation at the end of training writes its pictures next to the PQ scalars."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  workdir, _, _ = trained
+  images, scalars = {}, set()
+  for path in workdir.glob("events.out.tfevents.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == "images":
+          # Image summaries hold [width, height, PNG...] as strings.
+          width, height, png = tf.make_ndarray(value.tensor)[:3]
+          images[value.tag] = (event.step, int(height), int(width), png)
+        else:
+          scalars.add(value.tag)
+  assert "eval/All/pq" in scalars, sorted(scalars)
+  assert sorted(images) == [f"eval/image_{2_000_000 + i}" for i in range(3)], sorted(images)
+  for step, height, width, png in images.values():
+    assert step == STEPS and height >= 512 and width >= 3 * 512  # input | panoptic | PCA
+    assert png.startswith(b"\x89PNG")
+
+
+def test_demo_writes_its_picture(trained, tmp_path):
   workdir, overrides, _ = trained
   image = sorted((workdir.parent / "synthetic" / "val2017").glob("*.jpg"))[0]
   out = tmp_path / "demo.png"
   output = _run(["-m", "ciae_jax.demo", "--config", "configs/synthetic.py", "--workdir",
                  str(workdir), "--image", str(image), "--output", str(out), *overrides])
-  assert "wrote" in output
-  original = np.asarray(Image.open(image))
-  for path in (out, tmp_path / "demo_embedding.png"):
-    picture = np.asarray(Image.open(path))
-    assert picture.shape == original.shape, path
-    assert picture.std() > 0, path  # not a blank picture
+  assert f"wrote {out}" in output
+  original = np.asarray(Image.open(image))  # [128, 128, 3]
+  picture = np.asarray(Image.open(out))
+  # Three pictures of 512 x 512 (the 128-pixel image scaled 4 times) under a title row.
+  assert picture.shape[1] == 3 * 512 + 2 * 8 and 512 < picture.shape[0] < 600, picture.shape
+  assert picture.std() > 0
+  assert original.shape == (128, 128, 3)

@@ -254,6 +254,8 @@ def to_coco_panoptic(
     image_size: Sequence[int],
     orig_size: Sequence[int],
     category_coco_ids: Sequence[int],
+    *,
+    with_scores: bool = False,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
   """COCO panoptic prediction of one image at its original size.
 
@@ -267,11 +269,13 @@ def to_coco_panoptic(
     image_size: `(height, width)` of the resized image inside the padding.
     orig_size: `(height, width)` of the original image.
     category_coco_ids: contiguous class -> COCO category id (`CategoryInfo.coco_ids`).
+    with_scores: also give each segment `isthing` (bool) and `score` (the query's: the
+      detection score for instances, 1 for stuff); reads `query_is_thing`, `query_score`.
 
   Returns:
     `id_map [h0, w0] int32` (0 void, else segment id) and `segments_info`: one dict per
     segment with `id`, `category_id`, `area`, `bbox` ([x, y, w, h], pixel extent) and
-    `iscrowd` 0.
+    `iscrowd` 0 (and `isthing`, `score` with `with_scores`).
   """
   panoptic = np.asarray(result["panoptic"])
   query_class = np.asarray(result["query_class"])
@@ -306,6 +310,11 @@ def to_coco_panoptic(
   segments_info = [{"id": int(i), "category_id": int(c), "area": int(a),
                     "bbox": [int(v) for v in b], "iscrowd": 0}
                    for i, c, a, b in zip(segment_ids, coco_ids, areas, boxes)]
+  if with_scores:
+    is_thing = np.asarray(result["query_is_thing"], bool)[present - 1]  # [n]
+    scores = np.asarray(result["query_score"], np.float64)[present - 1]  # [n]
+    for segment, thing, score in zip(segments_info, is_thing, scores):
+      segment.update(isthing=bool(thing), score=float(score))
   return id_map, segments_info
 
 

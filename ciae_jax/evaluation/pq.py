@@ -38,6 +38,7 @@ Command line (a drop-in for the COCO panoptic API):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -226,11 +227,38 @@ def _categories_dict(categories: Any) -> dict[int, Mapping[str, Any]]:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageCounts:
+  """One image's PQ statistics, over the categories it touches (sparse).
+
+  `category [k]` indexes the accumulator's categories; `iou [k]` float64 sums the IoUs of the
+  matches, `tp`, `fp`, `fn [k]` count them. Serialisable (`to_dict` / `from_dict`, exact:
+  JSON writes floats that read back bit for bit), so that hosts can send them to one process,
+  which adds them in image order: the sums are then the same floats for any split of the
+  images over hosts and devices.
+  """
+  category: np.ndarray
+  iou: np.ndarray
+  tp: np.ndarray
+  fp: np.ndarray
+  fn: np.ndarray
+
+  def to_dict(self) -> dict[str, list]:
+    return {"category": self.category.tolist(), "iou": self.iou.tolist(),
+            "tp": self.tp.tolist(), "fp": self.fp.tolist(), "fn": self.fn.tolist()}
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Sequence[Any]]) -> "ImageCounts":
+    return cls(np.asarray(data["category"], np.int64), np.asarray(data["iou"], np.float64),
+               *(np.asarray(data[k], np.int64) for k in ("tp", "fp", "fn")))
+
+
 class PQAccumulator:
   """Streaming per-category PQ statistics (IoU sum, TP, FP, FN).
 
-  Feed images with `add`, combine accumulators of several processes with
-  `merge`, read PQ with `result`. Equals pq_compute on the same images.
+  Feed images with `add` (or `image_counts` + `add_counts`, to count an image in one place and
+  add it in another), combine accumulators with `merge`, save and load them with `state_dict`
+  / `from_state_dict`, read PQ with `result`. Equals pq_compute on the same images.
   """
 
   def __init__(self, categories: Sequence[Mapping[str, Any]]
@@ -275,6 +303,15 @@ class PQAccumulator:
         `pred_segments` or the reverse, an unknown predicted category, a
         segment id 0, or maps of different shapes.
     """
+    self.add_counts(self.image_counts(gt_ids, gt_segments, pred_ids,
+                                      pred_segments, image_id=image_id))
+
+  def image_counts(self, gt_ids: np.ndarray,
+                   gt_segments: Sequence[Mapping[str, Any]],
+                   pred_ids: np.ndarray,
+                   pred_segments: Sequence[Mapping[str, Any]],
+                   *, image_id: Any = None) -> ImageCounts:
+    """One image's statistics, not added (arguments and errors as `add`)."""
     gt_ids = np.asarray(gt_ids)
     pred_ids = np.asarray(pred_ids)
     if gt_ids.shape != pred_ids.shape or gt_ids.ndim != 2:
@@ -286,9 +323,18 @@ class PQAccumulator:
         raise PanopticFormatError(
             f"In the image with ID {image_id} the {name} map has dtype "
             f"{ids.dtype}; segment ids must be integers.")
-    self._add_flat(np.ascontiguousarray(gt_ids).reshape(-1), gt_segments,
-                   np.ascontiguousarray(pred_ids).reshape(-1), pred_segments,
-                   image_id)
+    return self._image_counts(np.ascontiguousarray(gt_ids).reshape(-1), gt_segments,
+                              np.ascontiguousarray(pred_ids).reshape(-1),
+                              pred_segments, image_id)
+
+  def add_counts(self, counts: ImageCounts) -> None:
+    """Adds one image's statistics (from `image_counts` of an accumulator over the same
+    categories)."""
+    self.iou[counts.category] += counts.iou
+    self.tp[counts.category] += counts.tp
+    self.fp[counts.category] += counts.fp
+    self.fn[counts.category] += counts.fn
+    self.num_images += 1
 
   def _add_flat(self, gt_ids: np.ndarray,
                 gt_segments: Sequence[Mapping[str, Any]],
@@ -296,6 +342,15 @@ class PQAccumulator:
                 pred_segments: Sequence[Mapping[str, Any]],
                 image_id: Any) -> None:
     """`add` on flat [N] id maps of one image."""
+    self.add_counts(self._image_counts(gt_ids, gt_segments, pred_ids,
+                                       pred_segments, image_id))
+
+  def _image_counts(self, gt_ids: np.ndarray,
+                    gt_segments: Sequence[Mapping[str, Any]],
+                    pred_ids: np.ndarray,
+                    pred_segments: Sequence[Mapping[str, Any]],
+                    image_id: Any) -> ImageCounts:
+    """`image_counts` on flat [N] id maps of one image."""
     # Dicts as pq_compute builds them: a repeated id keeps its last entry.
     gt_by_id = {int(s["id"]): s for s in gt_segments}
     pred_by_id = {int(s["id"]): s for s in pred_segments}
@@ -344,8 +399,8 @@ class PQAccumulator:
     match = iou > 0.5  # [Kc]
     matched_cat = gt_cat[gi_c[match]]  # [M]
     num_cats = len(self.category_ids)
-    self.tp += np.bincount(matched_cat, minlength=num_cats)
-    self.iou += np.bincount(matched_cat, weights=iou[match], minlength=num_cats)
+    tp = np.bincount(matched_cat, minlength=num_cats)  # [C]
+    iou_sum = np.bincount(matched_cat, weights=iou[match], minlength=num_cats)  # [C]
     gt_matched = np.zeros(num_gt, bool)  # [G]
     gt_matched[gi_c[match]] = True
     pred_matched = np.zeros(num_pred, bool)  # [P]
@@ -354,7 +409,7 @@ class PQAccumulator:
     # False negatives: unmatched, non-crowd gt segments of known categories.
     is_fn = ~gt_matched & ~gt_crowd & (gt_cat >= 0)  # [G]
     is_fn[:_FIRST_SEGMENT] = False
-    self.fn += np.bincount(gt_cat[is_fn], minlength=num_cats)
+    fn = np.bincount(gt_cat[is_fn], minlength=num_cats)  # [C]
 
     # Crowd region of each category: the last crowd segment listed (a dict
     # keyed by category in pq_compute, so a later one overwrites).
@@ -371,8 +426,10 @@ class PQAccumulator:
     ignored_fraction = (void_inter + crowd_inter) / np.maximum(pred_area, 1)
     is_fp = ~pred_matched & ~(ignored_fraction > 0.5)  # [P]
     is_fp[:_FIRST_SEGMENT] = False
-    self.fp += np.bincount(pred_cat[is_fp], minlength=num_cats)
-    self.num_images += 1
+    fp = np.bincount(pred_cat[is_fp], minlength=num_cats)  # [C]
+    touched = np.flatnonzero((tp > 0) | (fp > 0) | (fn > 0))  # [k]
+    return ImageCounts(touched, iou_sum[touched].astype(np.float64),
+                       *(c[touched].astype(np.int64) for c in (tp, fp, fn)))
 
   def _check_prediction(self, image_id: Any, pred_run_ids: np.ndarray,
                         pred_labels: np.ndarray, pred_area: np.ndarray,
@@ -409,6 +466,26 @@ class PQAccumulator:
     self.fn += other.fn
     self.num_images += other.num_images
     return self
+
+  def state_dict(self) -> dict[str, Any]:
+    """The statistics as JSON-able lists (exact); `from_state_dict` reads them back."""
+    return {"category_ids": list(self.category_ids), "iou": self.iou.tolist(),
+            "tp": self.tp.tolist(), "fp": self.fp.tolist(), "fn": self.fn.tolist(),
+            "num_images": self.num_images}
+
+  @classmethod
+  def from_state_dict(cls, categories: Sequence[Mapping[str, Any]]
+                      | Mapping[int, Mapping[str, Any]],
+                      state: Mapping[str, Any]) -> "PQAccumulator":
+    """An accumulator over `categories` holding `state` (from `state_dict`)."""
+    accumulator = cls(categories)
+    if [int(c) for c in state["category_ids"]] != list(accumulator.category_ids):
+      raise ValueError("PQ state over other categories than the accumulator's")
+    accumulator.iou[:] = state["iou"]
+    for key in ("tp", "fp", "fn"):
+      getattr(accumulator, key)[:] = state[key]
+    accumulator.num_images = int(state["num_images"])
+    return accumulator
 
   def _average(self, isthing: bool | None
                ) -> tuple[dict[str, Any], dict[int, dict[str, float]]]:

@@ -1,215 +1,324 @@
-"""Evaluation: inference over a split, PQ in memory, box AP, COCO-format export.
+"""Evaluation: the validation split through the `Predictor` on every device and host, PQ, box AP,
+COCO-format export.
 
 `evaluate(hp, ...)` is called by `evaluate.py` (a restored checkpoint) and by the training loop
-(the periodic evaluation, in memory, without writing PNGs). Inference is jitted once per
-padded image size: one program for the whole split.
+(the periodic evaluation, in memory, without files). The images are read from the split's
+folder and prepared on the host as the demo prepares them (`ciae_jax.preprocess`), then
+predicted data-parallel: one program per canvas, `inference.per_device_batch` images per
+device and call.
+
+With several processes every process runs the same plan of global batches (`eval_plan`: the
+images grouped by canvas, in image-id order, the last batch of each canvas padded with blank
+rows) and predicts its slice of each: the program spans all devices, so the processes must make
+the same calls. Each process scores its own images (PQ counts, COCO annotation, detections) and
+writes their PNGs into the one output folder (file names are the images', so processes never
+clash); `gather.all_gather` brings the per-image results to every process, and process 0 adds
+the PQ counts in image-id order (the same float sums for any number of hosts and devices),
+computes box AP and writes the JSON files; `gather.broadcast` gives its metrics to all.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import json
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Iterator, Sequence
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ciae_jax import checkpoint as checkpoint_lib
 from ciae_jax import files
 from ciae_jax import hparams
-from ciae_jax import inference
-from ciae_jax import memory as memory_lib
-from ciae_jax import panoptic_png
+from ciae_jax import predictor as predictor_lib
+from ciae_jax import preprocess
+from ciae_jax import visualize
+from ciae_jax.data import coco
 from ciae_jax.data import dataset as dataset_lib
-from ciae_jax.data import pipeline
 from ciae_jax.evaluation import box_ap as box_ap_lib
 from ciae_jax.evaluation import coco_format
+from ciae_jax.evaluation import gather
 from ciae_jax.evaluation import pq as pq_lib
 from ciae_jax.models import ciae as ciae_model
-from ciae_jax.segments import Segments
+
+# Kept here for the callers of the previous layout.
+Restored = predictor_lib.Restored
+inference_template = predictor_lib.inference_template
+restore_for_inference = predictor_lib.restore_for_inference
 
 
-def make_predict_fn(model: ciae_model.CIAE, hp: hparams.HParams,
-                    num_stuff: int) -> Callable[..., dict[str, jax.Array]]:
-  """A jitted `(variables, memory, batch) -> per-image inference results [B, ...]`.
-
-  `batch` holds `image [B, H, W, 3]`, `image_size [B, 2]`, `orig_size [B, 2]` and, in oracle
-  mode (`hp.inference.oracle`, paper Table V), the ground-truth segment arrays.
-  """
-  infer = hp.inference
-
-  def predict(variables, memory, batch):
-    outputs = _per_image_outputs(model.apply(variables, batch["image"]))
-    scale = batch["image_size"][:, 0] / batch["orig_size"][:, 0]  # [B]
-    if infer.oracle:
-      return jax.vmap(lambda o, s, size, r: inference.oracle_inference(
-          o, memory, s, infer, image_size=size, num_stuff=num_stuff, resize_scale=r))(
-              outputs, Segments.from_batch(batch), batch["image_size"], scale)
-    return jax.vmap(lambda o, size, r: inference.panoptic_inference(
-        o, memory, size, infer, num_stuff=num_stuff, merge_things=hp.loss.merge_things,
-        strides=model.strides, resize_scale=r))(outputs, batch["image_size"], scale)
-
-  return jax.jit(predict)
+def make_predict_fn(model: ciae_model.CIAE, hp: hparams.HParams, num_stuff: int) -> Any:
+  """`predictor.predict_fn` jitted for one device: `(variables, memory, batch) -> results`."""
+  return jax.jit(predictor_lib.predict_fn(model, hp, num_stuff))
 
 
-def _per_image_outputs(outputs: Mapping[str, Any]) -> dict[str, Any]:
-  """The output keys inference reads, batch first (vmap maps over lists element-wise)."""
-  return {k: outputs[k] for k in ("cls_logits", "centerness", "box_reg", "embedding",
-                                  "embedding_prenorm")}
+@dataclasses.dataclass(frozen=True)
+class PlannedBatch:
+  """One global batch: a canvas and, per global row, an index into the records (or None)."""
+  canvas: tuple[int, int]
+  rows: tuple[int | None, ...]
+
+  def local(self, rows_per_process: int, process: int) -> tuple[int | None, ...]:
+    return self.rows[process * rows_per_process:(process + 1) * rows_per_process]
 
 
-def _flatten_devices(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """`[devices, per_device, ...]` -> `[devices * per_device, ...]`."""
-  return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+def eval_plan(sizes: Sequence[tuple[int, int]], preprocessor: preprocess.Preprocessor, *,
+              rows_per_process: int, num_processes: int) -> list[PlannedBatch]:
+  """Global batches over images of original `sizes`: grouped by canvas (canvases in the order
+  of `preprocessor.canvases`), images in their order, each canvas's last batch padded."""
+  by_canvas: dict[tuple[int, int], list[int]] = {c: [] for c in preprocessor.canvases}
+  for index, size in enumerate(sizes):
+    by_canvas[preprocessor.plan(size)[0]].append(index)
+  global_rows = rows_per_process * num_processes
+  plan = []
+  for canvas, indices in by_canvas.items():
+    for start in range(0, len(indices), global_rows):
+      rows = indices[start:start + global_rows]
+      plan.append(PlannedBatch(canvas, tuple(rows) + (None,) * (global_rows - len(rows))))
+  return plan
 
 
 class GroundTruth:
-  """Ground-truth panoptic maps and segments of a split, read lazily per image."""
+  """The split's panoptic JSON: images, annotations (by image id) and categories."""
 
-  def __init__(self, gt_json: str, gt_folder: str):
+  def __init__(self, gt_json: str):
     data = pq_lib.load_json(gt_json)
     self.annotations = {a["image_id"]: a for a in data["annotations"]}
     self.images = {i["id"]: i for i in data["images"]}
     self.categories = data["categories"]
-    self.folder = gt_folder
-
-  def read(self, image_id: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    annotation = self.annotations[image_id]
-    ids = panoptic_png.read_panoptic_png(os.path.join(self.folder, annotation["file_name"]))
-    return ids, annotation["segments_info"]  # [h, w] segment ids, COCO segments
 
 
 def evaluate(hp: hparams.HParams, *, variables: Any, memory: Any,
              output_dir: str | None = None, max_images: int | None = None,
-             log_every: int = 50) -> dict[str, Any]:
-  """Runs inference on the validation split and returns PQ (and box AP) as in metrics.json.
+             log_every: int = 50, devices: Sequence[Any] | None = None,
+             num_pictures: int = 0) -> dict[str, Any]:
+  """Predicts the validation split and returns PQ (and box AP) as in metrics.json.
+
+  Every process of a multi-host job must call this (see the module docstring); all return the
+  same metrics.
 
   Args:
-    hp: the run's hyper-parameters (dataset, model, loss, inference).
+    hp: the run's hyper-parameters (dataset, model, loss, inference, parallel).
     variables: model variables (`params` and the other collections), on the host or device.
     memory: `[M, D]` memory embeddings.
     output_dir: when set, writes `panoptic_predictions.json`, `panoptic_predictions/`,
       `detections.json` and `metrics.json` there; when None, PQ is computed in memory only.
-    max_images: evaluate only the first N images (quick checks in training).
-    log_every: progress line every N images.
+    max_images: evaluate only the first N images (by image id).
+    log_every: progress line (process 0) every N images.
+    devices: this process's devices to predict on (default all).
+    num_pictures: also return, under `pictures`, that many pictures (`visualize.panel`: input,
+      panoptic, embedding PCA) of the first images process 0 predicts (none elsewhere).
 
   Returns:
-    The `pq_compute` result structure (`All`, `Things`, `Stuff`, `per_class`) plus `box_ap`
-    (pycocotools COCOeval bbox metrics) and `num_images`.
+    The `pq_compute` result structure (`All`, `Things`, `Stuff`, `per_class` keyed by the
+    category id as a string, as in metrics.json) plus `box_ap` (pycocotools COCOeval bbox
+    metrics), `num_images` and, when asked, `pictures` ({name: uint8 [H, W, 3]}).
   """
   dataset = hp.dataset
   categories = dataset_lib.load_dataset_categories(dataset)
   gt_files = dataset_lib.eval_ground_truth(dataset)
-  ground_truth = GroundTruth(gt_files.gt_json, gt_files.gt_folder)
+  ground_truth = GroundTruth(gt_files.gt_json)
+  records, skipped = _load_records(dataset, categories)
+  if jax.process_index():
+    skipped = []  # Every process read the same records: process 0 reports them.
+  if max_images is not None:
+    records = records[:max_images]
   model = ciae_model.build_model(hp.model, categories.num_things)
-  predict = make_predict_fn(model, hp, categories.num_stuff)
-  batch_size = hp.inference.batch_size or hp.batch_size
-  batch_size = max(jax.local_device_count(), batch_size - batch_size % jax.local_device_count())
-  batches = pipeline.build_input(dataset, dataset.val_split, train=False,
-                                 global_batch_size=batch_size, seed=hp.seed)
-
-  accumulator = pq_lib.PQAccumulator(ground_truth.categories)
-  annotations, detections = [], []
+  predictor = predictor_lib.Predictor(hp, model=model, variables=variables, memory=memory,
+                                      categories=categories, devices=devices)
+  plan = eval_plan([(r.height, r.width) for r in records], predictor.preprocessor,
+                   rows_per_process=predictor.rows_per_call, num_processes=jax.process_count())
   png_folder = os.path.join(output_dir, "panoptic_predictions") if output_dir else None
-  total = len(ground_truth.annotations) if max_images is None else max_images
-  start, done = time.time(), 0
-  for batch in batches:
-    batch = _flatten_devices(batch)
-    results = jax.device_get(predict(variables, memory, {k: jnp.asarray(v) for k, v in
-                                                          batch.items()}))
-    for row in np.flatnonzero(batch["example_valid"]):
-      result = jax.tree.map(lambda x, r=row: x[r], results)
-      image_id = int(batch["image_id"][row])
-      id_map, segments = coco_format.to_coco_panoptic(
-          result, batch["image_size"][row], batch["orig_size"][row], categories.coco_ids)
-      gt_ids, gt_segments = ground_truth.read(image_id)
-      accumulator.add(gt_ids, gt_segments, id_map, segments, image_id=image_id)
-      scale = batch["image_size"][row] / batch["orig_size"][row]
-      detections += coco_format.detections_to_coco(result, image_id, tuple(scale),
-                                                  categories.coco_ids)
-      if png_folder:
-        file_name = ground_truth.annotations[image_id]["file_name"]
-        annotations.append(coco_format.write_panoptic_prediction(
-            png_folder, image_id, file_name, id_map, segments))
-      done += 1
-      if done % log_every == 0 or done == total:
-        rate = done / max(time.time() - start, 1e-9)
-        logging.info("evaluation: %d/%d images (%.1f images/s)", done, total, rate)
-      if max_images is not None and done >= max_images:
-        break
-    if max_images is not None and done >= max_images:
-      break
+  scorer = _Scorer(predictor, ground_truth, categories, png_folder, hp.dataset.max_segments)
+  progress = _Progress(len(records), log_every)
+  results, pictures = [], {}
+  for batch, items in _load_batches(plan, records, scorer, predictor.rows_per_call):
+    want_pictures = len(pictures) < num_pictures and jax.process_index() == 0
+    raws = predictor.run(batch.canvas, [i and i.prepared for i in items],
+                         segments=[i and i.segments for i in items],
+                         with_embedding=want_pictures)
+    for item, raw in zip(items, raws):
+      if item is None:
+        continue
+      if item.error:
+        skipped.append({"image_id": item.record.image_id, "reason": item.error})
+        continue
+      results.append(scorer.score(item, raw))
+      if want_pictures and len(pictures) < num_pictures:
+        pictures[f"image_{item.record.image_id}"] = scorer.picture(item, raw)
+    progress.update(sum(row is not None for row in batch.rows))
 
-  metrics = accumulator.result()
-  evaluated = sorted(ground_truth.annotations)[:done] if max_images else None
-  metrics["box_ap"] = box_ap_lib.box_ap(gt_files.gt_json, detections, image_ids=evaluated)
-  metrics["num_images"] = done
-  if output_dir:
-    _write_outputs(output_dir, annotations, detections, metrics, ground_truth)
+  metrics = _combine(gather.all_gather({"results": results, "skipped": skipped}), ground_truth,
+                     gt_files.gt_json, evaluated=[r.image_id for r in records]
+                     if max_images is not None else None, output_dir=output_dir)
+  if num_pictures:
+    metrics["pictures"] = pictures
   return metrics
 
 
+def _load_records(dataset: hparams.DatasetHParams, categories: Any
+                  ) -> tuple[list[coco.ImageRecord], list[dict[str, Any]]]:
+  """The split's records by image id; with `skip_bad_examples` bad ones listed, not raised."""
+  skipped = []
+
+  def leave_out(image_id, image_path, png_path, error):
+    skipped.append({"image_id": image_id, "reason": f"{error} (image {image_path}, "
+                                                    f"PNG {png_path})"})
+
+  records = coco.load_records(dataset_lib.prepare_root(dataset), dataset.val_split,
+                              categories=categories,
+                              on_image_error=leave_out if dataset.skip_bad_examples else None)
+  return records, skipped
+
+
+@dataclasses.dataclass
+class _Item:
+  """One image of a batch: its record and, once loaded, its example and model input."""
+  record: coco.ImageRecord
+  example: dict[str, Any] | None = None
+  prepared: preprocess.Prepared | None = None
+  segments: dict[str, np.ndarray] | None = None
+  error: str | None = None
+
+
+class _Scorer:
+  """Per-image work on the host of the image: loading, scoring, the PNG, pictures."""
+
+  def __init__(self, predictor: predictor_lib.Predictor, ground_truth: GroundTruth,
+               categories: Any, png_folder: str | None, max_segments: int):
+    self.predictor, self.ground_truth, self.categories = predictor, ground_truth, categories
+    self.png_folder, self.max_segments = png_folder, max_segments
+    self.accumulator = pq_lib.PQAccumulator(ground_truth.categories)
+    self.skip_bad = predictor.hp.dataset.skip_bad_examples
+    self.oracle = predictor.hp.inference.oracle
+
+  def load(self, record: coco.ImageRecord) -> _Item:
+    """Decodes the image and its ground truth (`coco.decode_example`: errors name the file
+    and image id) and prepares the model input."""
+    item = _Item(record)
+    try:
+      item.example = coco.decode_example(record, self.categories)
+    except ValueError as error:
+      if not self.skip_bad:
+        raise
+      item.error = str(error)
+      return item
+    item.prepared = self.predictor.preprocessor(item.example["image"])
+    if self.oracle:
+      item.segments = preprocess.segments_at_input(item.example, item.prepared,
+                                                   max_segments=self.max_segments)
+    return item
+
+  def score(self, item: _Item, raw: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The image's PQ counts, detections and (with files) COCO annotation, JSON-able."""
+    image_id, coco_ids = item.record.image_id, self.categories.coco_ids
+    prepared, example = item.prepared, item.example
+    id_map, segments = coco_format.to_coco_panoptic(raw, prepared.image_size, prepared.orig_size,
+                                                    coco_ids)
+    # The PNG's ids: every non-void pixel belongs to a JSON segment (decode_example checks).
+    gt_ids = np.where(example["segment_map"] > 0,
+                      example["seg_id"][example["segment_map"] - 1], 0)  # [h0, w0]
+    counts = self.accumulator.image_counts(
+        gt_ids, self.ground_truth.annotations[image_id]["segments_info"], id_map, segments,
+        image_id=image_id)
+    annotation = None
+    if self.png_folder:
+      annotation = coco_format.write_panoptic_prediction(
+          self.png_folder, image_id, os.path.basename(item.record.png_path), id_map, segments)
+    detections = coco_format.detections_to_coco(raw, image_id, predictor_lib.image_scale(
+        prepared), coco_ids)
+    return {"image_id": image_id, "counts": counts.to_dict(), "detections": detections,
+            "annotation": annotation}
+
+  def picture(self, item: _Item, raw: dict[str, np.ndarray]) -> np.ndarray:
+    prediction = self.predictor.to_prediction(raw, item.prepared)
+    return visualize.panel(item.example["image"], prediction, self.categories,
+                           min_score=self.predictor.hp.inference.instance_score_thresh)
+
+
+def _load_batches(plan: Sequence[PlannedBatch], records: Sequence[coco.ImageRecord],
+                  scorer: _Scorer, rows_per_process: int
+                  ) -> Iterator[tuple[PlannedBatch, list[_Item | None]]]:
+  """This process's rows of each planned batch, loaded in threads one batch ahead (PIL and
+  NumPy release the GIL while the devices predict the previous batch)."""
+  process = jax.process_index()
+  workers = min(16, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
+      concurrent.futures.ThreadPoolExecutor(1) as ahead:
+
+    def load(batch):
+      rows = batch.local(rows_per_process, process)
+      return list(pool.map(lambda r: None if r is None else scorer.load(records[r]), rows))
+
+    pending = ahead.submit(load, plan[0]) if plan else None
+    for index, batch in enumerate(plan):
+      items = pending.result()
+      if index + 1 < len(plan):
+        pending = ahead.submit(load, plan[index + 1])
+      yield batch, items
+
+
+class _Progress:
+  """Images done, images/s and the time left, on process 0."""
+
+  def __init__(self, total: int, every: int):
+    self.total, self.every, self.done = total, max(1, every), 0
+    self.start = time.time()
+
+  def update(self, images: int) -> None:
+    before, self.done = self.done, self.done + images
+    if jax.process_index() or not images:
+      return
+    if self.done // self.every == before // self.every and self.done != self.total:
+      return
+    rate = self.done / max(time.time() - self.start, 1e-9)
+    left = (self.total - self.done) / max(rate, 1e-9)
+    logging.info("evaluation: %d/%d images (%.1f images/s, %d s left)", self.done, self.total,
+                 rate, round(left))
+
+
+def _combine(gathered: list[dict[str, Any]], ground_truth: GroundTruth, gt_json: str, *,
+             evaluated: list[int] | None, output_dir: str | None) -> dict[str, Any]:
+  """Process 0 turns every process's per-image results into the metrics (and files); every
+  process gets process 0's metrics."""
+  metrics = None
+  if jax.process_index() == 0:
+    results = sorted((r for g in gathered for r in g["results"]), key=lambda r: r["image_id"])
+    skipped = sorted((s for g in gathered for s in g["skipped"]), key=lambda s: s["image_id"])
+    _log_skipped(skipped)
+    accumulator = pq_lib.PQAccumulator(ground_truth.categories)
+    for result in results:
+      accumulator.add_counts(pq_lib.ImageCounts.from_dict(result["counts"]))
+    detections = [d for r in results for d in r["detections"]]
+    metrics = accumulator.result()
+    metrics["box_ap"] = box_ap_lib.box_ap(gt_json, detections, image_ids=evaluated)
+    metrics["num_images"] = len(results)
+    # As metrics.json holds them (string keys), on every process and with or without files.
+    metrics = json.loads(json.dumps(files.to_builtin(metrics)))
+    if output_dir:
+      _write_outputs(output_dir, [r["annotation"] for r in results], detections, metrics,
+                     ground_truth)
+  return gather.broadcast(metrics)
+
+
+def _log_skipped(skipped: list[dict[str, Any]], limit: int = 50) -> None:
+  if not skipped:
+    return
+  logging.warning("evaluation: %d images were left out (no prediction):", len(skipped))
+  for entry in skipped[:limit]:
+    logging.warning("  image id %d: %s", entry["image_id"], entry["reason"])
+
+
 def _write_outputs(output_dir: str, annotations: list, detections: list,
-                   metrics: Mapping[str, Any], ground_truth: GroundTruth) -> None:
-  """The four evaluation outputs of `evaluate.py`."""
+                   metrics: dict[str, Any], ground_truth: GroundTruth) -> None:
+  """The four evaluation outputs of `evaluate.py` (process 0; the PNGs are already written)."""
   os.makedirs(output_dir, exist_ok=True)
   images = [ground_truth.images[a["image_id"]] for a in annotations]
   coco_format.write_panoptic_json(os.path.join(output_dir, "panoptic_predictions.json"),
                                   annotations, ground_truth.categories, images)
   coco_format.write_detections_json(os.path.join(output_dir, "detections.json"), detections)
   files.write_json(os.path.join(output_dir, "metrics.json"), metrics, indent=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class Restored:
-  """What inference needs from a checkpoint."""
-  model: Any
-  variables: Any
-  memory: Any
-  categories: Any
-  step: int
-
-
-def inference_template(hp: hparams.HParams, model: ciae_model.CIAE, *, num_stuff: int,
-                       num_things: int) -> dict[str, Any]:
-  """Shapes of what inference reads from a checkpoint: params, model state, memory.
-
-  From `jax.eval_shape`: nothing is computed, and no optimizer state is built.
-  """
-  variables = jax.eval_shape(lambda rng: ciae_model.init_variables(model, rng),
-                             jax.random.PRNGKey(0))
-  params, model_state = ciae_model.split_variables(variables)
-  rows = memory_lib.num_memory(num_stuff, num_things, hp.loss.merge_things)
-  memory = jax.ShapeDtypeStruct((rows, hp.model.embed_dim), jnp.float32)
-  return {"params": params, "model_state": model_state, "memory": memory}
-
-
-def restore_for_inference(hp: hparams.HParams, workdir: str,
-                          checkpoint_step: int | None = None) -> Restored:
-  """The model, its variables and memory from `workdir/checkpoints` (latest or a given step).
-
-  Reads the params, the model state and the memory only (`checkpoint.restore_fields`).
-
-  Raises:
-    FileNotFoundError: no checkpoint (or not that step) in the workdir.
-    ValueError: the checkpoint does not fit the model of `hp`.
-  """
-  categories = dataset_lib.load_dataset_categories(hp.dataset)
-  model = ciae_model.build_model(hp.model, categories.num_things)
-  template = inference_template(hp, model, num_stuff=categories.num_stuff,
-                                num_things=categories.num_things)
-  manager = checkpoint_lib.create_manager(workdir, create=False)
-  step = manager.latest_step() if checkpoint_step is None else checkpoint_step
-  fields = checkpoint_lib.restore_fields(manager, template, step)
-  if fields is None:
-    available = list(manager.all_steps())
-    raise FileNotFoundError(
-        f"no checkpoint{'' if checkpoint_step is None else f' at step {checkpoint_step}'} in "
-        f"{workdir}/checkpoints (available steps: {available})")
-  variables = {"params": fields["params"], **fields["model_state"]}
-  return Restored(model, variables, fields["memory"], categories, int(step))
 
 
 def evaluate_checkpoint(hp: hparams.HParams, workdir: str, *,
@@ -221,7 +330,9 @@ def evaluate_checkpoint(hp: hparams.HParams, workdir: str, *,
   """
   restored = restore_for_inference(hp, workdir, checkpoint_step)
   output_dir = output_dir or os.path.join(workdir, "eval", str(restored.step))
-  logging.info("Evaluating step %d of %s into %s", restored.step, workdir, output_dir)
+  if jax.process_index() == 0:
+    logging.info("Evaluating step %d of %s into %s (%d processes, %d devices)", restored.step,
+                 workdir, output_dir, jax.process_count(), jax.device_count())
   metrics = evaluate(hp, variables=restored.variables, memory=restored.memory,
                      output_dir=output_dir)
   return metrics, output_dir

@@ -49,6 +49,8 @@ PROFILE_DIR = "profile"
 # Images the training input left out: listed at the end of the run (log and this file).
 SKIPPED_EXAMPLES_FILE = "skipped_examples.json"
 MAX_SKIPPED_LOGGED = 50
+# Pictures (input | panoptic | embedding PCA) each evaluation logs to TensorBoard.
+EVAL_PICTURES = 3
 
 EvaluateFn = Callable[..., Optional[Mapping[str, Any]]]
 InputFn = Callable[..., Iterator[Mapping[str, np.ndarray]]]
@@ -65,10 +67,12 @@ def flatten_eval_results(results: Mapping[str, Any], *,
 
 def evaluate_in_memory(hp: hparams.HParams, state: train_state_lib.TrainState, *,
                        workdir: str, step: int) -> Mapping[str, Any]:
-  """The default `evaluate_fn`: PQ and box AP of the validation split, printed as a table."""
+  """The default `evaluate_fn`: PQ and box AP of the validation split, printed as a table, and
+  `EVAL_PICTURES` pictures of its first images (under `pictures`)."""
   del workdir  # PQ is computed in memory; evaluate.py writes the prediction files.
   variables = {"params": state.params, **state.model_state}
-  results = eval_runner.evaluate(hp, variables=variables, memory=state.memory)
+  results = eval_runner.evaluate(hp, variables=variables, memory=state.memory,
+                                 num_pictures=EVAL_PICTURES)
   print(f"Panoptic quality at step {step} ({results.get('num_images', '?')} images):\n"
         f"{pq_lib.format_pq_table(results)}", flush=True)
   return results
@@ -98,7 +102,8 @@ def train_and_evaluate(hp: hparams.HParams, workdir: str, *,
     evaluate_fn: `evaluate_fn(hp, state, *, workdir, step) -> results` called every
       `hp.eval_every_steps` and at the end with the host `TrainState` (params, model_state,
       memory); the numeric scalars of the (nested) results are written as `eval/<path>`
-      (`per_class` left out). Default: `evaluate_in_memory`. `hp.eval_every_steps <= 0`
+      (`per_class` left out), and the uint8 `[H, W, 3]` arrays under `pictures` as images.
+      Default: `evaluate_in_memory`. `hp.eval_every_steps <= 0`
       disables evaluation.
     input_fn: `input_fn(dataset_hp, split, *, train, global_batch_size, seed, start_step)`
       yielding batches `[local_devices, per_device_batch, ...]`; default the tf.data pipeline.
@@ -168,8 +173,13 @@ def _train_and_evaluate(hp, workdir, *, evaluate_fn, input_fn, watcher):
     with report_progress.timed("eval"):
       results = evaluate_fn(hp, host, workdir=workdir, step=step)
     if results:
+      results = dict(results)
+      pictures = results.pop("pictures", None) or {}
       scalars = {f"eval/{k}": v for k, v in flatten_eval_results(results).items()}
       writer.write_scalars(step, scalars)
+      if pictures:
+        writer.write_images(step, {f"eval/{name}": picture[None]  # [1, H, W, 3]
+                                   for name, picture in pictures.items()})
       logging.info("Evaluation at step %d: %s", step, scalars)
 
   logging.info("Training from step %d to %d (%s, %d devices, global batch %d)", start_step,

@@ -55,6 +55,43 @@ def parallelize(fn: Callable[[Any, Any], tuple[Any, Any]], *, parallel: str = "p
   return jax.jit(mapped, donate_argnums=donate_argnums)
 
 
+def parallelize_map(fn: Callable[[Any, Any], Any], *, parallel: str = "pmap",
+                    mesh: Optional[Mesh] = None, devices: Optional[list] = None) -> Callable:
+  """Wraps a per-device `fn(consts, batch) -> outputs` whose outputs are per example (prediction).
+
+  `consts` (e.g. variables and memory) are replicated as `replicate` puts them; `batch` is
+  `shard_batch`'s layout; every output has the device's rows `[b, ...]` in front. Host layout of
+  the outputs: "pmap" `[local_devices, b, ...]`; "shard_map" a global array `[devices, b, ...]`
+  sharded on its leading axis. `local_rows` fetches this process's rows in both modes.
+  """
+  _check_mode(parallel)
+  if parallel == "pmap":
+    return jax.pmap(fn, axis_name=AXIS_NAME, devices=devices)
+  mesh = make_mesh(devices) if mesh is None else mesh
+
+  def per_block(consts, batch):
+    local = jax.tree.map(lambda x: x[0], batch)  # [b, ...]
+    return jax.tree.map(lambda y: y[None], fn(consts, local))  # [1, b, ...]
+
+  # No collectives inside: the per-device code (e.g. loops whose carry starts replicated and
+  # becomes per-device) need not track which values vary over the axis.
+  return jax.jit(jax.shard_map(per_block, mesh=mesh, in_specs=(P(), P(AXIS_NAME)),
+                               out_specs=P(AXIS_NAME), check_vma=False))
+
+
+def local_rows(tree: Any, *, parallel: str = "pmap") -> Any:
+  """This process's part of `parallelize_map`'s outputs as host NumPy `[local_devices, b, ...]`."""
+  _check_mode(parallel)
+  if parallel == "pmap":
+    return jax.device_get(tree)
+
+  def fetch(x):
+    # Shards in the order of their rows of the global array (one shard per local device).
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+  return jax.tree.map(fetch, tree)
+
+
 def replicate(tree: Any, *, parallel: str = "pmap", mesh: Optional[Mesh] = None,
               devices: Optional[list] = None) -> Any:
   """Puts a host (or single-device) tree on every device in the layout `parallel` expects."""

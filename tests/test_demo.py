@@ -1,0 +1,108 @@
+"""The demo as a new user runs it: the README's command, word for word, and its argument checks.
+
+The command runs in a folder laid out like the repository after the main job: `configs/` (a
+link to the repository's), `runs/synthetic` (a checkpoint of the main job's model at its
+initialisation: params, model state, memory) and `data/synthetic` (a small COCO-layout dataset
+holding the README's image).
+"""
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from ciae_jax import checkpoint as checkpoint_lib
+from ciae_jax import hparams
+from ciae_jax import memory as memory_lib
+from ciae_jax.data import dataset as dataset_lib
+from ciae_jax.data import synthetic
+from ciae_jax.models import ciae as ciae_model
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def readme_demo_command() -> list[str]:
+  """The words of the README's demo command (its "## Demo" code block)."""
+  readme = (REPO_ROOT / "README.md").read_text()
+  section = readme[readme.index("## Demo"):]
+  block = re.search(r"```\n(.*?)```", section, re.S).group(1)
+  return shlex.split(block.replace("\\\n", " "))
+
+
+@pytest.fixture(scope="module")
+def user_folder(tmp_path_factory):
+  """A folder laid out like the repository after `python train.py` of the main job."""
+  folder = tmp_path_factory.mktemp("user")
+  os.symlink(REPO_ROOT / "configs", folder / "configs")
+  generated = folder / "generated"
+  synthetic.generate_synthetic_dataset(generated, num_train=2, num_val=2,
+                                       image_size=(128, 128), seed=0)
+  # Without its manifest the folder is a plain COCO-layout dataset: read, never regenerated.
+  (generated / synthetic.MANIFEST).unlink()
+  shutil.move(str(generated), str(folder / "data" / "synthetic"))
+  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+  config = synthetic_config.get_config()
+  config.dataset.root = str(folder / "data" / "synthetic")
+  hp = hparams.HParams.from_config(config)
+  categories = dataset_lib.load_dataset_categories(hp.dataset)
+  model = ciae_model.build_model(hp.model, categories.num_things)
+  # The fields the demo reads (a training checkpoint holds the optimizer state besides),
+  # initialised under jit: much faster than the train state's eager initialisation.
+  params, model_state = ciae_model.split_variables(jax.jit(
+      lambda rng: ciae_model.init_variables(model, rng))(jax.random.PRNGKey(0)))
+  rows = memory_lib.num_memory(categories.num_stuff, categories.num_things,
+                               hp.loss.merge_things)
+  memory = memory_lib.init_memory(jax.random.PRNGKey(1), rows, hp.model.embed_dim)
+  manager = checkpoint_lib.create_manager(str(folder / "runs" / "synthetic"),
+                                          checkpoint_every_steps=1, keep_checkpoints=1)
+  checkpoint_lib.save(manager, hp.total_steps, {"params": params, "model_state": model_state,
+                                                "memory": memory}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  return folder
+
+
+def _run(words, cwd, timeout=600):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="true", CIAE_JAX_CACHE_DIR=str(cwd / "jax_cache"),
+             PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+  assert words[0] == "python"
+  result = subprocess.run([sys.executable, *words[1:]], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+  return result.returncode, result.stdout + result.stderr
+
+
+def test_the_readme_demo_command_writes_a_legible_picture(user_folder):
+  words = readme_demo_command()
+  assert words[:3] == ["python", "-m", "ciae_jax.demo"], words
+  code, output = _run(words, user_folder)
+  assert code == 0, output[-4000:]
+  out = user_folder / words[words.index("--output") + 1]
+  assert f"wrote {words[words.index('--output') + 1]}" in output
+  picture = np.asarray(Image.open(out))
+  # input | panoptic | embedding PCA, each the 128-pixel image scaled to 512, under titles.
+  assert picture.shape[1] == 3 * 512 + 2 * 8 and 512 < picture.shape[0] < 600, picture.shape
+  assert picture.std() > 0
+  assert (user_folder / "jax_cache").is_dir() and any((user_folder / "jax_cache").iterdir())
+
+
+def test_wrong_arguments_fail_before_anything_is_loaded(user_folder, tmp_path):
+  words = readme_demo_command()
+  image = words.index("--image") + 1
+  missing = list(words)
+  missing[image] = "data/synthetic/val2017/000000000001.jpg"
+  code, output = _run(missing, user_folder)
+  assert code != 0 and "no such file" in output, output[-2000:]
+  assert "000002000000.jpg" in output  # The images that are there, as a hint.
+  assert "xla_bridge" not in output  # JAX never started its backends.
+  no_checkpoint = list(words)
+  no_checkpoint[words.index("--workdir") + 1] = str(tmp_path / "empty")
+  code, output = _run(no_checkpoint, user_folder)
+  assert code != 0 and "no checkpoint" in output, output[-2000:]
