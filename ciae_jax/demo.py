@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from ciae_jax import console
 from ciae_jax import launch
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -30,13 +31,7 @@ _OUTPUT = flags.DEFINE_string("output", "demo.png", "Output picture (PNG).")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Steps of the complete checkpoints in `workdir/checkpoints`, from the folder names (orbax
-  names a finished checkpoint by its step; unfinished ones carry a temporary suffix)."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+checkpoint_steps = launch.checkpoint_steps  # Where it used to live.
 
 
 def check_arguments(workdir: str, image_path: str, checkpoint_step: int | None = None) -> None:
@@ -52,13 +47,7 @@ def check_arguments(workdir: str, image_path: str, checkpoint_step: int | None =
       names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpg", ".png")))
       hint = f"; {folder} holds e.g. {names[:3]}" if names else f"; {folder} holds no image"
     raise app.UsageError(f"--image {image_path}: no such file{hint}")
-  steps = checkpoint_steps(workdir)
-  if not steps:
-    raise app.UsageError(f"--workdir {workdir}: no checkpoint in {workdir}/checkpoints (train "
-                         "first: python train.py --config ... --workdir ...)")
-  if checkpoint_step is not None and checkpoint_step not in steps:
-    raise app.UsageError(f"--checkpoint_step {checkpoint_step}: not in {workdir}/checkpoints "
-                         f"(steps {steps})")
+  launch.check_checkpoint(workdir, checkpoint_step)
 
 
 def run_demo(hp, workdir: str, image_path: str, output: str,
@@ -88,6 +77,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   check_arguments(_WORKDIR.value, _IMAGE.value, _STEP.value)
+  console.configure()
   launch.start()
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
   path = run_demo(hparams.HParams.from_config(_CONFIG.value), _WORKDIR.value, _IMAGE.value,

@@ -56,6 +56,31 @@ def start() -> None:
                          num_processes=values.num_processes, process_id=values.process_id)
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the complete checkpoints in `workdir/checkpoints`, from the folder names (orbax
+  names a finished checkpoint by its step; unfinished ones carry a temporary suffix)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def check_checkpoint(workdir: str, checkpoint_step: int | None = None) -> None:
+  """UsageError unless `workdir` has a checkpoint (at `checkpoint_step` if given).
+
+  Reads a folder listing only, so that a wrong argument fails at once, before the loading and
+  compiling it would otherwise wait for.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise app.UsageError(f"--workdir {workdir}: no checkpoint in {workdir}/checkpoints (train "
+                         "first: python train.py --config ... --workdir ...)")
+  if checkpoint_step is not None and checkpoint_step not in steps:
+    raise app.UsageError(f"--checkpoint_step {checkpoint_step}: not in {workdir}/checkpoints "
+                         f"(steps {steps})")
+
+
 def initialize_distributed(*, multihost: bool = False, coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> bool:

@@ -153,6 +153,7 @@ class Predictor:
                memory: Any, categories: Any, devices: Sequence[Any] | None = None,
                per_device_batch: int | None = None, step: int | None = None):
     self.hp, self.model, self.categories, self.step = hp, model, categories, step
+    self.oracle = hp.inference.oracle
     self.preprocessor = preprocess.Preprocessor(hp.dataset)
     self.per_device_batch = per_device_batch or hp.inference.per_device_batch
     self._local_devices = list(devices) if devices else jax.local_devices()
@@ -191,6 +192,14 @@ class Predictor:
     hp = config if isinstance(config, hparams.HParams) else hparams.HParams.from_config(config)
     return cls.from_restored(hp, restore_for_inference(hp, workdir, step), **kwargs)
 
+  @classmethod
+  def from_export(cls, directory: str) -> "Predictor":
+    """The programs `python -m ciae_jax.export` wrote into `directory`, deserialised
+    (`export_lib.ExportedPredictor`): no checkpoint, config or model code needed, the same
+    predictions as `from_workdir` on the exported checkpoint."""
+    from ciae_jax import export_lib  # pylint: disable=g-import-not-at-top
+    return export_lib.ExportedPredictor(directory)
+
   @property
   def rows_per_call(self) -> int:
     """Images one compiled call takes on this process (local devices x per-device batch)."""
@@ -203,7 +212,7 @@ class Predictor:
   def predict_batch(self, images: Sequence[ImageLike], *,
                     with_embedding: bool = False) -> list[Prediction]:
     """Predictions of many images (any sizes), in their order; batched per canvas."""
-    if self.hp.inference.oracle:
+    if self.oracle:
       raise ValueError("inference.oracle=True needs the ground truth of each image: it runs in "
                        "evaluation (evaluate.py), not on plain images")
     prepared = [self.preprocessor(preprocess.load_rgb(image)) for image in images]

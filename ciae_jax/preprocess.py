@@ -121,6 +121,15 @@ class Preprocessor:
     self.min_size, self.max_size = dataset.eval_min_size, dataset.eval_max_size
     self.canvases = canvas_lib.canvases(dataset)
 
+  @classmethod
+  def from_rule(cls, min_size: float, max_size: float,
+                canvases: Sequence[Sequence[int]]) -> "Preprocessor":
+    """The same preprocessing from its numbers alone (an export's `export.json`)."""
+    self = cls.__new__(cls)
+    self.min_size, self.max_size = min_size, max_size
+    self.canvases = tuple((int(h), int(w)) for h, w in canvases)
+    return self
+
   def plan(self, orig_size: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """`(canvas, resized (h, w))` of an image of `orig_size`, without touching pixels."""
     size = canvas_lib.resized_shape(int(orig_size[0]), int(orig_size[1]),

@@ -1,0 +1,153 @@
+"""`python -m ciae_jax.export`, `Predictor.from_export` and `examples/serve_exported.py`.
+
+One export (the CLI, in a subprocess, for cpu and cuda) of a checkpoint of the small synthetic
+model at its initialisation; then the deserialised programs must predict what the checkpoint's
+`Predictor` predicts, in this process and in a Python that cannot import ciae_jax.
+"""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from ciae_jax import checkpoint as checkpoint_lib
+from ciae_jax import export_lib
+from ciae_jax import hparams
+from ciae_jax import memory as memory_lib
+from ciae_jax import panoptic_png
+from ciae_jax import predictor as predictor_lib
+from ciae_jax.data import dataset as dataset_lib
+from ciae_jax.data import synthetic
+from ciae_jax.models import ciae as ciae_model
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "configs/synthetic.py:small"
+# Subprocesses: one CPU device, the optimisations of this process (same arithmetic).
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+           JAX_DISABLE_MOST_OPTIMIZATIONS="true", CIAE_JAX_CACHE="0")
+
+
+def _config(root):
+  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+  config = synthetic_config.get_config("small")
+  config.dataset.root = str(root)
+  return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A dataset, a workdir with a checkpoint (initial params, memory) and its export."""
+  folder = tmp_path_factory.mktemp("export")
+  data = folder / "data"
+  synthetic.generate_synthetic_dataset(data, num_train=2, num_val=2, image_size=(128, 128),
+                                       seed=0)
+  (data / synthetic.MANIFEST).unlink()  # A plain COCO-layout folder: read, never regenerated.
+  config = _config(data)
+  hp = hparams.HParams.from_config(config)
+  categories = dataset_lib.load_dataset_categories(hp.dataset)
+  model = ciae_model.build_model(hp.model, categories.num_things)
+  params, model_state = ciae_model.split_variables(jax.jit(
+      lambda rng: ciae_model.init_variables(model, rng))(jax.random.PRNGKey(0)))
+  rows = memory_lib.num_memory(categories.num_stuff, categories.num_things,
+                               hp.loss.merge_things)
+  memory = memory_lib.init_memory(jax.random.PRNGKey(1), rows, hp.model.embed_dim)
+  manager = checkpoint_lib.create_manager(str(folder / "workdir"), checkpoint_every_steps=1,
+                                          keep_checkpoints=1)
+  checkpoint_lib.save(manager, 7, {"params": params, "model_state": model_state,
+                                   "memory": memory}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  out = folder / "exported"
+  result = subprocess.run(
+      [sys.executable, "-m", "ciae_jax.export", f"--config={CONFIG}",
+       f"--config.dataset.root={data}", f"--workdir={folder / 'workdir'}", f"--output={out}",
+       "--platforms=cpu,cuda"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
+      timeout=900, check=False)
+  assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+  return {"folder": folder, "hp": hp, "out": out, "log": result.stdout + result.stderr,
+          "images": sorted((data / "val2017").glob("*.jpg"))}
+
+
+def _odd_image(folder):
+  """An image of a size no training image had (128 x 128 in this dataset)."""
+  path = folder / "odd.png"
+  if not path.exists():
+    rgb = np.random.default_rng(3).integers(0, 256, (77, 201, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+  return path
+
+
+def test_the_export_describes_its_programs(run):
+  manifest = json.loads((run["out"] / "export.json").read_text())
+  assert manifest["format_version"] == 1 and manifest["checkpoint_step"] == 7
+  assert manifest["canvases"] == [[128, 128]]
+  assert "exported 1/1: canvas 128x128 (cpu,cuda)" in run["log"], run["log"][-2000:]
+  [program] = manifest["programs"]
+  assert program["platforms"] == ["cpu", "cuda"] and program["batch_size"] == 1
+  inputs = {i["name"]: i for i in program["inputs"]}
+  assert inputs["image"] == {"name": "image", "shape": [1, 128, 128, 3], "dtype": "float32"}
+  assert {o["name"] for o in program["outputs"]} == set(predictor_lib.RESULT_KEYS)
+  assert [c["id"] for c in manifest["categories"]] == list(
+      dataset_lib.load_dataset_categories(run["hp"].dataset).coco_ids)
+  assert manifest["normalize"]["std"] == [0.229, 0.224, 0.225]
+
+
+def test_from_export_predicts_what_the_checkpoint_predicts(run):
+  images = run["images"] + [_odd_image(run["folder"])]
+  expected = predictor_lib.Predictor.from_workdir(
+      run["hp"], str(run["folder"] / "workdir"), devices=jax.local_devices()[:1],
+      per_device_batch=1).predict_batch(images)
+  exported = predictor_lib.Predictor.from_export(str(run["out"]))
+  assert isinstance(exported, predictor_lib.Predictor) and exported.step == 7
+  got = exported.predict_batch(images)
+  assert got[-1].panoptic.shape == (77, 201)
+  for want, have in zip(expected, got):
+    np.testing.assert_array_equal(have.panoptic, want.panoptic)
+    assert have.segments_info == want.segments_info and want.segments_info
+    assert have.detections == want.detections
+
+
+def test_the_serving_script_needs_no_ciae_jax(run, tmp_path):
+  image = _odd_image(run["folder"])
+  isolated = [sys.executable, "-I"]  # No PYTHONPATH, no script folder, no user site.
+  check = subprocess.run([*isolated, "-c", "import ciae_jax"], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, check=False)
+  assert check.returncode != 0 and "No module named 'ciae_jax'" in check.stderr
+  script = tmp_path / "serve_exported.py"
+  shutil.copy(REPO_ROOT / "examples" / "serve_exported.py", script)
+  result = subprocess.run([*isolated, str(script), str(run["out"]), str(image), "out.png"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600,
+                          check=False)
+  assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+  expected = predictor_lib.Predictor.from_export(str(run["out"]))(str(image))
+  id_map = panoptic_png.read_panoptic_png(tmp_path / "out.png")
+  np.testing.assert_array_equal(id_map, expected.panoptic)
+  segments = json.loads((tmp_path / "out.json").read_text())["segments_info"]
+  assert segments == expected.segments_info
+
+
+def test_bad_exports_are_named(run, tmp_path):
+  with pytest.raises(FileNotFoundError, match="export.json"):
+    predictor_lib.Predictor.from_export(str(tmp_path))
+  copy = tmp_path / "copy"
+  shutil.copytree(run["out"], copy)
+  manifest = json.loads((copy / "export.json").read_text())
+  manifest["format_version"] = 99
+  (copy / "export.json").write_text(json.dumps(manifest))
+  with pytest.raises(ValueError, match="format_version"):
+    export_lib.read_manifest(str(copy))
+  exported = predictor_lib.Predictor.from_export(str(run["out"]))
+  with pytest.raises(ValueError, match="canvas"):
+    exported.program((64, 64))
+  code = subprocess.run([sys.executable, "-I", str(REPO_ROOT / "examples" / "serve_exported.py"),
+                         str(tmp_path), "missing.jpg", "out.png"], env=ENV, capture_output=True,
+                        text=True, check=False)
+  assert code.returncode == 2 and "export.json" in code.stderr
