@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from ciae_jax import console
 from ciae_jax import launch
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
@@ -34,6 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  console.configure()
   launch.start()
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
   from ciae_jax.evaluation import pq  # pylint: disable=g-import-not-at-top

@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ciae_jax import console
 from ciae_jax import launch
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,6 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  console.configure()
   launch.start()
   import jax  # pylint: disable=g-import-not-at-top
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top

@@ -274,11 +274,13 @@ class _Steps:
     now = time.time()
     steps_per_sec = (step - last_log[1]) / max(now - last_log[0], 1e-9)
     skipped = int(scalars["train/nonfinite_steps"])
+    # Time left at this interval's speed (the first interval includes compiling).
+    left = (self.hp.total_steps - step) / max(steps_per_sec, 1e-9)
     logging.info("step %d/%d: loss %.4f (cls %.4f reg %.4f ctr %.4f ciae %.4f) lr %.2e, "
-                 "%.2f steps/s%s", step, self.hp.total_steps, scalars["train/loss"],
+                 "%.2f steps/s, ETA %s%s", step, self.hp.total_steps, scalars["train/loss"],
                  scalars["train/loss_cls"], scalars["train/loss_reg"],
                  scalars["train/loss_ctr"], scalars["train/loss_ciae"],
-                 scalars["train/learning_rate"], steps_per_sec,
+                 scalars["train/learning_rate"], steps_per_sec, _duration(left),
                  f", {skipped} non-finite steps skipped" if skipped else "")
     return now, step
 
@@ -287,6 +289,15 @@ class _Steps:
       return  # Already saved (e.g. SIGTERM right after a periodic checkpoint).
     host = parallel.unreplicate(state, parallel=self.hp.parallel)
     checkpoint_lib.save(self.manager, step, host, force=True)
+
+
+def _duration(seconds: float) -> str:
+  """`1h02m`, `3m05s` or `12s`."""
+  seconds = int(round(min(seconds, 1e8)))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else \
+      f"{secs}s"
 
 
 class _Profile:
