@@ -61,9 +61,12 @@ def run_demo(hp, workdir: str, image_path: str, output: str,
   from ciae_jax import visualize  # pylint: disable=g-import-not-at-top
   check_arguments(workdir, image_path, checkpoint_step)
   # One image: one device, one row per call.
-  predictor = predictor_lib.Predictor.from_workdir(hp, workdir, checkpoint_step,
-                                                   devices=jax.local_devices()[:1],
-                                                   per_device_batch=1)
+  # Traced programs are kept beside the compiled ones: a second demo neither traces nor
+  # compiles the model (`program_cache.py`).
+  cache = jax.config.jax_compilation_cache_dir  # launch.start's (None: the cache is off)
+  predictor = predictor_lib.Predictor.from_workdir(
+      hp, workdir, checkpoint_step, devices=jax.local_devices()[:1], per_device_batch=1,
+      program_cache=os.path.join(cache, "programs") if cache else None)
   image = preprocess.load_rgb(image_path)  # [h0, w0, 3]
   prediction = predictor(image, with_embedding=True)
   picture = visualize.panel(image, prediction, predictor.categories,

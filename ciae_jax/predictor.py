@@ -28,6 +28,7 @@ from ciae_jax import hparams
 from ciae_jax import inference
 from ciae_jax import memory as memory_lib
 from ciae_jax import preprocess
+from ciae_jax import program_cache as program_cache_lib
 from ciae_jax.data import dataset as dataset_lib
 from ciae_jax.evaluation import coco_format
 from ciae_jax.models import ciae as ciae_model
@@ -79,21 +80,29 @@ class Restored:
 
 
 def inference_template(hp: hparams.HParams, model: ciae_model.CIAE, *, num_stuff: int,
-                       num_things: int) -> dict[str, Any]:
+                       num_things: int, program_cache: str | None = None) -> dict[str, Any]:
   """Shapes of what inference reads from a checkpoint: params, model state, memory.
 
-  From `jax.eval_shape`: nothing is computed, and no optimizer state is built.
+  From `jax.eval_shape`: nothing is computed, and no optimizer state is built. With a
+  `program_cache` folder, from the stored init program's output types (no tracing at all).
   """
-  variables = jax.eval_shape(lambda rng: ciae_model.init_variables(model, rng),
-                             jax.random.PRNGKey(0))
+  def init(rng):
+    return ciae_model.init_variables(model, rng)
+
+  rng = jax.random.PRNGKey(0)
+  if program_cache:
+    variables = program_cache_lib.cached_eval_shape(
+        init, (rng,), program_cache, f"init {hp.model!r} {num_things}")
+  else:
+    variables = jax.eval_shape(init, rng)
   params, model_state = ciae_model.split_variables(variables)
   rows = memory_lib.num_memory(num_stuff, num_things, hp.loss.merge_things)
   memory = jax.ShapeDtypeStruct((rows, hp.model.embed_dim), jnp.float32)
   return {"params": params, "model_state": model_state, "memory": memory}
 
 
-def restore_for_inference(hp: hparams.HParams, workdir: str,
-                          checkpoint_step: int | None = None) -> Restored:
+def restore_for_inference(hp: hparams.HParams, workdir: str, checkpoint_step: int | None = None,
+                          program_cache: str | None = None) -> Restored:
   """The model, its variables and memory from `workdir/checkpoints` (latest or a given step).
 
   Reads the params, the model state and the memory only (`checkpoint.restore_fields`).
@@ -105,7 +114,7 @@ def restore_for_inference(hp: hparams.HParams, workdir: str,
   categories = dataset_lib.load_dataset_categories(hp.dataset)
   model = ciae_model.build_model(hp.model, categories.num_things)
   template = inference_template(hp, model, num_stuff=categories.num_stuff,
-                                num_things=categories.num_things)
+                                num_things=categories.num_things, program_cache=program_cache)
   manager = checkpoint_lib.create_manager(workdir, create=False)
   step = manager.latest_step() if checkpoint_step is None else checkpoint_step
   fields = checkpoint_lib.restore_fields(manager, template, step)
@@ -147,11 +156,14 @@ class Predictor:
     devices: local devices to run on (default all; with several processes, all of theirs).
     per_device_batch: images per device and call (default `hp.inference.per_device_batch`).
     step: the checkpoint step, for the record.
+    program_cache: a folder where traced programs are kept between processes
+      (`program_cache.cached_call`; the demo's), or None: traced every time.
   """
 
   def __init__(self, hp: hparams.HParams, *, model: ciae_model.CIAE, variables: Any,
                memory: Any, categories: Any, devices: Sequence[Any] | None = None,
-               per_device_batch: int | None = None, step: int | None = None):
+               per_device_batch: int | None = None, step: int | None = None,
+               program_cache: str | None = None):
     self.hp, self.model, self.categories, self.step = hp, model, categories, step
     self.oracle = hp.inference.oracle
     self.preprocessor = preprocess.Preprocessor(hp.dataset)
@@ -167,6 +179,9 @@ class Predictor:
 
     def counted(consts, batch):
       self.num_traces += 1
+      if program_cache:
+        return program_cache_lib.cached_call(lambda c, b: per_device(*c, b), (consts, batch),
+                                             program_cache, repr(hp))
       return per_device(*consts, batch)
 
     self._fn = parallel.parallelize_map(counted, parallel=hp.parallel, mesh=self._mesh,
@@ -187,10 +202,11 @@ class Predictor:
       config: an ml_collections config (`configs/*.py`) or `hparams.HParams`.
       workdir: the training workdir (its `checkpoints/`).
       step: checkpoint step; None: the latest.
-      **kwargs: `devices`, `per_device_batch` (see the class).
+      **kwargs: `devices`, `per_device_batch`, `program_cache` (see the class).
     """
     hp = config if isinstance(config, hparams.HParams) else hparams.HParams.from_config(config)
-    return cls.from_restored(hp, restore_for_inference(hp, workdir, step), **kwargs)
+    restored = restore_for_inference(hp, workdir, step, kwargs.get("program_cache"))
+    return cls.from_restored(hp, restored, **kwargs)
 
   @classmethod
   def from_export(cls, directory: str) -> "Predictor":

@@ -106,3 +106,23 @@ def test_oracle_mode_needs_ground_truth():
   hp = hp.replace(inference=hp.inference.replace(oracle=True))
   with pytest.raises(ValueError, match="ground truth"):
     _predictor(hp, devices=jax.local_devices()[:1])(_image(32, 32))
+
+
+def test_a_program_cache_serves_a_second_predictor_without_tracing(predictor, tmp_path,
+                                                                   monkeypatch):
+  image = _image(40, 70, seed=5)
+  expected = predictor(image)
+  first = _predictor(_hp(), devices=jax.local_devices()[:2], program_cache=str(tmp_path))
+  got = first(image)
+  np.testing.assert_array_equal(got.panoptic, expected.panoptic)
+  assert got.segments_info == expected.segments_info and list(tmp_path.iterdir())
+
+  def no_tracing(*args, **kwargs):
+    raise AssertionError("the model was traced again")
+
+  # A new predictor (as in a new process) must take the stored program, not trace inference.
+  monkeypatch.setattr(predictor_lib.inference, "panoptic_inference", no_tracing)
+  second = _predictor(_hp(), devices=jax.local_devices()[:2], program_cache=str(tmp_path))
+  again = second(image)
+  np.testing.assert_array_equal(again.panoptic, expected.panoptic)
+  assert again.segments_info == expected.segments_info
