@@ -16,8 +16,8 @@ order, stored once in `weights.npz` as `w00000`, `w00001`, ...), not constants: 
 every canvas and platform, and a program file stays small (kilobytes of StableHLO, not a copy
 of a ResNet-50 per canvas). `export.json` describes everything a server needs without this
 package (the resize rule, the normalisation, the categories, the programs' signatures);
-`examples/serve_exported.py` is such a server. Imports no TensorFlow and no Flax model code on
-the loading side.
+`examples/serve_exported.py` is such a server. Imports no TensorFlow (the programs run where
+only JAX is installed).
 """
 from __future__ import annotations
 
