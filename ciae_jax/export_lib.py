@@ -97,7 +97,7 @@ def manifest(hp: Any, categories: Any, *, step: int, num_weights: int, programs:
           "query_score": "[B, Q] detection score (things), 1 (stuff)",
           "query_is_thing": "[B, Q] bool",
           "det_box": "[B, K, 4] x0, y0, x1, y1 in input pixels", "det_score": "[B, K]",
-          "det_class": "[B, K] thing index", "det_valid": "[B, K] bool"},
+          "det_class": "[B, K] contiguous class", "det_valid": "[B, K] bool"},
       "postprocess": "crop panoptic to image_size, resize to the original size by nearest "
                      "neighbour (source = floor((2 i + 1) * in / (2 out))), number the queries "
                      "present 1..n in query order: segment ids; blank rows of a batch: zero "
@@ -129,6 +129,9 @@ def write_export(hp: Any, restored: Any, output: str, *, platforms: Sequence[str
     raise ValueError(f"batch_size must be >= 1; got {batch_size}")
   leaves, treedef = jax.tree.flatten((restored.variables, restored.memory))
   leaves = [np.asarray(jax.device_get(leaf)) for leaf in leaves]
+  odd = sorted({str(leaf.dtype) for leaf in leaves if leaf.dtype.kind not in "fiub"})
+  if odd:  # .npz keeps NumPy's own dtypes only (bfloat16 would come back as raw bytes).
+    raise ValueError(f"weights of dtype {odd} cannot be stored in {WEIGHTS}")
   weight_specs = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
   jitted = jax.jit(_program(restored.model, hp, restored.categories.num_stuff, treedef))
   os.makedirs(output, exist_ok=True)
