@@ -27,7 +27,10 @@ def test_the_filter_keeps_our_info_and_everyone_s_warnings():
   keep = console.OwnInfoOnly().filter
   assert keep(_record(ours)) and keep(_record(str(REPO_ROOT / "train.py")))
   assert not keep(_record(theirs)) and keep(_record(theirs, logging.WARNING))
-  handler_filters = absl_logging.get_absl_handler().filters
+  # configure() changes process-wide logging: put it back for the other tests of this worker.
+  handler_filters = list(absl_logging.get_absl_handler().filters)
+  levels = {name: logging.getLogger(name).level for name in console.QUIET_LOGGERS}
+  verbosity = absl_logging.get_verbosity()
   try:
     console.configure(0)
     assert any(isinstance(f, console.OwnInfoOnly) for f in absl_logging.get_absl_handler().filters)
@@ -37,6 +40,10 @@ def test_the_filter_keeps_our_info_and_everyone_s_warnings():
                    for f in absl_logging.get_absl_handler().filters)
   finally:
     absl_logging.get_absl_handler().filters[:] = handler_filters
+    absl_logging.get_absl_logger().removeFilter(console._FILTER)  # pylint: disable=protected-access
+    for name, level in levels.items():
+      logging.getLogger(name).setLevel(level)
+    absl_logging.set_verbosity(verbosity)
 
 
 def test_a_training_run_prints_no_library_info(tmp_path):
