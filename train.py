@@ -43,5 +43,10 @@ def main(argv):
                  int(state.step), _CONFIG.value.total_steps)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script (`ciae-train`, pyproject.toml): absl parses sys.argv, then main."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

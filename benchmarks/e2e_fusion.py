@@ -23,11 +23,9 @@ import collections
 import os
 import re
 import statistics
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  pylint: disable=g-bad-import-order
 import inference_speed  # noqa: E402  pylint: disable=g-bad-import-order

@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402

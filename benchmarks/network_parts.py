@@ -31,11 +31,9 @@ import hashlib
 import os
 import re
 import statistics
-import sys
 import time
 from typing import Any, Callable, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402

@@ -29,13 +29,10 @@ Prints a table and a one-line JSON summary (`train_speed {...}`). Imports no Ten
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402

@@ -95,7 +95,16 @@ def main(argv: Sequence[str]) -> None:
   print("wrote", path)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """`python -m ciae_jax.demo` and the console script `ciae-demo` (pyproject.toml).
+
+  The launch flags are defined here, not at import, so that importing the module (run_demo)
+  next to train.py or evaluate.py, which define them too, is no duplicate-flag error.
+  """
   launch.define_flags()
   flags.mark_flags_as_required(["config", "workdir", "image"])
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

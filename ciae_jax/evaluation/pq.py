@@ -714,8 +714,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   return result
 
 
-if __name__ == "__main__":
+def cli(argv: Sequence[str] | None = None) -> None:
+  """`python -m ciae_jax.evaluation.pq` and the console script `ciae-pq` (pyproject.toml).
+
+  A bad input exits with status 1 and one line naming it (no traceback); `main` returns the
+  result dict for callers in Python, which a console script would take for an exit status.
+  """
   try:
-    main()
+    main(argv)
   except (PanopticFormatError, FileNotFoundError) as error:
     sys.exit(f"pq: error: {error}")
+
+
+if __name__ == "__main__":
+  cli()
