@@ -32,6 +32,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   launch.start()
   import jax  # pylint: disable=g-import-not-at-top
+
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
   from ciae_jax.training import loop  # pylint: disable=g-import-not-at-top
   hp = hparams.HParams.from_config(_CONFIG.value)

@@ -16,7 +16,7 @@ SAMPLE is a COCO panoptic root holding val2017 (the two-image COCO sample the te
 `--padding` prints instead (no TF, no decoding: the host plan of `data/schedule.py`, which the
 tests check against the graph's output) the padded pixels per image, canvas area / resized
 area, mean and max, for evaluation (every image once) and training (the rows of the first
-`--padding_batches` batches) over the shared COCO sample at the paper's sizes (and with the
+`--padding_batches` batches) over the COCO sample (`--root`) at the paper's sizes (and with the
 jitter of `configs/coco_r50.py:long`) and over the synthetic main job's data
 (`configs/synthetic.py`, generated under data/synthetic if missing):
 
@@ -113,8 +113,12 @@ def padding_ratios(cfg: Any, split: str, *, train: bool, batches: int, batch: in
                    ) -> list[float]:
   """Canvas area / resized area of every planned row (valid rows only)."""
   import itertools  # pylint: disable=g-import-not-at-top
+
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ciae_jax.data import coco, dataset, schedule  # pylint: disable=g-import-not-at-top
+
+  from ciae_jax.data import coco  # pylint: disable=g-import-not-at-top
+  from ciae_jax.data import dataset  # pylint: disable=g-import-not-at-top
+  from ciae_jax.data import schedule  # pylint: disable=g-import-not-at-top
   records = coco.load_records(dataset.prepare_root(cfg), split, check_files=False)
   sizes = np.asarray([[r.height, r.width] for r in records if r.segments or not train])
   if train:

@@ -230,8 +230,8 @@ def main() -> None:
                       help="skip timing ours with the Pillow PNG reader")
   args = parser.parse_args()
 
-  from panopticapi.evaluation import pq_compute as panopticapi_pq
   import hotcoco.panoptic
+  from panopticapi.evaluation import pq_compute as panopticapi_pq
 
   cpus = len(os.sched_getaffinity(0))
   with contextlib.ExitStack() as stack:

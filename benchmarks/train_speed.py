@@ -33,8 +33,6 @@ import statistics
 import time
 from typing import Any, Callable
 
-
-import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -45,6 +43,7 @@ from ciae_jax.training import optim  # noqa: E402
 from ciae_jax.training import parallel  # noqa: E402
 from ciae_jax.training import step as step_lib  # noqa: E402
 from ciae_jax.training import train_state as train_state_lib  # noqa: E402
+import common  # noqa: E402  pylint: disable=g-bad-import-order
 
 TOTAL_STEPS = 90_000  # The paper's schedule (sets the memory momentum; no effect on speed).
 

@@ -67,6 +67,7 @@ def run_demo(hp, workdir: str, image_path: str, output: str,
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   from ciae_jax import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
   from ciae_jax import preprocess  # pylint: disable=g-import-not-at-top
   from ciae_jax import visualize  # pylint: disable=g-import-not-at-top

@@ -31,7 +31,8 @@ from ciae_jax import preprocess
 from ciae_jax.data import dataset as dataset_lib
 from ciae_jax.evaluation import coco_format
 from ciae_jax.models import ciae as ciae_model
-from ciae_jax.segments import SEGMENT_KEYS, Segments
+from ciae_jax.segments import SEGMENT_KEYS
+from ciae_jax.segments import Segments
 from ciae_jax.training import parallel
 
 # What `Prediction` is built from; evaluation fetches the same keys.
@@ -172,14 +173,14 @@ class Predictor:
                                         devices=list(devices) if devices else None)
 
   @classmethod
-  def from_restored(cls, hp: hparams.HParams, restored: Restored, **kwargs: Any) -> "Predictor":
+  def from_restored(cls, hp: hparams.HParams, restored: Restored, **kwargs: Any) -> Predictor:
     """A predictor of `restore_for_inference`'s result."""
     return cls(hp, model=restored.model, variables=restored.variables, memory=restored.memory,
                categories=restored.categories, step=restored.step, **kwargs)
 
   @classmethod
   def from_workdir(cls, config: Any, workdir: str, step: int | None = None,
-                   **kwargs: Any) -> "Predictor":
+                   **kwargs: Any) -> Predictor:
     """Restores `workdir`'s latest checkpoint (or `step`): params, model state, memory only.
 
     Args:

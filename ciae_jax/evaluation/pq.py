@@ -248,7 +248,7 @@ class ImageCounts:
             "tp": self.tp.tolist(), "fp": self.fp.tolist(), "fn": self.fn.tolist()}
 
   @classmethod
-  def from_dict(cls, data: Mapping[str, Sequence[Any]]) -> "ImageCounts":
+  def from_dict(cls, data: Mapping[str, Sequence[Any]]) -> ImageCounts:
     return cls(np.asarray(data["category"], np.int64), np.asarray(data["iou"], np.float64),
                *(np.asarray(data[k], np.int64) for k in ("tp", "fp", "fn")))
 
@@ -456,7 +456,7 @@ class PQAccumulator:
           f"{pred_seg_ids[~present].tolist()} are presented in JSON and not "
           f"presented in PNG.")
 
-  def merge(self, other: "PQAccumulator") -> "PQAccumulator":
+  def merge(self, other: PQAccumulator) -> PQAccumulator:
     """Adds another accumulator's counts (same categories) into this one."""
     if other.category_ids != self.category_ids:
       raise ValueError("cannot merge PQ accumulators over different categories")
@@ -476,7 +476,7 @@ class PQAccumulator:
   @classmethod
   def from_state_dict(cls, categories: Sequence[Mapping[str, Any]]
                       | Mapping[int, Mapping[str, Any]],
-                      state: Mapping[str, Any]) -> "PQAccumulator":
+                      state: Mapping[str, Any]) -> PQAccumulator:
     """An accumulator over `categories` holding `state` (from `state_dict`)."""
     accumulator = cls(categories)
     if [int(c) for c in state["category_ids"]] != list(accumulator.category_ids):
@@ -704,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   result = pq_compute_files(args.gt_json, args.gt_folder, args.pred_json,
                             args.pred_folder, num_workers=args.workers)
   print(format_pq_table(result))
-  print("Time elapsed: {:0.2f} seconds".format(time.time() - start))
+  print(f"Time elapsed: {time.time() - start:0.2f} seconds")
   if args.output:
     parent = os.path.dirname(args.output)
     if parent:
