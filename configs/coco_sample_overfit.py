@@ -1,6 +1,12 @@
-r"""CIAE overfitting the two real COCO val2017 images of the shared sample (133 categories).
+r"""CIAE overfitting the two real COCO val2017 images of the COCO sample (133 categories).
+
+The sample is a COCO panoptic root holding `val2017/` (two images) and
+`annotations/panoptic_val2017{.json,/}`. Its path is `--config.dataset.root`, by default the
+environment variable CIAE_COCO_SAMPLE (the one the tests read); with neither, training and
+evaluation stop with "dataset.root is required".
 
 Launch (from the repository root):
+  export CIAE_COCO_SAMPLE=/path/to/coco_panoptic_sample   # or --config.dataset.root=PATH
   python train.py --config configs/coco_sample_overfit.py --workdir runs/coco_overfit
   python evaluate.py --config configs/coco_sample_overfit.py --workdir runs/coco_overfit
 
@@ -14,8 +20,7 @@ import ml_collections
 
 from ciae_jax import config_lib
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE_ROOT = os.path.join(REPO_ROOT, os.pardir, "shared", "data", "coco_panoptic_sample")
+SAMPLE_ENV = "CIAE_COCO_SAMPLE"  # The default of dataset.root (module docstring).
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   dataset = config.dataset
   dataset.source = "coco"
-  dataset.root = os.path.normpath(SAMPLE_ROOT)
+  dataset.root = os.environ.get(SAMPLE_ENV, "")
   dataset.train_split = "val2017"
   dataset.val_split = "val2017"
   dataset.canvas_sizes = ((384, 640),)  # Both sample images are landscape.
