@@ -20,7 +20,15 @@ os.environ["XLA_FLAGS"] = xla_flags.with_device_count(8)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Quick compilation for every test in this process (compile time dominates the tiny programs the
+# tests run). Under xdist each worker imports every test module at collection, so this was already
+# in force for the whole suite when ~20 modules set it at their top; here it is set once, before
+# any test module is imported. Process-local: the subprocesses tests start set their own
+# (JAX_DISABLE_MOST_OPTIMIZATIONS in their environment), or run optimised where they measure.
+jax.config.update("jax_disable_most_optimizations", True)
 
 
 class _NoTorchHere(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -18,8 +18,6 @@ from ciae_jax.losses import ciae as ciae_lib
 from ciae_jax.segments import SEGMENT_KEYS
 from ciae_jax.segments import Segments
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 NUM_STUFF = 3
 NUM_THINGS = 3
 DIM = 8

@@ -21,8 +21,6 @@ import pytest
 
 from ciae_jax.data import canvas
 
-jax.config.update("jax_disable_most_optimizations", True)  # Compile time dominates 2 steps.
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_PATH = REPO_ROOT / "configs" / "coco_sample_overfit.py"
 TOTAL_STEPS = 2

@@ -16,8 +16,6 @@ from ciae_jax.models import ciae
 from ciae_jax.models import convert
 from ciae_jax.models import layers
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -26,8 +26,6 @@ from ciae_jax.evaluation import runner
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import train_state as train_state_lib
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 OUTPUTS = ("metrics.json", "detections.json", "panoptic_predictions.json")
 # The new path predicts 2 images per call on one device, the old one 8 per call: XLA may order
 # the float sums of other batch shapes differently, and a pixel whose two best queries tie to

@@ -15,8 +15,6 @@ from ciae_jax.models import fpn as fpn_lib
 from ciae_jax.models import head as head_lib
 from ciae_jax.models import layers
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 STRIDES = (8, 16, 32, 64, 128)
 LEVEL_KEYS = ("cls_logits", "centerness", "box_reg", "box_embed")
 TINY = dict(backbone="resnet_tiny", fpn_dim=32, semantic_dim=16, head_convs=2)

@@ -33,8 +33,6 @@ from ciae_jax.training import loop
 from ciae_jax.training import train_state as train_state_lib
 import test_reliability_helpers as rh
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 NUM_IMAGES = 8
 MAX_SEGMENTS = 12
 SPLITS = {"train2017": 1_000_003, "val2017": 2_000_003}  # split -> the broken image's id.

@@ -10,8 +10,6 @@ from ciae_jax import hparams
 from ciae_jax import targets as targets_lib
 from ciae_jax.segments import Segments
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 NUM_STUFF = 3
 NUM_THINGS = 4
 
