@@ -38,10 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every_steps = config.total_steps
 
   dataset = config.dataset
-  dataset.source = "coco"
   dataset.root = os.environ.get(SAMPLE_ENV, "")
   dataset.train_split = "val2017"
-  dataset.val_split = "val2017"
+  # source "coco" and val_split "val2017": hparams.DatasetHParams' defaults.
   dataset.canvas_sizes = ((384, 640),)  # Both sample images are landscape.
   dataset.train_min_size_range = (384, 384)
   dataset.max_size = 640
@@ -56,7 +55,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.fpn_dim = 64
   model.head_convs = 2
   model.semantic_dim = 64
-  model.embed_dim = 32
 
   optimizer = config.optimizer
   optimizer.lr = 0.01
