@@ -2,6 +2,7 @@
 processes, the COCO sample (the one place that knows where it lies)."""
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import os
 import pathlib
 import sys
@@ -78,3 +79,25 @@ def coco_sample_root() -> pathlib.Path:
     pytest.skip(f"COCO sample not found at {root} (no annotations/panoptic_val2017.json): "
                 f"set {COCO_SAMPLE_ENV} to the folder of the two-image COCO panoptic sample")
   return root
+
+
+@pytest.fixture(scope="session")
+def load_config():
+  """`load_config(name, variant=None)`: a fresh `configs/<name>.py` ConfigDict, read by path.
+
+  The one way tests read the repository's configs (configs/ is not an installed package, so
+  `from configs import ...` would depend on the working directory).
+  """
+  def load(name: str, variant: str | None = None):
+    spec = importlib.util.spec_from_file_location(f"configs_{name}",
+                                                  REPO_ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+  return load
+
+
+@pytest.fixture
+def small_config(load_config):
+  """A fresh `configs/synthetic.py:small` (the one-minute CPU config) for a test to shrink."""
+  return load_config("synthetic", "small")

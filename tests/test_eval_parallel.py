@@ -36,10 +36,9 @@ OLD_PATH_PIXEL_TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, load_config):
   """(hp, variables, memory, state) of `configs/synthetic.py:small`, untrained, on 5 images."""
-  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
-  config = synthetic_config.get_config("small")
+  config = load_config("synthetic", "small")
   config.dataset.root = str(tmp_path_factory.mktemp("eval_parallel") / "synthetic")
   config.dataset.synthetic.update(num_train=2, num_val=5, image_size=(100, 120), seed=1)
   config.inference.update(pre_nms_thresh=0.0, instance_score_thresh=0.0, per_device_batch=2)
