@@ -48,5 +48,10 @@ def main(argv):
   print(f"wrote {output_dir}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script (`ciae-evaluate`, pyproject.toml): absl parses sys.argv, then main."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -34,6 +34,7 @@ def main(argv):
   console.configure()
   launch.start()
   import jax  # pylint: disable=g-import-not-at-top
+
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
   from ciae_jax.training import loop  # pylint: disable=g-import-not-at-top
   hp = hparams.HParams.from_config(_CONFIG.value)
@@ -45,5 +46,10 @@ def main(argv):
                  int(state.step), _CONFIG.value.total_steps)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script (`ciae-train`, pyproject.toml): absl parses sys.argv, then main."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -5,7 +5,7 @@ The reference for tests/test_ciae_loss_fast.py and benchmarks/loss_speed.py: it 
 `jax.lax.top_k`. Training uses `ciae_jax.losses.ciae` (chunked kernel, `triplet.py`). Keep this
 file unchanged: it pins today's values and gradients. The docstring of the original follows.
 
-The CIAE loss (paper III-B, Eq. 2-12; readings in shared/design.md "Losses").
+The CIAE loss (paper III-B, Eq. 2-12; readings in docs/method.md "Losses").
 
 Per valid pixel i with unit embedding p_i and a set of query embeddings, distances are
 `D = 1 - cosine`. With `d_pos` the distance to the pixel's own query, every other valid query k
@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ciae_jax.ops import l2_normalize
 from ciae_jax.memory import memory_index
+from ciae_jax.ops import l2_normalize
 
 Array = jax.Array
 

@@ -13,11 +13,9 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # JAX and the PyTorch peer share one GPU in a run: JAX grows its pool as needed instead of
 # taking 75% of the memory up front (set the variable to "true" to restore that).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -23,17 +23,15 @@ import collections
 import os
 import re
 import statistics
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402  pylint: disable=g-bad-import-order
-import inference_speed  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+import common  # noqa: E402  pylint: disable=g-bad-import-order
+import inference_speed  # noqa: E402  pylint: disable=g-bad-import-order
 
 
 def entry_summary(text: str) -> dict[str, int]:
@@ -148,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   payload = {"args": {"size": list(args.size), "padded": list(padded), "batch": args.batch,
                       "backbone": args.backbone, "dtype": args.dtype, "repeats": args.repeats},
              "info": info, "compile_s": compile_s, "results": results,
-             "sum_of_parts_ms": parts, "sum_of_parts_cpu_ms": parts_cpu, "max_abs_diff": differences, "entry_summary": summaries,
+             "sum_of_parts_ms": parts, "sum_of_parts_cpu_ms": parts_cpu,
+             "max_abs_diff": differences, "entry_summary": summaries,
              "load_avg_end": round(os.getloadavg()[0], 1)}
   common.print_json("e2e_fusion", payload)
   return payload

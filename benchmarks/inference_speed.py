@@ -28,13 +28,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,6 +38,7 @@ from ciae_jax import detection  # noqa: E402
 from ciae_jax import hparams  # noqa: E402
 from ciae_jax import inference  # noqa: E402
 from ciae_jax import ops  # noqa: E402
+import common  # noqa: E402  pylint: disable=g-bad-import-order
 
 OUTPUT_KEYS = ("cls_logits", "centerness", "box_reg", "embedding")
 

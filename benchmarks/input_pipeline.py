@@ -8,16 +8,19 @@ each batch padded to its canvas: by default the derived 800 x 1344 / 1344 x 800,
 and prints the median images/s over repeats, per thread, and per CPU-second
 of the process (all threads; robust when other jobs share the cores).
 
-  python benchmarks/input_pipeline.py [--threads 1,2] [--repeats 5]
+  python benchmarks/input_pipeline.py --root SAMPLE [--threads 1,2] [--repeats 5]
+
+SAMPLE is a COCO panoptic root holding val2017 (the two-image COCO sample the tests use);
+`--root` defaults to $CIAE_COCO_SAMPLE.
 
 `--padding` prints instead (no TF, no decoding: the host plan of `data/schedule.py`, which the
 tests check against the graph's output) the padded pixels per image, canvas area / resized
 area, mean and max, for evaluation (every image once) and training (the rows of the first
-`--padding_batches` batches) over the shared COCO sample at the paper's sizes (and with the
+`--padding_batches` batches) over the COCO sample (`--root`) at the paper's sizes (and with the
 jitter of `configs/coco_r50.py:long`) and over the synthetic main job's data
 (`configs/synthetic.py`, generated under data/synthetic if missing):
 
-  PYTHONPATH=. python benchmarks/input_pipeline.py --padding
+  python benchmarks/input_pipeline.py --root SAMPLE --padding
 """
 from __future__ import annotations
 
@@ -33,8 +36,18 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
-                      "shared", "data", "coco_panoptic_sample")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_ENV = "CIAE_COCO_SAMPLE"  # The default of --root (the tests' variable too).
+
+
+def load_config(name: str, arg: str | None = None) -> Any:
+  """`configs/<name>.py:get_config(arg)`, read by path: configs/ is not an installed package."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      f"configs_{name}", os.path.join(REPO_ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def make_dataset(sample_root: str, out_root: str, num_images: int) -> None:
@@ -100,8 +113,12 @@ def padding_ratios(cfg: Any, split: str, *, train: bool, batches: int, batch: in
                    ) -> list[float]:
   """Canvas area / resized area of every planned row (valid rows only)."""
   import itertools  # pylint: disable=g-import-not-at-top
+
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ciae_jax.data import coco, dataset, schedule  # pylint: disable=g-import-not-at-top
+
+  from ciae_jax.data import coco  # pylint: disable=g-import-not-at-top
+  from ciae_jax.data import dataset  # pylint: disable=g-import-not-at-top
+  from ciae_jax.data import schedule  # pylint: disable=g-import-not-at-top
   records = coco.load_records(dataset.prepare_root(cfg), split, check_files=False)
   sizes = np.asarray([[r.height, r.width] for r in records if r.segments or not train])
   if train:
@@ -116,15 +133,14 @@ def padding_ratios(cfg: Any, split: str, *, train: bool, batches: int, batch: in
 def print_padding(sample_root: str, batches: int) -> None:
   """The `--padding` table (module docstring)."""
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
-  from configs import coco_r50, synthetic  # pylint: disable=g-import-not-at-top
   coco_fields = dict(root=sample_root, train_split="val2017", val_split="val2017")
   cases = [
       ("COCO sample, configs/coco_r50.py", hparams.HParams.from_config(
-          coco_r50.get_config()).dataset.replace(**coco_fields)),
+          load_config("coco_r50")).dataset.replace(**coco_fields)),
       ("COCO sample, configs/coco_r50.py:long", hparams.HParams.from_config(
-          coco_r50.get_config("long")).dataset.replace(**coco_fields)),
+          load_config("coco_r50", "long")).dataset.replace(**coco_fields)),
       ("synthetic, configs/synthetic.py", hparams.HParams.from_config(
-          synthetic.get_config()).dataset),
+          load_config("synthetic")).dataset),
   ]
   print(f"padded pixels per image (canvas area / resized area); training: the rows of "
         f"{batches} batches of 16")
@@ -149,13 +165,17 @@ def main() -> None:
   parser.add_argument("--num_images", type=int, default=64)
   parser.add_argument("--canvas_sizes", type=_canvases, default=(),
                       help="e.g. 800x1344,1344x800 (default: derived from the sizes)")
-  parser.add_argument("--sample_root", default=SAMPLE)
+  parser.add_argument("--root", default=os.environ.get(SAMPLE_ENV, ""),
+                      help=f"COCO panoptic root with val2017 (default: ${SAMPLE_ENV})")
   parser.add_argument("--padding", action="store_true",
                       help="print the padded pixels per image instead of timing")
   parser.add_argument("--padding_batches", type=int, default=1000)
   args = parser.parse_args()
+  if not args.root or not os.path.isdir(os.path.join(args.root, "val2017")):
+    parser.error(f"--root {args.root or '(unset)'}: no val2017/ there; pass --root or set "
+                 f"{SAMPLE_ENV} to a COCO panoptic root (e.g. the two-image sample)")
   if args.padding:
-    print_padding(args.sample_root, args.padding_batches)
+    print_padding(args.root, args.padding_batches)
     return
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -163,7 +183,7 @@ def main() -> None:
   rows = []
   load = " ".join(f"{v:.1f}" for v in os.getloadavg())
   with tempfile.TemporaryDirectory() as tmp:
-    make_dataset(args.sample_root, tmp, args.num_images)
+    make_dataset(args.root, tmp, args.num_images)
     for threads in (int(t) for t in args.threads.split(",")):
       runs = [time_pipeline(tmp, threads, args.batch, args.batches,
                             args.warmup, args) for _ in range(args.repeats)]

@@ -27,26 +27,22 @@ Imports no TensorFlow.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from typing import Any, Callable
 from unittest import mock
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import ciae_dense  # noqa: E402  pylint: disable=g-bad-import-order
 from ciae_jax import hparams  # noqa: E402
 from ciae_jax.losses import ciae as ciae_chunked  # noqa: E402
-import ciae_dense  # noqa: E402  pylint: disable=g-bad-import-order
 from ciae_jax.losses import triplet  # noqa: E402
 from ciae_jax.segments import SEGMENT_KEYS  # noqa: E402
 from ciae_jax.segments import Segments  # noqa: E402
+import common  # noqa: E402  pylint: disable=g-bad-import-order
 
 LOSS = hparams.LossHParams()  # The paper's settings.
 IMPLEMENTATIONS = {"dense": ciae_dense, "chunked": ciae_chunked}

@@ -31,13 +31,9 @@ import hashlib
 import os
 import re
 import statistics
-import sys
 import time
 from typing import Any, Callable, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -47,6 +43,7 @@ from ciae_jax.models import fpn as fpn_lib  # noqa: E402
 from ciae_jax.models import head as head_lib  # noqa: E402
 from ciae_jax.models import layers  # noqa: E402
 from ciae_jax.models import resnet  # noqa: E402
+import common  # noqa: E402  pylint: disable=g-bad-import-order
 
 PARTS = ("backbone", "fpn", "head", "embedding")
 # Also available with --parts: "network" (whole forward) and "network_grad" (forward + backward).
@@ -86,12 +83,14 @@ def make_parts(model: Any, variables: Any, images: jax.Array, *,
   fpn = fpn_lib.FPN(model.hp.fpn_dim, dtype)
   box_embed_dim = model.hp.box_embed_dim or model.hp.embed_dim
   head = head_lib.ProposalHead(
-      num_classes=model.num_thing_classes, head_dim=model.hp.fpn_dim, head_convs=model.hp.head_convs,
+      num_classes=model.num_thing_classes, head_dim=model.hp.fpn_dim,
+      head_convs=model.hp.head_convs,
       box_embed_dim=box_embed_dim if model.hp.use_box_embedding else 0,
       prior_prob=model.hp.prior_prob, dtype=dtype)
   embedding = embedding_lib.EmbeddingBranch(
       semantic_dim=model.hp.semantic_dim, embed_dim=model.hp.embed_dim,
-      use_box_embedding=model.hp.use_box_embedding, use_coordconv=model.hp.use_coordconv, dtype=dtype)
+      use_box_embedding=model.hp.use_box_embedding, use_coordconv=model.hp.use_coordconv,
+      dtype=dtype)
   image_hw = images.shape[1:3]
 
   fns = {
@@ -282,8 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total = sum(results[p]["median_ms"] for p in PARTS)
     results["sum_of_parts"] = {"median_ms": total}
     rows.append(["sum of our parts", f"{total:.1f}", "", "", "", ""])
-  common.print_table(["piece", "median ms", "min ms", "max ms", "CPU ms", "GFLOP (XLA / torch counter)",
-                      "GFLOP/s"], rows)
+  common.print_table(["piece", "median ms", "min ms", "max ms", "CPU ms",
+                      "GFLOP (XLA / torch counter)", "GFLOP/s"], rows)
   payload = {"args": {"size": list(size), "backbone": args.backbone, "batch": args.batch,
                       "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup},
              "info": info, "compile_s": compile_s, "results": results,

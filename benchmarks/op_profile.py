@@ -28,19 +28,16 @@ import collections
 import glob
 import os
 import re
-import sys
 import tempfile
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ciae_jax.models import ciae as ciae_model  # noqa: E402
+import common  # noqa: E402  pylint: disable=g-bad-import-order
 
 PARTS = ("backbone", "fpn", "head", "embedding")
 
@@ -127,10 +124,10 @@ def build_program(args: argparse.Namespace, options: dict[str, Any]) -> tuple[An
     image_size = jnp.asarray(np.tile(np.asarray(size, np.int32), (args.batch, 1)))
     call_args = (variables, memory, images, image_size)
   else:  # step
-    import train_speed  # pylint: disable=g-import-not-at-top
     from ciae_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
     from ciae_jax.training import parallel  # pylint: disable=g-import-not-at-top
     from ciae_jax.training import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
+    import train_speed  # pylint: disable=g-import-not-at-top
     params, model_state = ciae_model.split_variables(variables)
     step, optimizer, _ = train_speed.make_step(model, params, global_batch=args.batch)
     memory = memory_lib.init_memory(jax.random.PRNGKey(1), common.NUM_STUFF + 1,

@@ -28,7 +28,6 @@ import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -36,8 +35,6 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                ".."))
 from ciae_jax.evaluation import pq as ours  # noqa: E402
 from ciae_jax.panoptic_png import PNG_DECODER_ENV  # noqa: E402
 from ciae_jax.panoptic_png import encode_panoptic_png  # noqa: E402
@@ -233,8 +230,8 @@ def main() -> None:
                       help="skip timing ours with the Pillow PNG reader")
   args = parser.parse_args()
 
-  from panopticapi.evaluation import pq_compute as panopticapi_pq
   import hotcoco.panoptic
+  from panopticapi.evaluation import pq_compute as panopticapi_pq
 
   cpus = len(os.sched_getaffinity(0))
   with contextlib.ExitStack() as stack:

@@ -43,17 +43,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import train_speed  # noqa: E402  pylint: disable=g-bad-import-order
 
 from ciae_jax import hparams  # noqa: E402
 from ciae_jax import memory as memory_lib  # noqa: E402
@@ -65,6 +60,8 @@ from ciae_jax.segments import Segments  # noqa: E402
 from ciae_jax.training import optim  # noqa: E402
 from ciae_jax.training import parallel  # noqa: E402
 from ciae_jax.training import train_state as train_state_lib  # noqa: E402
+import common  # noqa: E402  pylint: disable=g-bad-import-order
+import train_speed  # noqa: E402  pylint: disable=g-bad-import-order
 
 # The disjoint pieces that together make a step (their sum is the "covered" line).
 STEP_PIECES = ("targets", "forward_backward", "fcos_loss_grad", "ciae_loss_grad",

@@ -1,4 +1,4 @@
-r"""The network's bilinear resizes: `jax.image.resize` against `ciae_jax.models.resize.resize_bilinear`.
+r"""The network's bilinear resizes: `jax.image.resize` against `models.resize.resize_bilinear`.
 
 Every `layers.resize_bilinear` call the CIAE network makes at `--size` (semantic path 2x
 upsamplings at 128 channels, box embeddings P3..P7 -> P2 at 32 channels, the final P2 -> image
@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ciae_jax.models import resize as resize_lib  # noqa: E402
+import common  # noqa: E402  pylint: disable=g-bad-import-order
 
 
 def dense(x: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -75,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       return y, vjp(jnp.ones_like(y))[0]
     programs = {}
     for label, fn in (("dense", dense), ("twotap", resize_lib.resize_bilinear)):
-      f = lambda x, fn=fn: fn(x, out_hw)  # noqa: E731
+      f = lambda x, fn=fn, out_hw=out_hw: fn(x, out_hw)
       programs[f"{label}_fwd"] = jax.jit(f).lower(x).compile()
       programs[f"{label}_fwdbwd"] = jax.jit(lambda x, f=f: fwdbwd(f, x)).lower(x).compile()
     outs = {k: jax.device_get(p(x)) for k, p in programs.items()}

@@ -29,15 +29,10 @@ Prints a table and a one-line JSON summary (`train_speed {...}`). Imports no Ten
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -48,6 +43,7 @@ from ciae_jax.training import optim  # noqa: E402
 from ciae_jax.training import parallel  # noqa: E402
 from ciae_jax.training import step as step_lib  # noqa: E402
 from ciae_jax.training import train_state as train_state_lib  # noqa: E402
+import common  # noqa: E402  pylint: disable=g-bad-import-order
 
 TOTAL_STEPS = 90_000  # The paper's schedule (sets the memory momentum; no effect on speed).
 

@@ -23,16 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 import common  # noqa: E402  pylint: disable=g-bad-import-order
-import jax  # noqa: E402
 import network_parts  # noqa: E402  pylint: disable=g-bad-import-order
-import numpy as np  # noqa: E402
 
 YNN = "xla_cpu_experimental_ynn_fusion_type"
 CONV, DOT = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"

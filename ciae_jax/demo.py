@@ -56,6 +56,7 @@ def run_demo(hp, workdir: str, image_path: str, output: str,
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   from ciae_jax import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
   from ciae_jax import preprocess  # pylint: disable=g-import-not-at-top
   from ciae_jax import visualize  # pylint: disable=g-import-not-at-top
@@ -88,7 +89,16 @@ def main(argv: Sequence[str]) -> None:
   print("wrote", path)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """`python -m ciae_jax.demo` and the console script `ciae-demo` (pyproject.toml).
+
+  The launch flags are defined here, not at import, so that importing the module (run_demo)
+  next to train.py or evaluate.py, which define them too, is no duplicate-flag error.
+  """
   launch.define_flags()
   flags.mark_flags_as_required(["config", "workdir", "image"])
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -74,15 +74,18 @@ class ModelHParams(_Group):
   dtype: str = "float32"  # Compute dtype; params and outputs stay float32.
 
   def __post_init__(self):
-    _require(self.backbone in _BACKBONES, "model.backbone", f"{self.backbone!r} not in {_BACKBONES}")
+    _require(self.backbone in _BACKBONES, "model.backbone",
+             f"{self.backbone!r} not in {_BACKBONES}")
     _require(self.norm in _NORMS, "model.norm", f"{self.norm!r} not in {_NORMS}")
     _require(self.dtype in _DTYPES, "model.dtype", f"{self.dtype!r} not in {_DTYPES}")
     for name in ("fpn_dim", "semantic_dim", "embed_dim"):
-      _require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+      _require(getattr(self, name) >= 1, f"model.{name}",
+               f"must be >= 1, got {getattr(self, name)}")
     _require(self.head_convs >= 0, "model.head_convs", f"must be >= 0, got {self.head_convs}")
     _require(self.box_embed_dim is None or self.box_embed_dim >= 1, "model.box_embed_dim",
              f"must be None or >= 1, got {self.box_embed_dim}")
-    _require(0.0 < self.prior_prob < 1.0, "model.prior_prob", f"must be in (0, 1), got {self.prior_prob}")
+    _require(0.0 < self.prior_prob < 1.0, "model.prior_prob",
+             f"must be in (0, 1), got {self.prior_prob}")
     _require(self.freeze_at is None or 0 <= self.freeze_at <= 5, "model.freeze_at",
              f"must be None or in 0..5, got {self.freeze_at}")
     _require(not (self.norm == "gn" and (self.freeze_at or 0) > 0), "model.freeze_at",
@@ -170,7 +173,8 @@ class OptimizerHParams(_Group):
   frozen_patterns: tuple[str, ...] = ()
 
   def __post_init__(self):
-    _require(self.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+    _require(self.warmup_steps >= 0, "optimizer.warmup_steps",
+             f"must be >= 0, got {self.warmup_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +251,8 @@ class DatasetHParams(_Group):
     lo, hi = self.train_min_size_range
     _require(0 < lo <= hi, "dataset.train_min_size_range",
              f"must be (lo, hi) with 0 < lo <= hi, got {tuple(self.train_min_size_range)}")
-    _require(self.max_segments >= 1, "dataset.max_segments", f"must be >= 1, got {self.max_segments}")
+    _require(self.max_segments >= 1, "dataset.max_segments",
+             f"must be >= 1, got {self.max_segments}")
     _require(all(len(c) == 2 and c[0] > 0 and c[1] > 0 and not c[0] % 32 and not c[1] % 32
                  for c in self.canvas_sizes), "dataset.canvas_sizes",
              f"each canvas must be (H, W) with positive multiples of 32, got {self.canvas_sizes}")
@@ -288,10 +293,12 @@ class HParams(_Group):
              f"must be one of {PARALLEL_MODES}, got {self.parallel!r}")
     _require(self.total_steps > 0, "total_steps", f"must be > 0, got {self.total_steps}")
     _require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
-    _require(self.log_every_steps > 0, "log_every_steps", f"must be > 0, got {self.log_every_steps}")
+    _require(self.log_every_steps > 0, "log_every_steps",
+             f"must be > 0, got {self.log_every_steps}")
     _require(self.checkpoint_every_steps > 0, "checkpoint_every_steps",
              f"must be > 0, got {self.checkpoint_every_steps}")
-    _require(self.keep_checkpoints > 0, "keep_checkpoints", f"must be > 0, got {self.keep_checkpoints}")
+    _require(self.keep_checkpoints > 0, "keep_checkpoints",
+             f"must be > 0, got {self.keep_checkpoints}")
     _require(self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite",
              f"must be >= 1, got {self.max_consecutive_nonfinite}")
     _require(self.profile_first_step >= 0 and self.profile_num_steps >= 1, "profile_first_step",
@@ -302,7 +309,7 @@ class HParams(_Group):
              "(loss.merge_things=False)")
 
   @classmethod
-  def from_config(cls, config: Mapping[str, Any]) -> "HParams":
+  def from_config(cls, config: Mapping[str, Any]) -> HParams:
     """The typed hyper-parameters of an ml_collections config (or a nested mapping).
 
     Raises:

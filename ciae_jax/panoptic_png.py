@@ -15,8 +15,8 @@ import functools
 import importlib
 import os
 import struct
-import zlib
 from typing import Any
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -106,7 +106,7 @@ def rgb_to_id_map(rgb: np.ndarray) -> np.ndarray:
   return c[..., 0] + 256 * c[..., 1] + 65536 * c[..., 2]  # [H, W]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kornia_io() -> Any | None:
   """`kornia_rs.io`, imported once; None when it is not installed."""
   try:

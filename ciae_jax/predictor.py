@@ -32,7 +32,8 @@ from ciae_jax import program_cache as program_cache_lib
 from ciae_jax.data import dataset as dataset_lib
 from ciae_jax.evaluation import coco_format
 from ciae_jax.models import ciae as ciae_model
-from ciae_jax.segments import SEGMENT_KEYS, Segments
+from ciae_jax.segments import SEGMENT_KEYS
+from ciae_jax.segments import Segments
 from ciae_jax.training import parallel
 
 # What `Prediction` is built from; evaluation fetches the same keys.
@@ -188,14 +189,14 @@ class Predictor:
                                         devices=list(devices) if devices else None)
 
   @classmethod
-  def from_restored(cls, hp: hparams.HParams, restored: Restored, **kwargs: Any) -> "Predictor":
+  def from_restored(cls, hp: hparams.HParams, restored: Restored, **kwargs: Any) -> Predictor:
     """A predictor of `restore_for_inference`'s result."""
     return cls(hp, model=restored.model, variables=restored.variables, memory=restored.memory,
                categories=restored.categories, step=restored.step, **kwargs)
 
   @classmethod
   def from_workdir(cls, config: Any, workdir: str, step: int | None = None,
-                   **kwargs: Any) -> "Predictor":
+                   **kwargs: Any) -> Predictor:
     """Restores `workdir`'s latest checkpoint (or `step`): params, model state, memory only.
 
     Args:
@@ -209,7 +210,7 @@ class Predictor:
     return cls.from_restored(hp, restored, **kwargs)
 
   @classmethod
-  def from_export(cls, directory: str) -> "Predictor":
+  def from_export(cls, directory: str) -> Predictor:
     """The programs `python -m ciae_jax.export` wrote into `directory`, deserialised
     (`export_lib.ExportedPredictor`): no checkpoint, config or model code needed, the same
     predictions as `from_workdir` on the exported checkpoint."""

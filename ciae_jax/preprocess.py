@@ -123,7 +123,7 @@ class Preprocessor:
 
   @classmethod
   def from_rule(cls, min_size: float, max_size: float,
-                canvases: Sequence[Sequence[int]]) -> "Preprocessor":
+                canvases: Sequence[Sequence[int]]) -> Preprocessor:
     """The same preprocessing from its numbers alone (an export's `export.json`)."""
     self = cls.__new__(cls)
     self.min_size, self.max_size = min_size, max_size

@@ -20,8 +20,8 @@ import os
 import pathlib
 from typing import Any, Callable
 
-import jax
 from absl import logging
+import jax
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 

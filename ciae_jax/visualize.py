@@ -12,7 +12,9 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
 MIN_SIDE = 512  # Longer side of each picture of a panel, at least (small images are scaled up).
 _GAP = 8  # Pixels between the pictures of a panel.
@@ -43,7 +45,8 @@ def embedding_pca_rgb(embedding: np.ndarray, valid_hw: tuple[int, int] | None = 
 
 def colorize_panoptic(id_map: np.ndarray, segments_info: Sequence[dict],
                       category_colors: dict[int, Sequence[int]],
-                      thing_category_ids: frozenset[int] = frozenset(), seed: int = 0) -> np.ndarray:
+                      thing_category_ids: frozenset[int] = frozenset(),
+                      seed: int = 0) -> np.ndarray:
   """Colours a panoptic id map: stuff in its category colour, each instance a jittered variant.
 
   Args:
@@ -118,7 +121,8 @@ def draw_panoptic(image: np.ndarray, id_map: np.ndarray, segments_info: Sequence
   """
   if image.shape[:2] != id_map.shape:
     raise ValueError(f"image {image.shape[:2]} and id map {id_map.shape} differ in size")
-  colours = colorize_panoptic(id_map, segments_info, category_colors, thing_category_ids)  # [H, W, 3]
+  # [H, W, 3]
+  colours = colorize_panoptic(id_map, segments_info, category_colors, thing_category_ids)
   blend = image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
   blend = np.where((id_map == 0)[..., None], image.astype(np.float32), blend)  # void unpainted
   canvas = Image.fromarray(blend.astype(np.uint8))

@@ -24,12 +24,8 @@ VARIANTS = ("r101", "long")
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The paper's COCO config, with the variants named in `arg` applied."""
   variants = config_lib.parse_variants(arg, VARIANTS)
+  # The defaults of ciae_jax/hparams.py are the paper's recipe (source coco, sizes 800 / 1333).
   config = config_lib.base_config()
-  config.dataset.source = "coco"
-  config.dataset.train_min_size_range = (800, 800)
-  config.dataset.max_size = 1333
-  config.dataset.eval_min_size = 800
-  config.dataset.eval_max_size = 1333
   if "r101" in variants:
     config.model.backbone = "resnet101"
   if "long" in variants:

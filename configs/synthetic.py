@@ -41,17 +41,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   dataset.eval_min_size = 128
   dataset.eval_max_size = 128
   dataset.max_segments = 16
-  dataset.synthetic.num_train = 512
-  dataset.synthetic.num_val = 64
-  dataset.synthetic.image_size = (128, 128)
+  # The generated dataset's sizes (train / val images, image size) are hparams.SyntheticHParams'.
 
   model = config.model
   model.backbone = "resnet_tiny"
   model.norm = "gn"
   model.fpn_dim = 64
   model.head_convs = 2
-  model.semantic_dim = 64
-  model.embed_dim = 32
+  model.semantic_dim = 64  # embed_dim: the paper's (hparams.ModelHParams).
 
   optimizer = config.optimizer
   optimizer.warmup_steps = 100

@@ -1,7 +1,8 @@
 """Test configuration: 8 simulated CPU devices, quiet TensorFlow, no torch in the pytest
-processes, paths to the shared data."""
+processes, the COCO sample (the one place that knows where it lies)."""
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import os
 import pathlib
 import sys
@@ -20,7 +21,15 @@ os.environ["XLA_FLAGS"] = xla_flags.with_device_count(8)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Quick compilation for every test in this process (compile time dominates the tiny programs the
+# tests run). Under xdist each worker imports every test module at collection, so this was already
+# in force for the whole suite when ~20 modules set it at their top; here it is set once, before
+# any test module is imported. Process-local: the subprocesses tests start set their own
+# (JAX_DISABLE_MOST_OPTIMIZATIONS in their environment), or run optimised where they measure.
+jax.config.update("jax_disable_most_optimizations", True)
 
 
 class _NoTorchHere(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -56,12 +65,39 @@ class _NoTorchHere(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 sys.meta_path.insert(0, _NoTorchHere())
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-COCO_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "coco_panoptic_sample"
+# The COCO sample: $CIAE_COCO_SAMPLE (also what configs/coco_sample_overfit.py and
+# benchmarks/input_pipeline.py default to), else the data folder beside the repository.
+COCO_SAMPLE_ENV = "CIAE_COCO_SAMPLE"
+COCO_SAMPLE_DEFAULT = REPO_ROOT.parent / "shared" / "data" / "coco_panoptic_sample"
 
 
 @pytest.fixture(scope="session")
 def coco_sample_root() -> pathlib.Path:
-  """The two real COCO val2017 images with their panoptic annotations."""
-  if not COCO_SAMPLE.exists():
-    raise FileNotFoundError(f"shared COCO sample not found at {COCO_SAMPLE}")
-  return COCO_SAMPLE
+  """The two real COCO val2017 images with their panoptic annotations; skips where absent."""
+  root = pathlib.Path(os.environ.get(COCO_SAMPLE_ENV) or COCO_SAMPLE_DEFAULT)
+  if not (root / "annotations" / "panoptic_val2017.json").is_file():
+    pytest.skip(f"COCO sample not found at {root} (no annotations/panoptic_val2017.json): "
+                f"set {COCO_SAMPLE_ENV} to the folder of the two-image COCO panoptic sample")
+  return root
+
+
+@pytest.fixture(scope="session")
+def load_config():
+  """`load_config(name, variant=None)`: a fresh `configs/<name>.py` ConfigDict, read by path.
+
+  The one way tests read the repository's configs (configs/ is not an installed package, so
+  `from configs import ...` would depend on the working directory).
+  """
+  def load(name: str, variant: str | None = None):
+    spec = importlib.util.spec_from_file_location(f"configs_{name}",
+                                                  REPO_ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+  return load
+
+
+@pytest.fixture
+def small_config(load_config):
+  """A fresh `configs/synthetic.py:small` (the one-minute CPU config) for a test to shrink."""
+  return load_config("synthetic", "small")

@@ -23,8 +23,6 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 # Both scripts in one fresh interpreter (TensorFlow must stay out of sys.modules), on 2 CPU
 # devices so that the training benchmark runs the data-parallel path.
 SMOKE = """

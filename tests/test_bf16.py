@@ -24,8 +24,6 @@ from ciae_jax.segments import Segments
 from ciae_jax.training import parallel
 import test_train_helpers as helpers
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 # Tolerances in bfloat16 units: the differences come from rounding values to 8 bits (2^-9
 # relative) in every layer, the same on any CPU; the float32 accumulation orders that differ
 # between machines move the results by ~1e-6, 1000x less (measured: bit-identical results

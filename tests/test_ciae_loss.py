@@ -1,6 +1,6 @@
 """The CIAE loss (ciae_jax/losses/ciae.py) against a naive per-pixel, per-query NumPy loop.
 
-The reference follows the paper's equations (Eq. 3-12) and the readings of shared/design.md:
+The reference follows the paper's equations (Eq. 3-12) and the readings of docs/method.md:
 top-K negatives per pixel, instance means from pre-norm embeddings, the expanded-box filter on
 instance queries, thing pixels x thing_weight in L_IAE, void and crowd pixels left out.
 """
@@ -17,8 +17,6 @@ from ciae_jax import segments as segments_lib
 from ciae_jax.losses import ciae as ciae_lib
 from ciae_jax.segments import SEGMENT_KEYS
 from ciae_jax.segments import Segments
-
-jax.config.update("jax_disable_most_optimizations", True)
 
 NUM_STUFF = 3
 NUM_THINGS = 3

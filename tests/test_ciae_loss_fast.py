@@ -55,7 +55,6 @@ ciae = types.SimpleNamespace(**{name: getattr(ciae_module, name) for name in dir
                                 if not name.startswith("_")})
 ciae.ciae_loss = _chunked_ciae_loss
 
-jax.config.update("jax_disable_most_optimizations", True)
 
 NUM_STUFF = 4
 NUM_THINGS = 3

@@ -1,4 +1,4 @@
-"""configs/coco_sample_overfit.py: it loads, locks, points at the shared COCO sample, fits it, runs.
+"""configs/coco_sample_overfit.py: it loads, locks, reads the COCO sample's path, fits it, runs.
 
 The config is checked against the sample's own annotation file (read here with `json`): every
 segment fits in `max_segments`, no ground-truth instance or stuff region is smaller than the
@@ -13,6 +13,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import ml_collections
@@ -20,18 +21,21 @@ import pytest
 
 from ciae_jax.data import canvas
 
-jax.config.update("jax_disable_most_optimizations", True)  # Compile time dominates 2 steps.
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_PATH = REPO_ROOT / "configs" / "coco_sample_overfit.py"
 TOTAL_STEPS = 2
 
 
-def _get_config(arg=None) -> ml_collections.ConfigDict:
+def _get_config(root: pathlib.Path | None = None, arg=None) -> ml_collections.ConfigDict:
+  """The config as loaded with CIAE_COCO_SAMPLE=root (unset when root is None)."""
   spec = importlib.util.spec_from_file_location("coco_sample_overfit", CONFIG_PATH)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  env = {k: v for k, v in os.environ.items() if k != module.SAMPLE_ENV}
+  if root is not None:
+    env[module.SAMPLE_ENV] = str(root)
+  with mock.patch.dict(os.environ, env, clear=True):
+    return module.get_config(arg)
 
 
 def _annotations(coco_sample_root):
@@ -39,8 +43,8 @@ def _annotations(coco_sample_root):
     return json.load(f)
 
 
-def test_config_loads_locks_and_points_at_the_shared_sample(coco_sample_root):
-  config = _get_config()
+def test_config_loads_locks_and_points_at_the_sample(coco_sample_root):
+  config = _get_config(coco_sample_root)
   config.lock()
   with pytest.raises(AttributeError):
     config.dataset.not_a_field = 1  # Locked: a typo in an override is an error.
@@ -51,11 +55,23 @@ def test_config_loads_locks_and_points_at_the_shared_sample(coco_sample_root):
   assert os.path.samefile(dataset.root, coco_sample_root)
   assert not dataset.categories_file  # All 133 categories of the sample's JSON.
   with pytest.raises(ValueError, match="unknown config variant"):
-    _get_config("fast")
+    _get_config(coco_sample_root, "fast")
+
+
+def test_without_the_sample_path_training_says_which_flag_to_pass():
+  """No CIAE_COCO_SAMPLE and no override: a clear error before any file is read."""
+  from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
+  from ciae_jax.data import dataset  # pylint: disable=g-import-not-at-top
+  config = _get_config(None)
+  assert config.dataset.root == ""
+  cfg = hparams.HParams.from_config(config).dataset
+  for check in (dataset.check_config, dataset.prepare_root):
+    with pytest.raises(ValueError, match=r"dataset.root is required .*--config.dataset.root="):
+      check(cfg)
 
 
 def test_config_fits_the_sample_annotations(coco_sample_root):
-  config = _get_config()
+  config = _get_config(coco_sample_root)
   data = _annotations(coco_sample_root)
   assert len(data["categories"]) == 133
   isthing = {c["id"]: c["isthing"] for c in data["categories"]}
@@ -82,9 +98,9 @@ def test_config_fits_the_sample_annotations(coco_sample_root):
       assert new_h >= 0.8 * image["height"] and new_w >= 0.8 * image["width"], (new_h, new_w)
 
 
-def _tiny_config() -> ml_collections.ConfigDict:
+def _tiny_config(root: pathlib.Path) -> ml_collections.ConfigDict:
   """The overfit config shrunk to seconds; data, splits and categories unchanged."""
-  config = _get_config()
+  config = _get_config(root)
   config.lock()
   config.total_steps = TOTAL_STEPS
   config.batch_size = jax.device_count()  # tests/conftest.py: 8 fake CPU devices.
@@ -114,7 +130,7 @@ def test_few_steps_train_evaluate_and_export(coco_sample_root, tmp_path, capsys)
   from ciae_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
   from ciae_jax.training import loop  # pylint: disable=g-import-not-at-top
 
-  config = hparams.HParams.from_config(_tiny_config())
+  config = hparams.HParams.from_config(_tiny_config(coco_sample_root))
   workdir = tmp_path / "run"
   state = loop.train_and_evaluate(config, str(workdir))
   assert int(state.step) == TOTAL_STEPS

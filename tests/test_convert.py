@@ -5,18 +5,16 @@ import pathlib
 import subprocess
 import sys
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 from safetensors.numpy import save_file
 
 from ciae_jax.models import ciae
 from ciae_jax.models import convert
 from ciae_jax.models import layers
-
-jax.config.update("jax_disable_most_optimizations", True)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -64,7 +62,7 @@ def random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def expected_place(key: str, ndim: int) -> tuple[str, tuple[str, ...]]:
-  """Independent mapping: torch key -> (collection, path under 'backbone') for CIAE-R50 frozen_bn."""
+  """Independent mapping: torch key -> (collection, path under 'backbone'), CIAE-R50 frozen_bn."""
   parts = key.split(".")
   if parts[0].startswith("layer"):
     modules = [f"{parts[0]}_{parts[1]}"]

@@ -16,7 +16,12 @@ from ciae_jax.data import canvas
 from ciae_jax.data import coco
 from ciae_jax.data import pipeline
 from ciae_jax.data import schedule
-from test_data_helpers import check_example, decoded_by_id, flat, make_dataset, row, take
+from test_data_helpers import check_example
+from test_data_helpers import decoded_by_id
+from test_data_helpers import flat
+from test_data_helpers import make_dataset
+from test_data_helpers import row
+from test_data_helpers import take
 from test_data_helpers import tiny_config
 
 NUM_IMAGES = 12

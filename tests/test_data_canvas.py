@@ -37,7 +37,7 @@ def test_canvas_for_takes_the_smallest_that_holds_else_the_least_shrinking():
 
 
 def test_coco_sample_sizes_pad_to_at_most_115_percent():
-  # The two images of the shared COCO sample (427 x 640 and 360 x 640) at 800 / 1333: padding
+  # The two images of the COCO sample (427 x 640 and 360 x 640) at 800 / 1333: padding
   # is exact integer arithmetic, so the bound is checked exactly.
   options = canvas.canvases(hparams.DatasetHParams())
   for height, width in ((427, 640), (360, 640)):

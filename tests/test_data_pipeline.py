@@ -16,8 +16,13 @@ from ciae_jax import hparams
 from ciae_jax.data import canvas
 from ciae_jax.data import pipeline
 from ciae_jax.data import schedule
-from test_data_helpers import check_example, decoded_by_id, flat, make_dataset, take
-from test_data_helpers import ref_shape, tiny_config
+from test_data_helpers import check_example
+from test_data_helpers import decoded_by_id
+from test_data_helpers import flat
+from test_data_helpers import make_dataset
+from test_data_helpers import ref_shape
+from test_data_helpers import take
+from test_data_helpers import tiny_config
 
 NUM_IMAGES = 12
 

@@ -26,8 +26,6 @@ from ciae_jax.evaluation import runner
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import train_state as train_state_lib
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 OUTPUTS = ("metrics.json", "detections.json", "panoptic_predictions.json")
 # The new path predicts 2 images per call on one device, the old one 8 per call: XLA may order
 # the float sums of other batch shapes differently, and a pixel whose two best queries tie to
@@ -38,10 +36,9 @@ OLD_PATH_PIXEL_TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, load_config):
   """(hp, variables, memory, state) of `configs/synthetic.py:small`, untrained, on 5 images."""
-  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
-  config = synthetic_config.get_config("small")
+  config = load_config("synthetic", "small")
   config.dataset.root = str(tmp_path_factory.mktemp("eval_parallel") / "synthetic")
   config.dataset.synthetic.update(num_train=2, num_val=5, image_size=(100, 120), seed=1)
   config.inference.update(pre_nms_thresh=0.0, instance_score_thresh=0.0, per_device_batch=2)

@@ -3,10 +3,10 @@ import json
 import os
 
 import numpy as np
-import pytest
-from PIL import Image
 from panopticapi import evaluation as panopticapi_eval
 from panopticapi.utils import rgb2id
+from PIL import Image
+import pytest
 
 from ciae_jax import panoptic_png
 from ciae_jax.evaluation import coco_format

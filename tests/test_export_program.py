@@ -26,8 +26,6 @@ from ciae_jax.data import dataset as dataset_lib
 from ciae_jax.data import synthetic
 from ciae_jax.models import ciae as ciae_model
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/synthetic.py:small"
 # Subprocesses: one CPU device, the optimisations of this process (same arithmetic).

@@ -16,8 +16,6 @@ from ciae_jax import hparams
 from ciae_jax import inference
 from ciae_jax.segments import Segments
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 SIZE = 32
 STRIDES = (8, 16)
 NUM_STUFF = 2

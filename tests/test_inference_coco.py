@@ -2,8 +2,8 @@
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from ciae_jax.evaluation import coco_format
 

@@ -16,8 +16,6 @@ from ciae_jax.losses import iou as iou_lib
 # FCOS's focal alpha 0.25 and gamma 2, -ln IoU, centerness-weighted regression.
 PAPER = hparams.FcosHParams()
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 
 def _np_iou_loss(pred, target, kind, smooth=1.0):
   """One box at a time, from the UnitBox / GIoU definitions (FCOS's +1 smoothing)."""

@@ -9,7 +9,6 @@ from ciae_jax.segments import Segments
 
 PAPER = hparams.MemoryHParams()  # Eq. 13: coefficient 1e-4, power 3.
 
-jax.config.update("jax_disable_most_optimizations", True)
 
 NUM_STUFF = 3
 NUM_THINGS = 4

@@ -2,20 +2,18 @@
 import functools
 import math
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from ciae_jax.models import ciae
 from ciae_jax.models import embedding as embedding_lib
 from ciae_jax.models import fpn as fpn_lib
 from ciae_jax.models import head as head_lib
 from ciae_jax.models import layers
-
-jax.config.update("jax_disable_most_optimizations", True)
 
 STRIDES = (8, 16, 32, 64, 128)
 LEVEL_KEYS = ("cls_logits", "centerness", "box_reg", "box_embed")
@@ -60,7 +58,8 @@ def test_r50_output_shapes(height, width, r50):
 def test_r50_parameter_counts(r50):
   _, variables = r50
   counts = ciae.count_params(variables)
-  print(f"CIAE-R50 (80 thing classes): trainable {counts['trainable']:,}, total {counts['total']:,}")
+  print(f"CIAE-R50 (80 thing classes): trainable {counts['trainable']:,}, "
+        f"total {counts['total']:,}")
   # torchvision resnet50 has 25,557,032 parameters, of which fc holds 2048 * 1000 + 1000;
   # our backbone also holds the BN running mean and variance (buffers in torchvision).
   backbone = {c: variables[c]["backbone"] for c in variables if "backbone" in variables[c]}
@@ -277,7 +276,7 @@ def test_box_embeddings_are_bilinearly_upsampled_and_summed():
 
 # ---------------------------------------------------------------- switches (structure only)
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_structure(overrides: tuple[tuple[str, object], ...]):
   model = ciae.build_model(dict(TINY, **dict(overrides)), 5)
   images = jnp.zeros((1, 128, 128, 3))
@@ -325,7 +324,8 @@ def test_embed_dims_and_head_depth():
   assert out["embedding"].shape == (1, 128, 128, 16)
   assert out["box_embed"][0].shape == (1, 16, 16, 8)
   assert variables["params"]["embedding"]["box_embed_pred"]["kernel"].shape == (1, 1, 8, 16)
-  towers = {k for k in variables["params"]["head"] if k.startswith(("cls_tower_conv", "reg_tower_conv"))}
+  towers = {k for k in variables["params"]["head"]
+            if k.startswith(("cls_tower_conv", "reg_tower_conv"))}
   assert towers == {f"{t}_tower_conv{i}" for t in ("cls", "reg") for i in range(3)}
   _, out_default = tiny_structure(embed_dim=16)
   assert out_default["box_embed"][0].shape[-1] == 16  # box_embed_dim defaults to embed_dim

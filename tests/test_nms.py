@@ -7,8 +7,6 @@ import pytest
 
 from ciae_jax import detection
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 
 def reference_iou(box_a: np.ndarray, box_b: np.ndarray) -> float:
   """IoU of two (x0, y0, x1, y1) boxes, plain Python floats."""

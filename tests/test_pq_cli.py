@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
-from PIL import Image
 from panopticapi import evaluation as panopticapi_eval
+from PIL import Image
+import pytest
 
 from ciae_jax.evaluation import pq
 

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from ciae_jax.evaluation import pq as pq_lib
+from ciae_jax.evaluation import pq_counts as pq_lib
 
 CATEGORIES = [{"id": 1, "isthing": 0}, {"id": 2, "isthing": 1}, {"id": 5, "isthing": 1}]
 

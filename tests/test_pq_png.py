@@ -9,10 +9,10 @@ import struct
 import zlib
 
 import numpy as np
-import pytest
 from PIL import Image
 from PIL import ImageFile
 from PIL import PngImagePlugin
+import pytest
 
 from ciae_jax import panoptic_png
 from ciae_jax.evaluation import coco_format

@@ -10,8 +10,6 @@ from ciae_jax.data import categories as categories_lib
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import train_state as train_state_lib
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 CATEGORIES = categories_lib.categories_from_list([
     {"id": 7, "name": "sky", "isthing": 0, "color": [10, 20, 200]},
     {"id": 9, "name": "grass", "isthing": 0, "color": [20, 200, 10]},

@@ -33,8 +33,6 @@ from ciae_jax.training import loop
 from ciae_jax.training import train_state as train_state_lib
 import test_reliability_helpers as rh
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 NUM_IMAGES = 8
 MAX_SEGMENTS = 12
 SPLITS = {"train2017": 1_000_003, "val2017": 2_000_003}  # split -> the broken image's id.
@@ -131,9 +129,8 @@ def _broken(clean_root, tmp_path, defect):
   return root, found
 
 
-def _config(root, *, skip=False):
-  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
-  config = synthetic_config.get_config("small")
+def _config(config, root, *, skip=False):
+  """`config` (the `small_config` fixture: configs/synthetic.py:small) on `root`, shrunk."""
   config.dataset.source = "coco"
   config.dataset.root = str(root)
   config.dataset.max_segments = MAX_SEGMENTS
@@ -171,9 +168,9 @@ def _evaluate(config):
 
 @pytest.mark.parametrize("defect", sorted(DEFECTS))
 def test_bad_data_stops_training_and_evaluation_naming_file_and_image_id(
-    clean_root, tmp_path, defect):
+    clean_root, tmp_path, defect, small_config):
   root, found = _broken(clean_root, tmp_path, DEFECTS[defect])
-  config = _config(root)
+  config = _config(small_config, root)
   with pytest.raises(ValueError) as info:
     loop.train_and_evaluate(config, str(tmp_path / "run"))
   _assert_names(str(info.value), *found["train2017"], SPLITS["train2017"])
@@ -190,9 +187,10 @@ def _assert_names(message, file_name, what, image_id):
 
 
 @pytest.mark.parametrize("defect", sorted({**DEFECTS, **KEPT_WITHOUT_SKIPPING}))
-def test_skip_bad_examples_leaves_out_and_reports_each(clean_root, tmp_path, caplog, defect):
+def test_skip_bad_examples_leaves_out_and_reports_each(clean_root, tmp_path, caplog, defect,
+                                                       small_config):
   root, found = _broken(clean_root, tmp_path, {**DEFECTS, **KEPT_WITHOUT_SKIPPING}[defect])
-  config = _config(root, skip=True)
+  config = _config(small_config, root, skip=True)
   caplog.set_level(logging.INFO)
   bad_train, bad_val = SPLITS["train2017"], SPLITS["val2017"]
 
@@ -230,13 +228,13 @@ def test_skip_bad_examples_leaves_out_and_reports_each(clean_root, tmp_path, cap
 
 
 def test_without_skipping_empty_images_are_listed_and_crowded_ones_named(
-    clean_root, tmp_path, caplog):
+    clean_root, tmp_path, caplog, small_config):
   caplog.set_level(logging.INFO)
   root = tmp_path / "data"
   shutil.copytree(clean_root, root)
   _zero_segments(root, "train2017")
   _too_many_segments(root, "val2017")
-  config = _config(root)
+  config = _config(small_config, root)
   batches, iterator = _batches(config, "train2017", train=True, num=2)
   assert SPLITS["train2017"] not in _ids(batches)
   [skipped] = iterator.skipped_examples
@@ -257,9 +255,9 @@ class _StopAfterBuilding(Exception):
   pass
 
 
-def test_training_lists_skipped_images_at_the_end(clean_root, tmp_path, caplog):
+def test_training_lists_skipped_images_at_the_end(clean_root, tmp_path, caplog, small_config):
   root, _ = _broken(clean_root, tmp_path, _corrupt_jpeg)
-  config = _config(root, skip=True)
+  config = _config(small_config, root, skip=True)
   caplog.set_level(logging.WARNING)
 
   def input_fn(dataset_cfg, split, **kwargs):
@@ -287,8 +285,8 @@ def test_training_lists_skipped_images_at_the_end(clean_root, tmp_path, caplog):
   assert any(f"skipped image id {SPLITS['train2017']} (" in m for m in messages), messages
 
 
-def test_tfds_source_cannot_skip(tmp_path):
-  config = _config(tmp_path)
+def test_tfds_source_cannot_skip(tmp_path, small_config):
+  config = _config(small_config, tmp_path)
   config = config.replace(dataset=config.dataset.replace(source="tfds", skip_bad_examples=True))
   with pytest.raises(ValueError, match="skip_bad_examples=True needs source 'coco' or "
                      "'synthetic'"):

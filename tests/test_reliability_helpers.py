@@ -81,7 +81,7 @@ class Process:
     self.popen = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
     self.lines: list[str] = []
-    self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+    self._queue: queue.Queue[Optional[str]] = queue.Queue()
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()
 
@@ -116,7 +116,8 @@ class Process:
     except subprocess.TimeoutExpired:
       self.popen.kill()
       self.popen.wait()
-      raise AssertionError(f"{self.command} ran past {timeout} s:\n{self.output[-4000:]}")
+      raise AssertionError(
+          f"{self.command} ran past {timeout} s:\n{self.output[-4000:]}") from None
     self._reader.join(timeout=10)
     return code
 

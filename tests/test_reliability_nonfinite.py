@@ -48,6 +48,7 @@ def _train(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
   from ciae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from ciae_jax.training import loop  # pylint: disable=g-import-not-at-top

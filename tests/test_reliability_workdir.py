@@ -25,8 +25,6 @@ from ciae_jax.training import train_state as train_state_lib
 from ciae_jax.training import workdir as workdir_lib
 import test_train_helpers as helpers
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 SAVED_STEP = 2
 
 

@@ -1,9 +1,9 @@
 """ciae_jax.models.resize.resize_bilinear gives jax.image.resize's bilinear values and gradients."""
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
 from ciae_jax.models import resize
 

@@ -10,8 +10,6 @@ from ciae_jax import hparams
 from ciae_jax import targets as targets_lib
 from ciae_jax.segments import Segments
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 NUM_STUFF = 3
 NUM_THINGS = 4
 
@@ -123,14 +121,14 @@ def _reference(ex, strides, sizes, region):
   return {k: np.array(v) for k, v in out.items()}, num_ties
 
 
-def _targets(*, strides=hparams.LEVEL_STRIDES, sizes=hparams.FcosHParams().sizes,
+def _targets(*, strides=hparams.LEVEL_STRIDES, sizes=hparams.FcosHParams().sizes,  # noqa: B008
              positive_region="mask", **ex):
   """`fcos_targets` of an example dict of segment arrays."""
   hp = hparams.FcosHParams(sizes=sizes, positive_region=positive_region)
   return targets_lib.fcos_targets(Segments(**ex), num_stuff=NUM_STUFF, hp=hp, strides=strides)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(strides, sizes, region):
   return jax.jit(functools.partial(_targets, strides=strides, sizes=sizes,
                                    positive_region=region))

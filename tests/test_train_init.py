@@ -15,8 +15,6 @@ from ciae_jax.training import step as step_lib
 from ciae_jax.training import train_state as train_state_lib
 import test_train_helpers as helpers
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 
 def test_initial_state_and_frozen_parts(tmp_path):
   # One test function: pytest-xdist would run a module fixture once per worker.

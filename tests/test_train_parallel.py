@@ -16,8 +16,6 @@ import pytest
 from ciae_jax.training import parallel
 import test_train_helpers as helpers
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 NUM_STEPS = 3
 NUM_DEVICES = 8
 

@@ -20,8 +20,6 @@ from ciae_jax.training import loop
 from ciae_jax.training import train_state as train_state_lib
 import test_train_helpers as helpers
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 TOTAL_STEPS = 4
 
 

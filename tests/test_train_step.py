@@ -22,8 +22,6 @@ from ciae_jax.training import parallel
 from ciae_jax.training import step as step_lib
 import test_train_helpers as helpers
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 NUM_STEPS = 5
 BATCH = 4
 LOSS_TERMS = ("loss", "loss_cls", "loss_reg", "loss_ctr", "loss_cae", "loss_iae", "loss_ciae")

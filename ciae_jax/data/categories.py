@@ -129,7 +129,7 @@ def read_category_list(path: PathLike) -> list[dict[str, Any]]:
   """
   path = os.fspath(path)
   try:
-    with open(path, "r") as f:
+    with open(path) as f:
       data = json.load(f)
   except FileNotFoundError:
     raise FileNotFoundError(f"categories file not found: {path}") from None

@@ -22,8 +22,8 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from ciae_jax.data import categories as categories_lib
 from ciae_jax import panoptic_png
+from ciae_jax.data import categories as categories_lib
 
 PathLike = str | os.PathLike
 
@@ -70,7 +70,7 @@ def _read_json(path: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"panoptic annotation file not found: {path}")
   try:
-    with open(path, "r") as f:
+    with open(path) as f:
       data = json.load(f)
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON ({e})") from None

@@ -21,7 +21,8 @@ def check_config(cfg: hparams.DatasetHParams) -> None:
                      "'synthetic' (TFDS examples were checked when the "
                      "dataset was prepared)")
   if cfg.source in ("coco", "synthetic") and not cfg.root:
-    raise ValueError(f"dataset.root is required for source {cfg.source!r}")
+    raise ValueError(f"dataset.root is required for source {cfg.source!r}: "
+                     "pass --config.dataset.root=PATH")
 
 
 def prepare_root(cfg: hparams.DatasetHParams) -> str:
@@ -31,6 +32,9 @@ def prepare_root(cfg: hparams.DatasetHParams) -> str:
   and no synthetic manifest) is read as it is: `--config.dataset.root=PATH` alone trains the
   synthetic config on any COCO-layout data, and nothing is ever generated into it.
   """
+  if not cfg.root:  # Evaluation comes here without the pipeline's check_config.
+    raise ValueError(f"dataset.root is required for source {cfg.source!r}: "
+                     "pass --config.dataset.root=PATH")
   if cfg.source == "synthetic":
     from ciae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     if synthetic.holds_other_dataset(cfg.root):

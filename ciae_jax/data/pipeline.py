@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterator, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import jax
 import numpy as np

@@ -14,7 +14,7 @@ import concurrent.futures
 import dataclasses
 import os
 import time
-from typing import Any, Callable, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from absl import logging
 import numpy as np

@@ -23,7 +23,7 @@ batch is padded to the union of the dataset's canvases (`data/pipeline.py`).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 

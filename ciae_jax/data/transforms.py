@@ -19,7 +19,7 @@ Raw example (per image, unbatched):
 """
 from __future__ import annotations
 
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from absl import logging
 

@@ -1,4 +1,4 @@
-"""The CIAE loss (paper III-B, Eq. 2-12; readings in shared/design.md "Losses").
+"""The CIAE loss (paper III-B, Eq. 2-12; readings in docs/method.md "Losses").
 
 Per valid pixel i with unit embedding p_i and a set of query embeddings, distances are
 `D = 1 - cosine`. With `d_pos` the distance to the pixel's own query, every other valid query k

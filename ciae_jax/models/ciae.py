@@ -93,7 +93,7 @@ def build_model(hp: hparams.ModelHParams, num_thing_classes: int) -> CIAE:
 
 
 def count_params(variables: Any) -> dict[str, int]:
-  """Element counts: {"trainable": params, "total": every collection}; arrays or ShapeDtypeStructs."""
+  """Element counts: {"trainable": params, "total": every collection}; arrays or shape structs."""
   def size(tree: Any) -> int:
     return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(tree))
   return {"trainable": size(variables.get("params", {})), "total": size(variables)}

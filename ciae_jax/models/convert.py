@@ -20,10 +20,10 @@ import os
 import sys
 from typing import Any, Mapping, Sequence
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from ciae_jax.models import resnet
 
@@ -47,7 +47,7 @@ def _is_ignored(key: str) -> bool:
   return key in IGNORED_KEYS or key.endswith(IGNORED_SUFFIXES)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def backbone_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
   """Our backbone variables of `backbone` (frozen_bn): {"layer1_0/conv1/kernel": shape, ...}."""
   model = resnet.ResNet(backbone, norm="frozen_bn", freeze_at=0)

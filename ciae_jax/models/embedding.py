@@ -58,7 +58,7 @@ class EmbeddingBranch(nn.Module):
   @nn.compact
   def __call__(self, features: dict[str, jax.Array], box_embeds: Sequence[jax.Array] | None,
                image_size: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-    """features {"p2".."p5"}, box embeddings of P3..P7 -> (prenorm, embedding), [B, H, W, D] each."""
+    """features {"p2".."p5"}, box embeddings of P3..P7 -> (prenorm, embedding), [B, H, W, D]."""
     quarter_size = features["p2"].shape[1:3]
     semantic = sum(self._semantic_path(features, level) for level in SEMANTIC_LEVELS)
     p_prime = self._predictor("embed_pred")(semantic).astype(jnp.float32)  # [B, H/4, W/4, D]

@@ -109,7 +109,8 @@ class Bottleneck(nn.Module):
     out = _norm_layer(self.norm, out_channels, self.dtype, "bn3")(out)
     identity = x
     if self.strides != 1 or x.shape[-1] != out_channels:
-      identity = conv(out_channels, 1, self.strides, name="downsample_0")(x)  # [B, H/s, W/s, 4 planes]
+      # [B, H/s, W/s, 4 planes]
+      identity = conv(out_channels, 1, self.strides, name="downsample_0")(x)
       identity = _norm_layer(self.norm, out_channels, self.dtype, "downsample_1")(identity)
     return nn.relu(out + identity.astype(out.dtype))
 

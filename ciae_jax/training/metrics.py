@@ -1,10 +1,9 @@
 """Training metrics: a clu `Collection` of averages, filled on device once per step."""
 from typing import Any
 
+from clu import metrics as clu_metrics
 import flax
 import jax.numpy as jnp
-from clu import metrics as clu_metrics
-
 
 
 def finite_average(name: str) -> type[clu_metrics.Average]:

@@ -14,8 +14,10 @@ import functools
 from typing import Any, Callable, Optional
 
 import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS_NAME = "batch"
 PARALLEL_MODES = ("pmap", "shard_map")
