@@ -236,6 +236,10 @@ class DatasetHParams(_Group):
   max_segments: int = 100  # S, segment rows per image.
   flip: bool = True
   skip_bad_examples: bool = False
+  # The last N images of the train split (by image id) are held out of training for
+  # `python -m ciae_jax.tune_inference` (inference thresholds chosen on images the model never
+  # trained on, and not on val); 0: train on the whole split. Sources coco and synthetic only.
+  num_tuning_images: int = 0
   shuffle_buffer: int = 1000  # TFDS source only.
   num_parallel_calls: int = -1  # -1: AUTOTUNE.
   prefetch: int = 2
@@ -248,6 +252,8 @@ class DatasetHParams(_Group):
     _require(0 < lo <= hi, "dataset.train_min_size_range",
              f"must be (lo, hi) with 0 < lo <= hi, got {tuple(self.train_min_size_range)}")
     _require(self.max_segments >= 1, "dataset.max_segments", f"must be >= 1, got {self.max_segments}")
+    _require(self.num_tuning_images >= 0, "dataset.num_tuning_images",
+             f"must be >= 0, got {self.num_tuning_images}")
     _require(all(len(c) == 2 and c[0] > 0 and c[1] > 0 and not c[0] % 32 and not c[1] % 32
                  for c in self.canvas_sizes), "dataset.canvas_sizes",
              f"each canvas must be (H, W) with positive multiples of 32, got {self.canvas_sizes}")
