@@ -26,7 +26,12 @@ LEVEL_STRIDES = (8, 16, 32, 64, 128)
 
 _BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_tiny")
 _NORMS = ("frozen_bn", "gn")
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+# model.dtype="auto": bfloat16 where the hardware computes it natively; float32 on CPU, where
+# XLA:CPU gains nothing from it (inference no faster: benchmarks/RESULTS.md; training reported
+# ~2x slower, issue 12).
+_AUTO_DTYPES = {"gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16", "tpu": "bfloat16"}
+_logged_auto_dtypes: set[tuple[str, str]] = set()
 _POSITIVE_REGIONS = ("mask", "box")
 _IOU_KINDS = ("iou", "linear_iou", "giou")
 _CATEGORY_SOURCES = ("box", "memory")
@@ -71,7 +76,9 @@ class ModelHParams(_Group):
   use_box_embedding: bool = True  # Fuse P'' into the embedding, Table VI.
   use_coordconv: bool = True  # CoordConv on the P5 path of the embedding branch, Table VI.
   prior_prob: float = 0.01  # Class prior of the logits' bias init (RetinaNet / FCOS).
-  dtype: str = "float32"  # Compute dtype; params and outputs stay float32.
+  # Compute dtype; params and outputs stay float32. "auto" (only when asked for): bfloat16 on
+  # GPU / TPU, float32 on CPU (`resolved_dtype`).
+  dtype: str = "float32"
 
   def __post_init__(self):
     _require(self.backbone in _BACKBONES, "model.backbone", f"{self.backbone!r} not in {_BACKBONES}")
@@ -88,12 +95,38 @@ class ModelHParams(_Group):
     _require(not (self.norm == "gn" and (self.freeze_at or 0) > 0), "model.freeze_at",
              "> 0 needs norm='frozen_bn' (a GN backbone trains from scratch)")
 
+  def resolved_dtype(self, platform: str | None = None) -> str:
+    """The compute dtype's name: `dtype`, or for "auto" the platform's (`resolve_dtype`).
+
+    `platform` defaults to JAX's default backend. The one place "auto" is resolved (the model
+    calls it); the choice is logged once per process.
+    """
+    if self.dtype != "auto":
+      return self.dtype
+    if platform is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      platform = jax.default_backend()
+    return resolve_dtype(self.dtype, platform)
+
   @property
   def resolved_freeze_at(self) -> int:
     """`freeze_at` with its default filled in."""
     if self.freeze_at is not None:
       return self.freeze_at
     return 2 if self.norm == "frozen_bn" else 0
+
+
+def resolve_dtype(dtype: str, platform: str) -> str:
+  """`model.dtype` on `platform` ("cpu", "gpu", "tpu", ...): "auto" becomes bfloat16 on GPU
+  and TPU and float32 elsewhere (XLA:CPU gains nothing from bfloat16); other values stay."""
+  if dtype != "auto":
+    return dtype
+  resolved = _AUTO_DTYPES.get(platform.lower(), "float32")
+  if (platform, resolved) not in _logged_auto_dtypes:
+    _logged_auto_dtypes.add((platform, resolved))
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.info("model.dtype='auto' on platform %r: computing in %s", platform, resolved)
+  return resolved
 
 
 @dataclasses.dataclass(frozen=True)
