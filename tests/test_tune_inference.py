@@ -23,6 +23,7 @@ from ciae_jax.data import pipeline
 from ciae_jax.evaluation import runner
 from ciae_jax.evaluation import tuning
 from ciae_jax.models import ciae as ciae_model
+from ciae_jax.training import workdir as workdir_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_TUNING = 7, 3
@@ -159,3 +160,14 @@ def test_bad_num_tuning_images_name_the_field(tmp_path):
     tuning.tuning_records(hp.dataset, categories)
   with pytest.raises(hparams.HParamsError, match="dataset.num_tuning_images"):
     hp.dataset.replace(num_tuning_images=-1)
+
+
+def test_a_record_without_the_field_resumes_unless_the_field_is_set():
+  """A workdir whose config.json predates `dataset.num_tuning_images` reads it as 0."""
+  saved = workdir_lib.flat_config(hparams.HParams())
+  del saved["dataset.num_tuning_images"]
+  current = workdir_lib.flat_config(hparams.HParams())
+  assert workdir_lib.config_differences(saved, current) == []
+  held = hparams.HParams(dataset=hparams.DatasetHParams(num_tuning_images=32))
+  assert workdir_lib.config_differences(saved, workdir_lib.flat_config(held)) == [
+      "dataset.num_tuning_images: 0 -> 32"]
