@@ -171,3 +171,25 @@ def test_a_record_without_the_field_resumes_unless_the_field_is_set():
   held = hparams.HParams(dataset=hparams.DatasetHParams(num_tuning_images=32))
   assert workdir_lib.config_differences(saved, workdir_lib.flat_config(held)) == [
       "dataset.num_tuning_images: 0 -> 32"]
+
+
+def test_a_corrupt_held_out_image_is_an_error_or_left_out(tmp_path):
+  config = _config(tmp_path / "synthetic")
+  hp = hparams.HParams.from_config(config)
+  categories = dataset_lib.load_dataset_categories(hp.dataset)
+  bad = tuning.tuning_records(hp.dataset, categories)[1]
+  pathlib.Path(bad.image_path).write_bytes(b"not a JPEG")
+  model = ciae_model.build_model(hp.model, categories.num_things)
+  variables = jax.jit(lambda rng: ciae_model.init_variables(model, rng))(jax.random.PRNGKey(0))
+  rows = memory_lib.num_memory(categories.num_stuff, categories.num_things, hp.loss.merge_things)
+  memory = memory_lib.init_memory(jax.random.PRNGKey(1), rows, hp.model.embed_dim)
+  grid = tuning.Grid((0.0,), (0.5,), (64.0,))
+  kwargs = {"variables": variables, "memory": memory, "grid": grid,
+            "devices": jax.local_devices()[:1]}
+  with pytest.raises(ValueError, match=rf"{bad.image_path}.*image id {bad.image_id}"):
+    tuning.tune(hp, **kwargs)
+  hp = hp.replace(dataset=hp.dataset.replace(skip_bad_examples=True))
+  result = tuning.tune(hp, **kwargs)
+  assert result["skipped_image_ids"] == [bad.image_id]
+  assert len(result["image_ids"]) == NUM_TUNING - 1 and bad.image_id not in result["image_ids"]
+  assert len(result["settings"]) == 1 and result["best"] == result["settings"][0]

@@ -178,8 +178,9 @@ def tune(hp: hparams.HParams, *, variables: Any, memory: Any, grid: Grid,
     log_every_s: seconds between progress lines.
 
   Returns:
-    `{"image_ids", "settings": [{instance_score_thresh, nms_thresh, stuff_area, All, Things,
-    Stuff}], "best"}`, PQ/SQ/RQ as fractions (`pq_compute`'s `{pq, sq, rq, n}`); `best` is the
+    `{"image_ids", "skipped_image_ids", "settings": [{instance_score_thresh, nms_thresh,
+    stuff_area, All, Things, Stuff}], "best"}` (`skipped_image_ids`: images that did not
+    decode, with `skip_bad_examples`), PQ/SQ/RQ as fractions (`pq_compute`'s `{pq, sq, rq, n}`); `best` is the
     first setting of highest All PQ.
   """
   if hp.inference.oracle:
@@ -203,8 +204,17 @@ def tune(hp: hparams.HParams, *, variables: Any, memory: Any, grid: Grid,
   logging.info("tuning: %d settings on %d held-out train images (ids %d..%d)", len(settings),
                len(records), records[0].image_id, records[-1].image_id)
 
+  skipped = []
+
   def load(record):
-    example = coco.decode_example(record, categories)
+    try:
+      example = coco.decode_example(record, categories)
+    except ValueError as error:  # As in evaluation: listed with skip_bad_examples, else raised.
+      if not dataset.skip_bad_examples:
+        raise
+      skipped.append(record.image_id)
+      logging.warning("tuning: image id %d left out: %s", record.image_id, error)
+      return None
     gt_ids = np.where(example["segment_map"] > 0,
                       example["seg_id"][example["segment_map"] - 1], 0)  # [h0, w0]
     return preprocessor(example["image"]), gt_ids
@@ -215,7 +225,7 @@ def tune(hp: hparams.HParams, *, variables: Any, memory: Any, grid: Grid,
       outputs, rows = programs.outputs(batch.canvas, [x and x[0] for x in loaded])
       for accumulator, setting in zip(accumulators, settings):
         for index, x, raw in zip(batch.rows, loaded, programs.results(outputs, rows, setting)):
-          if index is None:
+          if index is None or x is None:
             continue
           (prepared, gt_ids), image_id = x, records[index].image_id
           id_map, segments = coco_format.to_coco_panoptic(
@@ -223,6 +233,7 @@ def tune(hp: hparams.HParams, *, variables: Any, memory: Any, grid: Grid,
           accumulator.add(gt_ids, ground_truth.annotations[image_id]["segments_info"], id_map,
                           segments, image_id=image_id)
         progress.update(sum(i is not None for i in batch.rows))
+  used = [r.image_id for r in records if r.image_id not in set(skipped)]
 
   table = []
   for setting, accumulator in zip(settings, accumulators):
@@ -230,7 +241,8 @@ def tune(hp: hparams.HParams, *, variables: Any, memory: Any, grid: Grid,
     table.append({**dict(zip(SETTING_KEYS, setting)),
                   **{g: result[g] for g in ("All", "Things", "Stuff")}})
   best = max(table, key=lambda row: row["All"]["pq"])  # The first of equal PQs.
-  return {"image_ids": [r.image_id for r in records], "settings": table, "best": best}
+  return {"image_ids": used, "skipped_image_ids": sorted(skipped), "settings": table,
+          "best": best}
 
 
 class _Progress:
