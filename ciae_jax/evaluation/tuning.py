@@ -180,8 +180,8 @@ def tune(hp: hparams.HParams, *, variables: Any, memory: Any, grid: Grid,
   Returns:
     `{"image_ids", "skipped_image_ids", "settings": [{instance_score_thresh, nms_thresh,
     stuff_area, All, Things, Stuff}], "best"}` (`skipped_image_ids`: images that did not
-    decode, with `skip_bad_examples`), PQ/SQ/RQ as fractions (`pq_compute`'s `{pq, sq, rq, n}`); `best` is the
-    first setting of highest All PQ.
+    decode, with `skip_bad_examples`), PQ/SQ/RQ as fractions (`pq_compute`'s
+    `{pq, sq, rq, n}`); `best` is the first setting of highest All PQ.
   """
   if hp.inference.oracle:
     raise ValueError("inference.oracle=True: tune_inference tunes the detector's thresholds; "
