@@ -26,7 +26,12 @@ LEVEL_STRIDES = (8, 16, 32, 64, 128)
 
 _BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_tiny")
 _NORMS = ("frozen_bn", "gn")
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+# model.dtype="auto": bfloat16 where the hardware computes it natively; float32 on CPU, where
+# XLA:CPU gains nothing from it (inference no faster: benchmarks/RESULTS.md; training reported
+# ~2x slower, issue 12).
+_AUTO_DTYPES = {"gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16", "tpu": "bfloat16"}
+_logged_auto_dtypes: set[tuple[str, str]] = set()
 _POSITIVE_REGIONS = ("mask", "box")
 _IOU_KINDS = ("iou", "linear_iou", "giou")
 _CATEGORY_SOURCES = ("box", "memory")
@@ -71,7 +76,9 @@ class ModelHParams(_Group):
   use_box_embedding: bool = True  # Fuse P'' into the embedding, Table VI.
   use_coordconv: bool = True  # CoordConv on the P5 path of the embedding branch, Table VI.
   prior_prob: float = 0.01  # Class prior of the logits' bias init (RetinaNet / FCOS).
-  dtype: str = "float32"  # Compute dtype; params and outputs stay float32.
+  # Compute dtype; params and outputs stay float32. "auto" (only when asked for): bfloat16 on
+  # GPU / TPU, float32 on CPU (`resolved_dtype`).
+  dtype: str = "float32"
 
   def __post_init__(self):
     _require(self.backbone in _BACKBONES, "model.backbone",
@@ -91,12 +98,38 @@ class ModelHParams(_Group):
     _require(not (self.norm == "gn" and (self.freeze_at or 0) > 0), "model.freeze_at",
              "> 0 needs norm='frozen_bn' (a GN backbone trains from scratch)")
 
+  def resolved_dtype(self, platform: str | None = None) -> str:
+    """The compute dtype's name: `dtype`, or for "auto" the platform's (`resolve_dtype`).
+
+    `platform` defaults to JAX's default backend. The one place "auto" is resolved (the model
+    calls it); the choice is logged once per process.
+    """
+    if self.dtype != "auto":
+      return self.dtype
+    if platform is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      platform = jax.default_backend()
+    return resolve_dtype(self.dtype, platform)
+
   @property
   def resolved_freeze_at(self) -> int:
     """`freeze_at` with its default filled in."""
     if self.freeze_at is not None:
       return self.freeze_at
     return 2 if self.norm == "frozen_bn" else 0
+
+
+def resolve_dtype(dtype: str, platform: str) -> str:
+  """`model.dtype` on `platform` ("cpu", "gpu", "tpu", ...): "auto" becomes bfloat16 on GPU
+  and TPU and float32 elsewhere (XLA:CPU gains nothing from bfloat16); other values stay."""
+  if dtype != "auto":
+    return dtype
+  resolved = _AUTO_DTYPES.get(platform.lower(), "float32")
+  if (platform, resolved) not in _logged_auto_dtypes:
+    _logged_auto_dtypes.add((platform, resolved))
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.info("model.dtype='auto' on platform %r: computing in %s", platform, resolved)
+  return resolved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +273,10 @@ class DatasetHParams(_Group):
   max_segments: int = 100  # S, segment rows per image.
   flip: bool = True
   skip_bad_examples: bool = False
+  # The last N images of the train split (by image id) are held out of training for
+  # `python -m ciae_jax.tune_inference` (inference thresholds chosen on images the model never
+  # trained on, and not on val); 0: train on the whole split. Sources coco and synthetic only.
+  num_tuning_images: int = 0
   shuffle_buffer: int = 1000  # TFDS source only.
   num_parallel_calls: int = -1  # -1: AUTOTUNE.
   prefetch: int = 2
@@ -253,6 +290,8 @@ class DatasetHParams(_Group):
              f"must be (lo, hi) with 0 < lo <= hi, got {tuple(self.train_min_size_range)}")
     _require(self.max_segments >= 1, "dataset.max_segments",
              f"must be >= 1, got {self.max_segments}")
+    _require(self.num_tuning_images >= 0, "dataset.num_tuning_images",
+             f"must be >= 0, got {self.num_tuning_images}")
     _require(all(len(c) == 2 and c[0] > 0 and c[1] > 0 and not c[0] % 32 and not c[1] % 32
                  for c in self.canvas_sizes), "dataset.canvas_sizes",
              f"each canvas must be (H, W) with positive multiples of 32, got {self.canvas_sizes}")

@@ -6,6 +6,7 @@ size the model, the ground-truth files feed PQ.
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 from absl import logging
 
@@ -20,9 +21,37 @@ def check_config(cfg: hparams.DatasetHParams) -> None:
     raise ValueError("dataset.skip_bad_examples=True needs source 'coco' or "
                      "'synthetic' (TFDS examples were checked when the "
                      "dataset was prepared)")
+  if cfg.num_tuning_images and cfg.source == "tfds":
+    raise ValueError("dataset.num_tuning_images > 0 needs source 'coco' or 'synthetic' (the "
+                     "held-out images are chosen by image id from the split's JSON)")
   if cfg.source in ("coco", "synthetic") and not cfg.root:
     raise ValueError(f"dataset.root is required for source {cfg.source!r}: "
                      "pass --config.dataset.root=PATH")
+
+
+def split_tuning_records(records: Sequence[coco.ImageRecord], num_tuning_images: int, *,
+                         where: str = "") -> tuple[list[coco.ImageRecord],
+                                                   list[coco.ImageRecord]]:
+  """(training records, held-out tuning records) of the train split's records.
+
+  The held-out images are the last `num_tuning_images` by image id: a pure function of the
+  split's JSON, so the training input (`sources.CocoSource`), every host and a resumed run
+  leave out the same images, and `tune_inference` reads exactly those. Called on the records
+  as `coco.load_records` returns them (before any decoding check), so the held-out set does not
+  depend on which images decode.
+
+  Raises:
+    ValueError: naming `dataset.num_tuning_images` when it leaves no training image.
+  """
+  records = sorted(records, key=lambda r: r.image_id)
+  if num_tuning_images <= 0:
+    return records, []
+  if num_tuning_images >= len(records):
+    raise ValueError(f"dataset.num_tuning_images={num_tuning_images} must be smaller than the "
+                     f"{len(records)} images of the train split{f' ({where})' if where else ''}"
+                     ": at least one image must be left for training")
+  cut = len(records) - num_tuning_images
+  return records[:cut], records[cut:]
 
 
 def prepare_root(cfg: hparams.DatasetHParams) -> str:

@@ -116,16 +116,23 @@ class CocoSource:
 
   def __init__(self, root: str, split: str,
                categories: categories_lib.CategoryInfo, *, train: bool,
-               max_segments: int, skip_bad_examples: bool):
+               max_segments: int, skip_bad_examples: bool, num_tuning_images: int = 0):
     self.json_path = coco.split_paths(root, split)[1]
     skipped = []
     if skip_bad_examples:
       records, skipped = _records_collecting_errors(root, split, categories)
+    else:
+      records = coco.load_records(root, split, categories=categories)
+    if train and num_tuning_images:
+      records, held_out = dataset_lib.split_tuning_records(records, num_tuning_images,
+                                                           where=self.json_path)
+      logging.info("%s: the last %d images (ids %d..%d) are held out of training for "
+                   "tune_inference (dataset.num_tuning_images)", self.json_path, len(held_out),
+                   held_out[0].image_id, held_out[-1].image_id)
+    if skip_bad_examples:
       records, bad = validate_records(records, categories)
       skipped = sorted(skipped + bad, key=lambda s: s.image_id)
       log_skipped(self.json_path, skipped, "are bad and left out")
-    else:
-      records = coco.load_records(root, split, categories=categories)
     if train:
       records, left_out = self._training_records(records, max_segments, skip_bad_examples)
       skipped += left_out
@@ -219,4 +226,5 @@ def make_source(cfg: hparams.DatasetHParams, split: str, *, train: bool,
     from ciae_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.TfdsSource(cfg, split, categories, train=train)
   return CocoSource(dataset_lib.prepare_root(cfg), split, categories, train=train,
-                    max_segments=cfg.max_segments, skip_bad_examples=cfg.skip_bad_examples)
+                    max_segments=cfg.max_segments, skip_bad_examples=cfg.skip_bad_examples,
+                    num_tuning_images=cfg.num_tuning_images)

@@ -67,7 +67,7 @@ class CIAE(nn.Module):
     """images [B, H, W, 3] (normalised RGB) -> the output dict of docs/interfaces.md."""
     self._check(images)
     hp = self.hp
-    dtype = layers.canonical_dtype(hp.dtype)
+    dtype = layers.canonical_dtype(hp.resolved_dtype())  # "auto": the platform's.
     features = resnet.ResNet(hp.backbone, hp.norm, hp.resolved_freeze_at, dtype,
                              name="backbone")(images.astype(dtype))  # c2..c5
     pyramid = fpn_lib.FPN(hp.fpn_dim, dtype, name="fpn")(features)  # p2..p7

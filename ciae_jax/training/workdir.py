@@ -98,12 +98,19 @@ def _ignored(name: str) -> bool:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """'field: saved -> current' for every field that differs and may change the model."""
+  """'field: saved -> current' for every field that differs and may change the model.
+
+  A field absent from one side (a record written before the field existed) counts as its
+  default, so that adding a field (e.g. `dataset.num_tuning_images`) does not stop old runs
+  from resuming unless they set it.
+  """
   differences = []
+  defaults = flat_config(hparams.HParams())
   for name in sorted(set(saved) | set(current)):
     if _ignored(name):
       continue
-    old, new = saved.get(name, "<absent>"), current.get(name, "<absent>")
+    absent = defaults.get(name, "<absent>")
+    old, new = saved.get(name, absent), current.get(name, absent)
     if old != new:
       differences.append(f"{name}: {old!r} -> {new!r}")
   return differences
