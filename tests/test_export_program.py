@@ -113,10 +113,28 @@ def test_from_export_predicts_what_the_checkpoint_predicts(run):
     assert have.detections == want.detections
 
 
+# Runs a script in a Python where `ciae_jax` cannot be imported, installed or not (`pip install
+# -e .` puts it on every path): a meta-path finder refuses the package before any other finder.
+NO_CIAE_JAX = """
+import importlib.abc, runpy, sys
+class Refuse(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name == "ciae_jax" or name.startswith("ciae_jax."):
+      raise ModuleNotFoundError(f"No module named {name!r} (refused by the test)")
+    return None
+sys.meta_path.insert(0, Refuse())
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 def test_the_serving_script_needs_no_ciae_jax(run, tmp_path):
   image = _odd_image(run["folder"])
-  isolated = [sys.executable, "-I"]  # No PYTHONPATH, no script folder, no user site.
-  check = subprocess.run([*isolated, "-c", "import ciae_jax"], cwd=tmp_path, env=ENV,
+  isolated = [sys.executable, "-I", "-c", NO_CIAE_JAX]  # -I: no PYTHONPATH or user site.
+  probe = tmp_path / "probe.py"
+  probe.write_text("import ciae_jax\n")
+  check = subprocess.run([*isolated, str(probe)], cwd=tmp_path, env=ENV,
                          capture_output=True, text=True, check=False)
   assert check.returncode != 0 and "No module named 'ciae_jax'" in check.stderr
   script = tmp_path / "serve_exported.py"
