@@ -125,7 +125,7 @@ def build_program(args: argparse.Namespace, options: dict[str, Any]) -> tuple[An
     call_args = (variables, memory, images, image_size)
   else:  # step
     from ciae_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
-    from ciae_jax.training import parallel  # pylint: disable=g-import-not-at-top
+    from ciae_jax import parallel  # pylint: disable=g-import-not-at-top
     from ciae_jax.training import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
     import train_speed  # pylint: disable=g-import-not-at-top
     params, model_state = ciae_model.split_variables(variables)

@@ -38,9 +38,9 @@ import numpy as np  # noqa: E402
 
 from ciae_jax import hparams  # noqa: E402
 from ciae_jax import memory as memory_lib  # noqa: E402
+from ciae_jax import parallel  # noqa: E402
 from ciae_jax.models import ciae as ciae_model  # noqa: E402
 from ciae_jax.training import optim  # noqa: E402
-from ciae_jax.training import parallel  # noqa: E402
 from ciae_jax.training import step as step_lib  # noqa: E402
 from ciae_jax.training import train_state as train_state_lib  # noqa: E402
 import common  # noqa: E402  pylint: disable=g-bad-import-order

@@ -27,6 +27,7 @@ from ciae_jax import checkpoint as checkpoint_lib
 from ciae_jax import hparams
 from ciae_jax import inference
 from ciae_jax import memory as memory_lib
+from ciae_jax import parallel
 from ciae_jax import preprocess
 from ciae_jax import program_cache as program_cache_lib
 from ciae_jax.data import dataset as dataset_lib
@@ -34,7 +35,6 @@ from ciae_jax.evaluation import coco_format
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.segments import SEGMENT_KEYS
 from ciae_jax.segments import Segments
-from ciae_jax.training import parallel
 
 # What `Prediction` is built from; evaluation fetches the same keys.
 RESULT_KEYS = ("panoptic", "query_class", "query_score", "query_is_thing", "det_box",

@@ -16,12 +16,12 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
+from ciae_jax import parallel
 from ciae_jax import targets as targets_lib
 from ciae_jax.losses import ciae as ciae_losses
 from ciae_jax.losses import fcos as fcos_lib
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.segments import Segments
-from ciae_jax.training import parallel
 import test_train_helpers as helpers
 
 # Tolerances in bfloat16 units: the differences come from rounding values to 8 bits (2^-9

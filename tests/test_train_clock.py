@@ -7,8 +7,8 @@ after step 1 simply had its step counter set to 2 (same arrays, same program).
 import jax
 import numpy as np
 
+from ciae_jax import parallel
 from ciae_jax.training import optim
-from ciae_jax.training import parallel
 import test_train_helpers as helpers
 
 

@@ -14,9 +14,9 @@ import numpy as np
 from ciae_jax import hparams
 from ciae_jax import memory as memory_lib
 from ciae_jax import ops
+from ciae_jax import parallel
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import optim
-from ciae_jax.training import parallel
 from ciae_jax.training import step as step_lib
 from ciae_jax.training import train_state as train_state_lib
 

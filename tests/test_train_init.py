@@ -8,9 +8,9 @@ import numpy as np
 
 from ciae_jax import config_lib
 from ciae_jax import hparams
+from ciae_jax import parallel
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.models import convert
-from ciae_jax.training import parallel
 from ciae_jax.training import step as step_lib
 from ciae_jax.training import train_state as train_state_lib
 import test_train_helpers as helpers

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from ciae_jax.training import parallel
+from ciae_jax import parallel
 import test_train_helpers as helpers
 
 NUM_STEPS = 3

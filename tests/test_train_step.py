@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from ciae_jax import memory as memory_lib
+from ciae_jax import parallel
 from ciae_jax import targets as targets_lib
 from ciae_jax.losses import ciae as ciae_losses
 from ciae_jax.losses import fcos as fcos_lib
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.segments import Segments
-from ciae_jax.training import parallel
 from ciae_jax.training import step as step_lib
 import test_train_helpers as helpers
 

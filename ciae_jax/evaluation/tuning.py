@@ -28,6 +28,7 @@ import numpy as np
 
 from ciae_jax import hparams
 from ciae_jax import inference
+from ciae_jax import parallel
 from ciae_jax import preprocess
 from ciae_jax.data import coco
 from ciae_jax.data import dataset as dataset_lib
@@ -35,7 +36,6 @@ from ciae_jax.evaluation import coco_format
 from ciae_jax.evaluation import pq as pq_lib
 from ciae_jax.evaluation import runner
 from ciae_jax.models import ciae as ciae_model
-from ciae_jax.training import parallel
 
 # The grid's defaults; the config's own value is always added (the table ranks it too).
 DEFAULT_SCORE_THRESHS = (0.1, 0.2, 0.3, 0.4, 0.5)

@@ -31,6 +31,7 @@ import numpy as np
 from ciae_jax import checkpoint as checkpoint_lib
 from ciae_jax import files
 from ciae_jax import hparams
+from ciae_jax import parallel
 from ciae_jax.data import dataset as dataset_lib
 from ciae_jax.data import pipeline
 from ciae_jax.evaluation import pq as pq_lib
@@ -38,7 +39,6 @@ from ciae_jax.evaluation import runner as eval_runner
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import metrics as metrics_lib
 from ciae_jax.training import nonfinite as nonfinite_lib
-from ciae_jax.training import parallel
 from ciae_jax.training import preemption
 from ciae_jax.training import step as step_lib
 from ciae_jax.training import train_state as train_state_lib

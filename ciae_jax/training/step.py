@@ -28,6 +28,7 @@ import optax
 
 from ciae_jax import hparams
 from ciae_jax import memory as memory_lib
+from ciae_jax import parallel
 from ciae_jax import targets as targets_lib
 from ciae_jax.losses import ciae as ciae_losses
 from ciae_jax.losses import fcos as fcos_lib
@@ -35,7 +36,6 @@ from ciae_jax.models import ciae as ciae_model
 from ciae_jax.segments import BATCH_KEYS
 from ciae_jax.segments import Segments
 from ciae_jax.training import optim
-from ciae_jax.training import parallel
 from ciae_jax.training.train_state import TrainState
 
 AXIS_NAME = parallel.AXIS_NAME

@@ -1,0 +1,49 @@
+"""Dependencies point one way (docs/architecture.md), checked on what importing really loads.
+
+Each group of modules is imported in a fresh interpreter and the `ciae_jax` modules and
+TensorFlow it pulls in are compared with what the layering allows: the device code (models,
+losses, targets, memory, inference) and the train step load no TensorFlow and nothing of
+evaluation or training's loop; the predictor, the export and evaluation load nothing of
+`ciae_jax.training`.
+"""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+PROBE = """
+import importlib, json, sys
+for name in sys.argv[1:]:
+  importlib.import_module(name)
+print(json.dumps(sorted(m for m in sys.modules if m.startswith(("ciae_jax", "tensorflow")))))
+"""
+
+# (modules imported, module prefixes they must not load)
+CASES = {
+    "device code": (["ciae_jax.models.ciae", "ciae_jax.losses.ciae", "ciae_jax.losses.fcos",
+                     "ciae_jax.targets", "ciae_jax.memory", "ciae_jax.inference"],
+                    ["tensorflow", "ciae_jax.training", "ciae_jax.evaluation", "ciae_jax.data",
+                     "ciae_jax.predictor"]),
+    "train step": (["ciae_jax.training.step", "ciae_jax.training.train_state"],
+                   ["tensorflow", "ciae_jax.evaluation", "ciae_jax.training.loop",
+                    "ciae_jax.data.pipeline"]),
+    "inference and evaluation": (["ciae_jax.predictor", "ciae_jax.export_lib",
+                                  "ciae_jax.evaluation.runner", "ciae_jax.evaluation.tuning"],
+                                 ["tensorflow", "ciae_jax.training"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_imports_point_one_way(case):
+  modules, forbidden = CASES[case]
+  result = subprocess.run([sys.executable, "-c", PROBE, *modules], capture_output=True,
+                          text=True, cwd=REPO_ROOT, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  loaded = json.loads(result.stdout.strip().splitlines()[-1])
+  assert set(modules) <= set(loaded)  # The probe saw the modules themselves.
+  wrong = [m for m in loaded if any(m == f or m.startswith(f + ".") for f in forbidden)]
+  assert not wrong, f"importing {case} loads {wrong}"
