@@ -246,17 +246,7 @@ class ExportedPredictor(predictor_lib.Predictor):
           with_embedding: bool = False) -> list[dict[str, np.ndarray] | None]:
     """`Predictor.run` on the exported program: up to `rows_per_call` images, None blank."""
     del segments, with_embedding
-    canvas = tuple(int(v) for v in canvas)
-    rows = self.rows_per_call
-    if len(prepared) > rows or any(p is not None and p.canvas != canvas for p in prepared):
-      raise ValueError(f"run takes at most {rows} images of canvas {canvas}")
-    batch = {"image": np.zeros((rows, *canvas, 3), np.float32),  # [B, H, W, 3]
-             "image_size": np.tile(np.asarray(canvas, np.int32), (rows, 1)),  # [B, 2]
-             "orig_size": np.tile(np.asarray(canvas, np.int32), (rows, 1))}  # [B, 2]
-    for row, item in enumerate(prepared):
-      if item is not None:
-        batch["image"][row] = item.image
-        batch["image_size"][row], batch["orig_size"][row] = item.image_size, item.orig_size
+    canvas, batch = self._image_batch(canvas, prepared)
     outputs = jax.device_get(self.program(canvas).call(self._weights, batch))
     return [None if item is None else {k: np.asarray(v[row]) for k, v in outputs.items()}
             for row, item in enumerate(prepared)]

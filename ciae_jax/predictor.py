@@ -255,21 +255,13 @@ class Predictor:
     Returns:
       Per row, the host results (`RESULT_KEYS`, `embedding` if asked) or None for blank rows.
     """
-    canvas = tuple(int(v) for v in canvas)
+    canvas, batch = self._image_batch(canvas, prepared)
     rows = self.rows_per_call
-    if len(prepared) > rows or any(p is not None and p.canvas != canvas for p in prepared):
-      raise ValueError(f"run takes at most {rows} images of canvas {canvas}")
-    batch = {"image": np.zeros((rows, *canvas, 3), np.float32),  # [L, H, W, 3]
-             # Blank rows claim the whole canvas: finite scales, no empty regions.
-             "image_size": np.tile(np.asarray(canvas, np.int32), (rows, 1)),  # [L, 2]
-             "orig_size": np.tile(np.asarray(canvas, np.int32), (rows, 1))}  # [L, 2]
     if self.hp.inference.oracle:
       batch.update(_blank_segments(rows, canvas, self.hp.dataset.max_segments))
     for row, item in enumerate(prepared):
       if item is None:
         continue
-      batch["image"][row] = item.image
-      batch["image_size"][row], batch["orig_size"][row] = item.image_size, item.orig_size
       if self.hp.inference.oracle:
         if segments is None or segments[row] is None:
           raise ValueError("oracle mode: every image needs its ground-truth segments")
@@ -284,6 +276,23 @@ class Predictor:
     host = {k: v.reshape(rows, *v.shape[2:]) for k, v in host.items()}  # [L, ...]
     return [None if item is None else {k: v[row] for k, v in host.items()}
             for row, item in enumerate(prepared)]
+
+  def _image_batch(self, canvas: Sequence[int], prepared: Sequence[preprocess.Prepared | None]
+                   ) -> tuple[tuple[int, int], dict[str, np.ndarray]]:
+    """`(canvas, batch)`: the images and sizes of one call of `run`, `rows_per_call` rows."""
+    canvas = tuple(int(v) for v in canvas)
+    rows = self.rows_per_call
+    if len(prepared) > rows or any(p is not None and p.canvas != canvas for p in prepared):
+      raise ValueError(f"run takes at most {rows} images of canvas {canvas}")
+    batch = {"image": np.zeros((rows, *canvas, 3), np.float32),  # [L, H, W, 3]
+             # Blank rows claim the whole canvas: finite scales, no empty regions.
+             "image_size": np.tile(np.asarray(canvas, np.int32), (rows, 1)),  # [L, 2]
+             "orig_size": np.tile(np.asarray(canvas, np.int32), (rows, 1))}  # [L, 2]
+    for row, item in enumerate(prepared):
+      if item is not None:
+        batch["image"][row] = item.image
+        batch["image_size"][row], batch["orig_size"][row] = item.image_size, item.orig_size
+    return canvas, batch
 
   def to_prediction(self, raw: Mapping[str, np.ndarray],
                     prepared: preprocess.Prepared) -> Prediction:
