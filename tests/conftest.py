@@ -101,3 +101,64 @@ def load_config():
 def small_config(load_config):
   """A fresh `configs/synthetic.py:small` (the one-minute CPU config) for a test to shrink."""
   return load_config("synthetic", "small")
+
+
+@pytest.fixture(scope="session")
+def write_initial_checkpoint():
+  """`write_initial_checkpoint(workdir, hp, step)`: an inference checkpoint of the model at init.
+
+  Returns what it wrote: `{"params", "model_state", "memory"}`.
+
+  What the predictor, the demo, the export and the tuning tool read from a training workdir
+  (params, model state, memory; a training checkpoint holds the optimizer state besides), for
+  `hp`'s model and dataset, written at `step`. The variables are initialised under jit: much
+  faster than the train state's eager initialisation.
+  """
+  def write(workdir: pathlib.Path, hp, step: int) -> dict:
+    from ciae_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+    from ciae_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
+    from ciae_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+    from ciae_jax.models import ciae as ciae_model  # pylint: disable=g-import-not-at-top
+    categories = dataset_lib.load_dataset_categories(hp.dataset)
+    model = ciae_model.build_model(hp.model, categories.num_things)
+    params, model_state = ciae_model.split_variables(jax.jit(
+        lambda rng: ciae_model.init_variables(model, rng))(jax.random.PRNGKey(0)))
+    rows = memory_lib.num_memory(categories.num_stuff, categories.num_things,
+                                 hp.loss.merge_things)
+    memory = memory_lib.init_memory(jax.random.PRNGKey(1), rows, hp.model.embed_dim)
+    manager = checkpoint_lib.create_manager(str(workdir), checkpoint_every_steps=1,
+                                            keep_checkpoints=1)
+    state = {"params": params, "model_state": model_state, "memory": memory}
+    checkpoint_lib.save(manager, step, state, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return state
+  return write
+
+
+@pytest.fixture(scope="session")
+def plain_synthetic_root():
+  """`plain_synthetic_root(folder, num_train, num_val, image_size)`: generated COCO-layout data.
+
+  Without its manifest the folder is a plain COCO-layout dataset: read, never regenerated.
+  """
+  def make(folder: pathlib.Path, num_train: int = 2, num_val: int = 2,
+           image_size: tuple[int, int] = (128, 128)) -> pathlib.Path:
+    from ciae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    synthetic.generate_synthetic_dataset(folder, num_train=num_train, num_val=num_val,
+                                         image_size=image_size, seed=0)
+    (folder / synthetic.MANIFEST).unlink()
+    return folder
+  return make
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> pathlib.Path:
+  """A JAX compilation cache shared by the subprocesses (and xdist workers) of one session.
+
+  The training subprocesses of the reliability tests run the same programs: they compile once.
+  """
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # .../pytest-N/popen-gwK -> .../pytest-N, shared by the workers.
+  return base / "reliability_jax_cache"

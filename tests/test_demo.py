@@ -13,17 +13,11 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 from PIL import Image
 import pytest
 
-from ciae_jax import checkpoint as checkpoint_lib
 from ciae_jax import hparams
-from ciae_jax import memory as memory_lib
-from ciae_jax.data import dataset as dataset_lib
-from ciae_jax.data import synthetic
-from ciae_jax.models import ciae as ciae_model
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,34 +31,17 @@ def readme_demo_command() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def user_folder(tmp_path_factory, load_config):
+def user_folder(tmp_path_factory, load_config, plain_synthetic_root, write_initial_checkpoint):
   """A folder laid out like the repository after `python train.py` of the main job."""
   folder = tmp_path_factory.mktemp("user")
   os.symlink(REPO_ROOT / "configs", folder / "configs")
-  generated = folder / "generated"
-  synthetic.generate_synthetic_dataset(generated, num_train=2, num_val=2,
-                                       image_size=(128, 128), seed=0)
-  # Without its manifest the folder is a plain COCO-layout dataset: read, never regenerated.
-  (generated / synthetic.MANIFEST).unlink()
+  generated = plain_synthetic_root(folder / "generated")
+  (folder / "data").mkdir()
   shutil.move(str(generated), str(folder / "data" / "synthetic"))
   config = load_config("synthetic")
   config.dataset.root = str(folder / "data" / "synthetic")
   hp = hparams.HParams.from_config(config)
-  categories = dataset_lib.load_dataset_categories(hp.dataset)
-  model = ciae_model.build_model(hp.model, categories.num_things)
-  # The fields the demo reads (a training checkpoint holds the optimizer state besides),
-  # initialised under jit: much faster than the train state's eager initialisation.
-  params, model_state = ciae_model.split_variables(jax.jit(
-      lambda rng: ciae_model.init_variables(model, rng))(jax.random.PRNGKey(0)))
-  rows = memory_lib.num_memory(categories.num_stuff, categories.num_things,
-                               hp.loss.merge_things)
-  memory = memory_lib.init_memory(jax.random.PRNGKey(1), rows, hp.model.embed_dim)
-  manager = checkpoint_lib.create_manager(str(folder / "runs" / "synthetic"),
-                                          checkpoint_every_steps=1, keep_checkpoints=1)
-  checkpoint_lib.save(manager, hp.total_steps, {"params": params, "model_state": model_state,
-                                                "memory": memory}, force=True)
-  manager.wait_until_finished()
-  manager.close()
+  write_initial_checkpoint(folder / "runs" / "synthetic", hp, hp.total_steps)
   return folder
 
 

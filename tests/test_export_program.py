@@ -16,15 +16,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from ciae_jax import checkpoint as checkpoint_lib
 from ciae_jax import export_lib
 from ciae_jax import hparams
-from ciae_jax import memory as memory_lib
 from ciae_jax import panoptic_png
 from ciae_jax import predictor as predictor_lib
 from ciae_jax.data import dataset as dataset_lib
-from ciae_jax.data import synthetic
-from ciae_jax.models import ciae as ciae_model
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/synthetic.py:small"
@@ -33,36 +29,15 @@ ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
            JAX_DISABLE_MOST_OPTIMIZATIONS="true", CIAE_JAX_CACHE="0")
 
 
-def _config(root):
-  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
-  config = synthetic_config.get_config("small")
-  config.dataset.root = str(root)
-  return config
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, load_config, plain_synthetic_root, write_initial_checkpoint):
   """A dataset, a workdir with a checkpoint (initial params, memory) and its export."""
   folder = tmp_path_factory.mktemp("export")
-  data = folder / "data"
-  synthetic.generate_synthetic_dataset(data, num_train=2, num_val=2, image_size=(128, 128),
-                                       seed=0)
-  (data / synthetic.MANIFEST).unlink()  # A plain COCO-layout folder: read, never regenerated.
-  config = _config(data)
+  data = plain_synthetic_root(folder / "data")
+  config = load_config("synthetic", "small")
+  config.dataset.root = str(data)
   hp = hparams.HParams.from_config(config)
-  categories = dataset_lib.load_dataset_categories(hp.dataset)
-  model = ciae_model.build_model(hp.model, categories.num_things)
-  params, model_state = ciae_model.split_variables(jax.jit(
-      lambda rng: ciae_model.init_variables(model, rng))(jax.random.PRNGKey(0)))
-  rows = memory_lib.num_memory(categories.num_stuff, categories.num_things,
-                               hp.loss.merge_things)
-  memory = memory_lib.init_memory(jax.random.PRNGKey(1), rows, hp.model.embed_dim)
-  manager = checkpoint_lib.create_manager(str(folder / "workdir"), checkpoint_every_steps=1,
-                                          keep_checkpoints=1)
-  checkpoint_lib.save(manager, 7, {"params": params, "model_state": model_state,
-                                   "memory": memory}, force=True)
-  manager.wait_until_finished()
-  manager.close()
+  write_initial_checkpoint(folder / "workdir", hp, 7)
   out = folder / "exported"
   result = subprocess.run(
       [sys.executable, "-m", "ciae_jax.export", f"--config={CONFIG}",

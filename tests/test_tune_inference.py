@@ -14,7 +14,6 @@ import sys
 import jax
 import pytest
 
-from ciae_jax import checkpoint as checkpoint_lib
 from ciae_jax import hparams
 from ciae_jax import memory as memory_lib
 from ciae_jax.data import coco
@@ -35,9 +34,8 @@ OVERRIDES = {"dataset.synthetic.num_train": NUM_TRAIN, "dataset.synthetic.num_va
              "inference.per_device_batch": 2}
 
 
-def _config(root):
-  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
-  config = synthetic_config.get_config("small")
+def _config(load_config, root):
+  config = load_config("synthetic", "small")
   config.dataset.root = str(root)
   for key, value in OVERRIDES.items():
     group, _, name = key.rpartition(".")
@@ -49,23 +47,12 @@ def _config(root):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, load_config, write_initial_checkpoint):
   """(hp, workdir, the CLI's JSON result, its stdout) after one tune_inference run."""
   folder = tmp_path_factory.mktemp("tune")
-  hp = hparams.HParams.from_config(_config(folder / "synthetic"))
-  categories = dataset_lib.load_dataset_categories(hp.dataset)  # Generates the data.
-  model = ciae_model.build_model(hp.model, categories.num_things)
-  params, model_state = ciae_model.split_variables(jax.jit(
-      lambda rng: ciae_model.init_variables(model, rng))(jax.random.PRNGKey(0)))
-  rows = memory_lib.num_memory(categories.num_stuff, categories.num_things, hp.loss.merge_things)
-  memory = memory_lib.init_memory(jax.random.PRNGKey(1), rows, hp.model.embed_dim)
+  hp = hparams.HParams.from_config(_config(load_config, folder / "synthetic"))
   workdir = folder / "workdir"
-  manager = checkpoint_lib.create_manager(str(workdir), checkpoint_every_steps=1,
-                                          keep_checkpoints=1)
-  checkpoint_lib.save(manager, 7, {"params": params, "model_state": model_state,
-                                   "memory": memory}, force=True)
-  manager.wait_until_finished()
-  manager.close()
+  state = write_initial_checkpoint(workdir, hp, 7)  # Generates the data first.
   words = [sys.executable, "-m", "ciae_jax.tune_inference", "--config=configs/synthetic.py:small",
            f"--workdir={workdir}", f"--config.dataset.root={folder / 'synthetic'}",
            *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
@@ -79,7 +66,8 @@ def run(tmp_path_factory):
                         timeout=600, check=False)
   assert done.returncode == 0, done.stdout + done.stderr
   result = json.loads((workdir / "tune_inference_7.json").read_text())
-  return hp, workdir, result, done.stdout, {"params": params, **model_state}, memory
+  return (hp, workdir, result, done.stdout, {"params": state["params"], **state["model_state"]},
+          state["memory"])
 
 
 def test_the_table_has_every_setting_and_the_best_is_its_argmax(run):
@@ -148,8 +136,8 @@ def test_pq_of_a_setting_equals_evaluate_on_the_same_images(run, tmp_path):
     assert metrics[group]["n"] == row[group]["n"]
 
 
-def test_bad_num_tuning_images_name_the_field(tmp_path):
-  config = _config(tmp_path / "synthetic")
+def test_bad_num_tuning_images_name_the_field(tmp_path, load_config):
+  config = _config(load_config, tmp_path / "synthetic")
   config.dataset.num_tuning_images = 0
   hp = hparams.HParams.from_config(config)
   categories = dataset_lib.load_dataset_categories(hp.dataset)
@@ -173,8 +161,8 @@ def test_a_record_without_the_field_resumes_unless_the_field_is_set():
       "dataset.num_tuning_images: 0 -> 32"]
 
 
-def test_a_corrupt_held_out_image_is_an_error_or_left_out(tmp_path):
-  config = _config(tmp_path / "synthetic")
+def test_a_corrupt_held_out_image_is_an_error_or_left_out(tmp_path, load_config):
+  config = _config(load_config, tmp_path / "synthetic")
   hp = hparams.HParams.from_config(config)
   categories = dataset_lib.load_dataset_categories(hp.dataset)
   bad = tuning.tuning_records(hp.dataset, categories)[1]
