@@ -10,10 +10,7 @@ number of that metrics.json.
 import ast
 import json
 import re
-import socket
 import sys
-
-import pytest
 
 from ciae_jax.data import synthetic
 import test_reliability_helpers as rh
@@ -24,24 +21,13 @@ EVAL_FLAGS = ["--config.inference.pre_nms_thresh=0.0",
               "--config.inference.per_device_batch=1", "--config.dataset.synthetic.num_val=3"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return rh.compilation_cache_dir(tmp_path_factory)
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _flags(dataset, workdir):
   return rh.train_flags(dataset, workdir, extra=[
       f"--config.eval_every_steps={rh.TOTAL_STEPS}", *EVAL_FLAGS])
 
 
 def _two_processes(command, cache_dir):
-  port = _free_port()
+  port = rh.free_port()
   return [rh.Process(command + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                                 f"--process_id={index}"], rh.subprocess_env(cache_dir, devices=1))
           for index in range(2)]

@@ -11,6 +11,7 @@ import os
 import pathlib
 import queue
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -27,16 +28,15 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 # The runs of all reliability tests share one model, shapes and total_steps, so their
-# programs compile once per session (persistent cache shared by the xdist workers).
+# programs compile once per session (the persistent cache of conftest.py's `cache_dir`).
 TOTAL_STEPS = 8
 
 
-def compilation_cache_dir(tmp_path_factory) -> pathlib.Path:
-  """A JAX compilation cache shared by the tests (and xdist workers) of one session."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent  # .../pytest-N/popen-gwK -> .../pytest-N, shared by the workers.
-  return base / "reliability_jax_cache"
+def free_port() -> int:
+  """A TCP port free on localhost now: the coordinator address of a multi-process run."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def subprocess_env(cache_dir: pathlib.Path, *, devices: int = 1) -> dict[str, str]:

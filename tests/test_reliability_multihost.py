@@ -13,27 +13,13 @@ multi-host restart is left out here to keep this file's time down.)
 """
 import re
 import signal
-import socket
-
-import pytest
 
 from ciae_jax.data import synthetic
 import test_reliability_helpers as rh
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return rh.compilation_cache_dir(tmp_path_factory)
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start_two_processes(dataset, workdir, cache_dir):
-  port = _free_port()
+  port = rh.free_port()
   return [rh.Process(rh.train_command(dataset, workdir, extra=[
       "--config.checkpoint_every_steps=1", f"--config.keep_checkpoints={rh.TOTAL_STEPS}",
       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",

@@ -70,11 +70,6 @@ def _train(argv):
     sys.exit(3)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return rh.compilation_cache_dir(tmp_path_factory)
-
-
 def test_nonfinite_steps_are_skipped_counted_and_never_saved(tmp_path, cache_dir):
   workdir = tmp_path / "run"
   flags = rh.train_flags(tmp_path / "synthetic", workdir, extra=[

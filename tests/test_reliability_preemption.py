@@ -16,16 +16,9 @@ import re
 import signal
 import time
 
-import pytest
-
 import test_reliability_helpers as rh
 
 KEEP = 2  # B-D keep two checkpoints: old ones are deleted while the run goes on.
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return rh.compilation_cache_dir(tmp_path_factory)
 
 
 def test_sigkill_then_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
