@@ -49,6 +49,16 @@ def write_set(folder, name, anns, id_maps, categories, images=None):
   return json_path, png_folder
 
 
+def write_one_image_sets(folder, gt, pred, categories):
+  """Ground truth and prediction of one image (`(id map, segments_info)` each) as two sets;
+  returns (gt json, gt folder, pred json, pred folder)."""
+  paths = []
+  for name, (id_map, segments) in (("gt", gt), ("pred", pred)):
+    paths += write_set(str(folder), name, [
+        {"image_id": 1, "file_name": "a.png", "segments_info": segments}], [id_map], categories)
+  return tuple(paths)
+
+
 def reference_pq(gt_json, gt_folder, pred_json, pred_folder):
   """pq_compute's numbers through its own per-core function (no pool)."""
   with open(gt_json) as f:
@@ -427,12 +437,8 @@ def test_ids_beyond_24_bits_and_many_segments(tmp_path):
               "area": 1} for i in range(1, height * width + 1)]
   pred_segs = [{"id": int(i), "category_id": int(cats[i])}
                for i in np.unique(pred_map) if i]
-  gt_json, gt_folder = write_set(str(tmp_path), "gt", [
-      {"image_id": 1, "file_name": "a.png", "segments_info": gt_segs}],
-      [gt_map], categories)
-  pred_json, pred_folder = write_set(str(tmp_path), "pred", [
-      {"image_id": 1, "file_name": "a.png", "segments_info": pred_segs}],
-      [pred_map], categories)
+  gt_json, gt_folder, pred_json, pred_folder = write_one_image_sets(
+      tmp_path, (gt_map, gt_segs), (pred_map, pred_segs), categories)
   ref = reference_pq(gt_json, gt_folder, pred_json, pred_folder)
   assert_same(pq.pq_compute_files(gt_json, gt_folder, pred_json, pred_folder,
                                   num_workers=1), ref)
@@ -463,12 +469,8 @@ def test_exact_half_boundaries(tmp_path):
              {"id": 30, "category_id": 90, "iscrowd": 0, "area": 8}]
   pred_segs = [{"id": 11, "category_id": 1}, {"id": 12, "category_id": 1},
                {"id": 13, "category_id": 3}, {"id": 14, "category_id": 90}]
-  gt_json, gt_folder = write_set(str(tmp_path), "gt", [
-      {"image_id": 1, "file_name": "a.png", "segments_info": gt_segs}],
-      [gt_map], categories)
-  pred_json, pred_folder = write_set(str(tmp_path), "pred", [
-      {"image_id": 1, "file_name": "a.png", "segments_info": pred_segs}],
-      [pred_map], categories)
+  gt_json, gt_folder, pred_json, pred_folder = write_one_image_sets(
+      tmp_path, (gt_map, gt_segs), (pred_map, pred_segs), categories)
   ref = reference_pq(gt_json, gt_folder, pred_json, pred_folder)
   ours = pq.pq_compute_files(gt_json, gt_folder, pred_json, pred_folder,
                              num_workers=1)
