@@ -71,13 +71,17 @@ def restore_latest(manager: ocp.CheckpointManager, template: Any) -> Optional[An
   return restore(manager, template)
 
 
+def _existing_step(manager: ocp.CheckpointManager, step: Optional[int]) -> Optional[int]:
+  """`step` if it is saved, the latest saved step for None; None where there is no such step."""
+  if step is None:
+    return manager.latest_step()
+  return step if step in manager.all_steps() else None
+
+
 def restore(manager: ocp.CheckpointManager, template: Any,
             step: Optional[int] = None) -> Optional[Any]:
   """Checkpoint `step` (default: the latest) shaped like `template`; None if there is none."""
-  if step is None:
-    step = manager.latest_step()
-  elif step not in manager.all_steps():
-    return None
+  step = _existing_step(manager, step)
   if step is None:
     return None
   target = _host_state_dict(template)
@@ -123,10 +127,7 @@ def restore_fields(manager: ocp.CheckpointManager, template: Mapping[str, Any],
   Raises:
     ValueError: the checkpoint's arrays do not fit the template (names the leaf).
   """
-  if step is None:
-    step = manager.latest_step()
-  elif step not in manager.all_steps():
-    return None
+  step = _existing_step(manager, step)
   if step is None:
     return None
   target = flax.serialization.to_state_dict(dict(template))
