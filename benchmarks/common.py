@@ -29,8 +29,8 @@ from ciae_jax.models import ciae as ciae_model  # noqa: E402
 
 NUM_STUFF = 53  # COCO panoptic
 NUM_THINGS = 80
-# Our inputs are padded to multiples of the coarsest FCOS stride (docs/interfaces.md).
-CONTRACT_MULTIPLE = 128
+# Images are padded to multiples of the network's size divisor, as torchvision pads.
+PAD_MULTIPLE = ciae_model.SIZE_DIVISOR
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -140,6 +140,42 @@ def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int,
     sync(fn())
     times.append(time.perf_counter() - start)
   return times
+
+
+def interleaved(calls: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int,
+                sync: Mapping[str, Callable[[Any], Any]] | None = None
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+  """Wall and process-CPU seconds per call of each function: `repeats` rounds after `warmup`.
+
+  The functions take turns within each round, the order rotated from round to round, so that
+  each is timed under the same load as the others (the machines are shared). `sync[name]`
+  waits for a result (default `jax.block_until_ready`). CPU time (all threads) moves less with
+  other jobs' load than wall time, but counts spinning worker threads too.
+  """
+  names = list(calls)
+  times: dict[str, list[float]] = {n: [] for n in names}
+  cpu_times: dict[str, list[float]] = {n: [] for n in names}
+  for round_index in range(warmup + repeats):
+    order = names[round_index % len(names):] + names[:round_index % len(names)]
+    for name in order:
+      wait = sync[name] if sync else jax.block_until_ready
+      start, cpu_start = time.perf_counter(), time.process_time()
+      wait(calls[name]())
+      if round_index >= warmup:
+        times[name].append(time.perf_counter() - start)
+        cpu_times[name].append(time.process_time() - cpu_start)
+  return times, cpu_times
+
+
+def flops_of(compiled: Any) -> float | None:
+  """XLA's FLOP estimate of a compiled program (None where not reported)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
 def summary(times: Sequence[float]) -> dict[str, float]:

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--dump", default="", help="directory for the optimized HLO texts")
   args = parser.parse_args(argv)
-  padded = common.round_up(args.size, common.CONTRACT_MULTIPLE)
+  padded = common.round_up(args.size, common.PAD_MULTIPLE)
   info = common.device_info()
   info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
   print(f"e2e fusion: {args.backbone} {args.dtype}, batch {args.batch}, {padded[0]}x{padded[1]}, "
@@ -117,17 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f.write(program.as_text())
   summaries = {name: entry_summary(program.as_text()) for name, program in programs.items()}
 
-  names = list(calls)
-  times: dict[str, list[float]] = {n: [] for n in names}
-  cpu_times: dict[str, list[float]] = {n: [] for n in names}
-  for round_index in range(args.warmup + args.repeats):
-    order = names[round_index % len(names):] + names[:round_index % len(names)]
-    for name in order:
-      start, cpu_start = time.perf_counter(), time.process_time()
-      jax.block_until_ready(calls[name]())
-      if round_index >= args.warmup:
-        times[name].append(time.perf_counter() - start)
-        cpu_times[name].append(time.process_time() - cpu_start)
+  times, cpu_times = common.interleaved(calls, repeats=args.repeats, warmup=args.warmup)
   results = {n: {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
                  "max_ms": 1e3 * max(ts), "cpu_ms": 1e3 * statistics.median(cpu_times[n])}
              for n, ts in times.items()}

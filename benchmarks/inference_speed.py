@@ -16,9 +16,9 @@ Skipped with a printed line when torch or torchvision is not installed.
   python benchmarks/inference_speed.py                      # R50, 800 x 1344, batch 1
   python benchmarks/inference_speed.py --size 256,384 --backbone resnet18 --repeats 5  # CPU
 
-Our inputs are padded to multiples of 128 (docs/interfaces.md: every FCOS level must tile the
-image); a size that is not is padded up (800 x 1344 -> 896 x 1408) and both are printed, while
-the peer runs at the size given (torchvision pads to multiples of 32 only). Random weights:
+Our inputs are padded to multiples of 32 (`common.PAD_MULTIPLE`; FCOS level l is the
+`ceil(H / stride)` map, docs/interfaces.md), as torchvision pads; `--pad_multiple` pads further
+and both sizes are printed. The peer runs at the size given. Random weights:
 our inference has static shapes, so its time does not depend on them; the peer's
 post-processing does (how many boxes pass `score_thresh`), so it runs with
 `--peer_score_thresh 0` by default: 1000 candidates per level, as ours always processes.
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--pad_multiple", type=int, default=common.CONTRACT_MULTIPLE)
+  parser.add_argument("--pad_multiple", type=int, default=common.PAD_MULTIPLE)
   parser.add_argument("--skip_peer", action="store_true")
   parser.add_argument("--peer_literal", action="store_true",
                       help="fcos_resnet50_fpn(weights=None, weights_backbone=None) as is "

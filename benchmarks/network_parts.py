@@ -118,19 +118,6 @@ def make_parts(model: Any, variables: Any, images: jax.Array, *,
   return calls
 
 
-def flops_of(compiled: Any) -> float | None:
-  """XLA's FLOP estimate of a compiled program (None where not reported)."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  if not analysis or "flops" not in analysis:
-    return None
-  return float(analysis["flops"])
-
-
 def hlo_stats(compiled: Any) -> dict[str, Any]:
   """What the backend made of a program: library fusions, plain convolutions, a fingerprint.
 
@@ -147,26 +134,6 @@ def hlo_stats(compiled: Any) -> dict[str, Any]:
           "custom_calls": sorted(set(re.findall(r'custom_call_target="([^"]+)"', text))),
           "convolutions": len(re.findall(r"\bconvolution\(", text)),
           "dots": len(re.findall(r"\bdot\(", text))}
-
-
-def interleaved(calls: dict[str, Callable[[], Any]], *, repeats: int, warmup: int,
-                sync: dict[str, Callable[[Any], Any]]
-                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-  """Wall and process-CPU seconds per call of each function: `repeats` rounds (order rotated)
-  after `warmup`. CPU time (all threads) moves less with other jobs' load than wall time, but
-  counts spinning worker threads too."""
-  names = list(calls)
-  times = {n: [] for n in names}
-  cpu_times = {n: [] for n in names}
-  for round_index in range(warmup + repeats):
-    order = names[round_index % len(names):] + names[:round_index % len(names)]
-    for name in order:
-      start, cpu_start = time.perf_counter(), time.process_time()
-      sync[name](calls[name]())
-      if round_index >= warmup:
-        times[name].append(time.perf_counter() - start)
-        cpu_times[name].append(time.process_time() - cpu_start)
-  return times, cpu_times
 
 
 def build_peer(size: tuple[int, int], batch: int
@@ -246,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   compile_s = time.perf_counter() - start
   calls = {p: ours[p][0] for p in wanted}
   sync = {p: jax.block_until_ready for p in wanted}
-  flops = {p: flops_of(ours[p][1]) for p in wanted}
+  flops = {p: common.flops_of(ours[p][1]) for p in wanted}
   peer = build_peer(size, args.batch) if args.peer else None
   peer_settings = None
   if peer is not None:
@@ -264,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         arrays[f"{part}/{i}"] = np.asarray(leaf, np.float32)
     np.savez(args.save, **arrays)
 
-  times, cpu_times = interleaved(calls, repeats=args.repeats, warmup=args.warmup, sync=sync)
+  times, cpu_times = common.interleaved(calls, repeats=args.repeats, warmup=args.warmup, sync=sync)
   results = {}
   rows = []
   for name, ts in times.items():

@@ -75,17 +75,6 @@ def step_hparams(step: Any) -> hparams.HParams:
   return step.keywords["hp"]
 
 
-def flops_of(compiled: Any) -> float | None:
-  """XLA's FLOP estimate of a compiled program (None where not reported)."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  return float(analysis["flops"]) if analysis and "flops" in analysis else None
-
-
 class Piece:
   """A jitted function compiled once for fixed arguments: `call()` runs it."""
 
@@ -94,7 +83,7 @@ class Piece:
     self.compiled = jax.jit(fn).lower(*args).compile()
     self.compile_s = time.perf_counter() - start
     self.args = args
-    self.flops = flops_of(self.compiled)
+    self.flops = common.flops_of(self.compiled)
 
   def call(self) -> Any:
     return self.compiled(*self.args)
@@ -282,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     compiled_step = step_fn.lower(state, batch).compile()
     compile_s["step"] = time.perf_counter() - start
-    flops["step"] = flops_of(compiled_step)
+    flops["step"] = common.flops_of(compiled_step)
     step_box.update(state=state)
 
     def run_step():
@@ -300,17 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       flops.update(peer_flops)
       compile_s.update({name: None for name in peer_calls})
 
-  names = list(calls)
-  times: dict[str, list[float]] = {n: [] for n in names}
-  cpu_times: dict[str, list[float]] = {n: [] for n in names}
-  for round_index in range(args.warmup + args.repeats):
-    order = names[round_index % len(names):] + names[:round_index % len(names)]
-    for name in order:
-      start, cpu_start = time.perf_counter(), time.process_time()
-      jax.block_until_ready(calls[name]())
-      if round_index >= args.warmup:
-        times[name].append(time.perf_counter() - start)
-        cpu_times[name].append(time.process_time() - cpu_start)
+  times, cpu_times = common.interleaved(calls, repeats=args.repeats, warmup=args.warmup)
 
   if args.trace:
     jax.block_until_ready(run_step())  # Compiled and warm before the trace starts.

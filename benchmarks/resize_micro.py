@@ -14,9 +14,9 @@ Prints a table and a one-line JSON (`resize_micro {...}`). No TensorFlow, no tor
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
-import time
 from typing import Any
 
 import jax  # noqa: E402
@@ -81,15 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     grad_diff = float(np.max(np.abs(np.asarray(outs["dense_fwdbwd"][1], np.float64)
                                     - np.asarray(outs["twotap_fwdbwd"][1], np.float64))))
     grad_scale = float(np.max(np.abs(np.asarray(outs["dense_fwdbwd"][1], np.float64))))
-    names = list(programs)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for round_index in range(args.warmup + args.repeats):
-      order = names[round_index % len(names):] + names[:round_index % len(names)]
-      for n in order:
-        start = time.perf_counter()
-        jax.block_until_ready(programs[n](x))
-        if round_index >= args.warmup:
-          times[n].append(time.perf_counter() - start)
+    times, _ = common.interleaved({n: functools.partial(p, x) for n, p in programs.items()},
+                                  repeats=args.repeats, warmup=args.warmup)
     ms = {n: 1e3 * statistics.median(ts) for n, ts in times.items()}
     gflop = {n: float((p.cost_analysis() or {}).get("flops", float("nan"))) / 1e9
              for n, p in programs.items()}

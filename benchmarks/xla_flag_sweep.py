@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         calls[key] = peer_calls[key]
         sync[key] = lambda r: r
 
-  times, cpu_times = network_parts.interleaved(calls, repeats=args.repeats, warmup=args.warmup,
+  times, cpu_times = common.interleaved(calls, repeats=args.repeats, warmup=args.warmup,
                                                sync=sync)
   median_ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
   cpu_ms = {k: 1e3 * statistics.median(v) for k, v in cpu_times.items()}
