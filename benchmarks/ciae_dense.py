@@ -56,7 +56,8 @@ def embedding_triplet_loss(pixel_emb: Array,
     pixel_weight: `[P]` float weight of each pixel; 0 leaves a pixel out.
     margin: triplet margin.
     top_k: number of largest per-query losses kept per pixel (all if fewer queries).
-    include_own: add Eq. 6's `k = c_i` term (`d_neg = 0`); False per design.md.
+    include_own: add Eq. 6's `k = c_i` term (`d_neg = 0`); the default is the one of the
+      time this copy was frozen (the library's is now True): callers pass it.
     query_valid: `[Q]` bool, False for padding queries, which never count; None = all valid.
     eps: keeps `l' / (2 + margin) <= 1 - eps`, so `l <= -log(eps)` stays finite.
 

@@ -82,7 +82,7 @@ def per_image_loss(lib: Any, embedding: Any, prenorm: Any, segments: dict[str, A
   """`ciae_loss` of one image through either implementation (paper hyper-parameters)."""
   if lib is ciae_dense:  # The former keyword interface.
     return ciae_dense.ciae_loss(embedding, prenorm, *(segments[k] for k in SEGMENT_KEYS), memory,
-                                num_stuff=common.NUM_STUFF)
+                                num_stuff=common.NUM_STUFF, include_own=LOSS.include_own)
   return ciae_chunked.ciae_loss(embedding, prenorm, Segments(**segments), memory, LOSS,
                                 num_stuff=common.NUM_STUFF)
 

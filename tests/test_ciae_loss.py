@@ -95,8 +95,13 @@ def _ref_pixel_loss(p, queries, sims_forced_zero, own, *, margin, top_k, include
   return sum(sorted(losses, reverse=True)[:top_k])
 
 
+# The reference is called like the library: a field not given takes the library's default.
+DEFAULT_INCLUDE_OWN = hparams.LossHParams().include_own
+
+
 def _reference(case, memory, *, margin=0.15, top_k=5, thing_weight=5.0, box_expand=1.5,
-               use_box_filter=True, merge_things=True, loss_stride=1, include_own=False):
+               use_box_filter=True, merge_things=True, loss_stride=1,
+               include_own=DEFAULT_INCLUDE_OWN):
   emb = case["embedding"].astype(np.float64)
   prenorm = case["embedding_prenorm"].astype(np.float64)
   segment_map = case["segment_map"]
@@ -160,6 +165,7 @@ def _run(case, memory, **kwargs):
 
 SETTINGS = [
     dict(),
+    dict(include_own=False),
     dict(merge_things=False, loss_stride=2, top_k=3),
     dict(use_box_filter=False, top_k=20),
     dict(merge_things=False, top_k=2, include_own=True, box_expand=1.0),
@@ -245,7 +251,8 @@ def _perfect_case(merge_things):
 @pytest.mark.parametrize("merge_things", [True, False])
 def test_perfect_embeddings_give_zero_and_swaps_do_not(merge_things):
   case, memory = _perfect_case(merge_things)
-  got = _run(case, memory, merge_things=merge_things)
+  # Without the own term (Eq. 6's k = c_i, d_neg = 0), a perfect embedding costs nothing.
+  got = _run(case, memory, merge_things=merge_things, include_own=False)
   assert got["loss_cae_sum"] == 0.0 and got["loss_iae_sum"] == 0.0
   assert got["num_pixels"] == np.isin(case["segment_map"], [1, 2, 3, 4]).sum()
 

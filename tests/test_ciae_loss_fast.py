@@ -1,6 +1,6 @@
 """The chunked CIAE loss (ciae.py on the kernel of triplet.py) against the dense reference.
 
-The reference is `ciae_jax.losses.ciae_dense`: a frozen copy of the dense implementation the
+The reference is `benchmarks/ciae_dense.py`: a frozen copy of the dense implementation the
 kernel replaced (whole-image `[P, Q]` arrays, dense `[P, S]` box mask, `lax.top_k` differentiated
 through its scatter); benchmarks/loss_speed.py times the two. Loss values and the gradients with
 respect to `embedding` and `embedding_prenorm` must agree to float32 rounding, for every argument
@@ -180,6 +180,7 @@ def _assert_grad_close(got, want, what):
 # (20 x 24 = 480 = 8 x 60; 120 at stride 2) and that do not (37, 7), one chunk (4096 > P).
 SETTINGS = [
     (dict(), 37, dict()),
+    (dict(include_own=False), 37, dict(jitter=True)),
     (dict(include_own=True), 60, dict(jitter=True)),
     (dict(use_box_filter=False), 37, dict(duplicate=True)),
     (dict(merge_things=False), 4096, dict(empty_instance=True)),
@@ -198,6 +199,8 @@ SETTINGS = [
 @pytest.mark.parametrize("setting", range(len(SETTINGS)))
 def test_matches_dense_reference(setting):
   kwargs, chunk_size, options = SETTINGS[setting]
+  # The dense reference's own default is the former one (False): the library's, explicitly.
+  kwargs = {"include_own": hparams.LossHParams().include_own, **kwargs}
   rng = np.random.default_rng(100 + setting)
   cases = [_case(rng, **options), _case(rng, **options)]
   memory = _memory(rng, kwargs.get("merge_things", True), duplicate=setting % 2 == 0)
@@ -300,7 +303,8 @@ def test_forward_only_matches_dense():
   case = _case(rng, jitter=True, duplicate=True)
   memory = _memory(rng, True)
   run = lambda lib: jax.device_get(jax.jit(functools.partial(
-      lib.ciae_loss, num_stuff=NUM_STUFF, memory=memory))(**case))
+      lib.ciae_loss, num_stuff=NUM_STUFF, memory=memory,
+      include_own=hparams.LossHParams().include_own))(**case))
   got, want = run(ciae), run(ciae_dense)
   assert got["num_pixels"] == want["num_pixels"]
   for key in ("loss_cae_sum", "loss_iae_sum", "loss_ciae_sum"):
