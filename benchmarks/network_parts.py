@@ -151,8 +151,8 @@ def build_peer(size: tuple[int, int], batch: int
   with torch.inference_mode():
     image_list, _ = model.transform(images)
     tensors = image_list.tensors  # [B, 3, H, W]
-    body = model.hp.backbone.body(tensors)
-    pyramid = model.hp.backbone.fpn(body)
+    body = model.backbone.body(tensors)
+    pyramid = model.backbone.fpn(body)
     levels = list(pyramid.values())
 
   def wrap(fn):
@@ -162,8 +162,8 @@ def build_peer(size: tuple[int, int], batch: int
     return call
 
   calls = {"peer_transform": wrap(lambda: model.transform(images)),
-           "peer_backbone": wrap(lambda: model.hp.backbone.body(tensors)),
-           "peer_fpn": wrap(lambda: model.hp.backbone.fpn(body)),
+           "peer_backbone": wrap(lambda: model.backbone.body(tensors)),
+           "peer_fpn": wrap(lambda: model.backbone.fpn(body)),
            "peer_head": wrap(lambda: model.head(levels)),
            "peer_model": wrap(lambda: model(images))}
   flops = {}

@@ -1,4 +1,5 @@
 """The profiling benchmarks run at a tiny size with plain JAX: no TensorFlow, no torch needed."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -55,3 +56,31 @@ def test_profiling_scripts_run_at_a_tiny_size_without_tensorflow():
   assert profile["thunk_ms"] > 0 and profile["by_kind"]
   resize = _payload(lines, "resize_micro")["results"]
   assert all(r["max_value_diff"] < 1e-5 for r in resize.values())
+
+
+PEER_SMOKE = """
+import sys
+sys.path.insert(0, {bench!r})
+import network_parts, profile_step
+tiny = ["--backbone", "resnet_tiny", "--repeats", "1", "--warmup", "1", "--peer"]
+network_parts.main(["--size", "64,64", "--parts", "backbone"] + tiny)
+profile_step.main(["--size", "64,64", "--per_device_batch", "1", "--pieces", "targets"] + tiny)
+"""
+
+
+@pytest.mark.slow  # torchvision's FCOS-R50 built and run at 64 x 64: about a minute of CPU.
+def test_peer_pieces_run_where_torch_is_installed():
+  """The `--peer` paths (torchvision FCOS pieces beside ours), in a subprocess: never in pytest."""
+  if any(importlib.util.find_spec(name) is None for name in ("torch", "torchvision")):
+    pytest.skip("torch / torchvision not installed (requirements-bench.txt): no peer to run")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(REPO_ROOT))
+  result = subprocess.run(
+      [sys.executable, "-c", PEER_SMOKE.format(bench=str(REPO_ROOT / "benchmarks"))],
+      capture_output=True, text=True, env=env, timeout=1200, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  parts = _payload(lines, "network_parts")["results"]
+  assert {"peer_backbone", "peer_fpn", "peer_head", "peer_model"} <= set(parts)
+  assert parts["peer_backbone"]["gflop"] > 0
+  step = _payload(lines, "profile_step")["results"]
+  assert {"peer_forward", "peer_step"} <= set(step)
