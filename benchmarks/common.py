@@ -268,6 +268,18 @@ def build_torchvision_fcos(torchvision: Any, size: Sequence[int], *, literal: bo
   return detection.FCOS(backbone, num_classes=91, **kwargs)
 
 
+def torch_flops(calls: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
+  """FLOPs of one call of each torch function, from torch's `FlopCounterMode`."""
+  from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
+  flops = {}
+  for name, call in calls.items():
+    counter = flop_counter.FlopCounterMode(display=False)
+    with counter:
+      call()
+    flops[name] = float(counter.get_total_flops())
+  return flops
+
+
 def torch_sync(torch: Any, device: str) -> Callable[[Any], Any]:
   """A `sync(result)` for time_calls that waits for the device's queued work."""
   def sync(result):

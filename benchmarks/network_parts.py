@@ -143,7 +143,6 @@ def build_peer(size: tuple[int, int], batch: int
   if modules is None:
     return None
   torch, torchvision = modules
-  from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
   model = common.build_torchvision_fcos(torchvision, size, literal=False, score_thresh=0.0)
   model.eval()
   generator = torch.Generator().manual_seed(0)
@@ -166,12 +165,7 @@ def build_peer(size: tuple[int, int], batch: int
            "peer_fpn": wrap(lambda: model.backbone.fpn(body)),
            "peer_head": wrap(lambda: model.head(levels)),
            "peer_model": wrap(lambda: model(images))}
-  flops = {}
-  for name, call in calls.items():
-    counter = flop_counter.FlopCounterMode(display=False)
-    with counter:
-      call()
-    flops[name] = float(counter.get_total_flops())
+  flops = common.torch_flops(calls)
   settings = {"torch": torch.__version__, "torchvision": torchvision.__version__,
               "threads": torch.get_num_threads(),
               "interop_threads": torch.get_num_interop_threads(),

@@ -184,7 +184,6 @@ def build_peer(host_batch: dict[str, np.ndarray], size: tuple[int, int]
   if modules is None:
     return None
   torch, torchvision = modules
-  from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
   host = {k: v[0] for k, v in host_batch.items()}  # [b, ...]
   per_device = host["image"].shape[0]
   images = [torch.rand(3, *size, generator=torch.Generator().manual_seed(i))
@@ -206,12 +205,7 @@ def build_peer(host_batch: dict[str, np.ndarray], size: tuple[int, int]
     sgd.step()
     return loss.detach()
   calls = {"peer_forward": forward, "peer_step": step}
-  flops = {}
-  for name, call in calls.items():
-    counter = flop_counter.FlopCounterMode(display=False)
-    with counter:
-      call()
-    flops[name] = float(counter.get_total_flops())
+  flops = common.torch_flops(calls)
   return calls, flops, {"torch": torch.__version__, "threads": torch.get_num_threads()}
 
 

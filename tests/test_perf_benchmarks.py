@@ -27,18 +27,23 @@ print("TENSORFLOW_IMPORTED", "tensorflow" in sys.modules)
 """
 
 
+def _run_script(script):
+  """Runs a smoke script in a fresh CPU-only Python; returns its stdout lines."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(REPO_ROOT))
+  result = subprocess.run(
+      [sys.executable, "-c", script.format(bench=str(REPO_ROOT / "benchmarks"))],
+      capture_output=True, text=True, env=env, timeout=1200, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout.splitlines()
+
+
 def _payload(lines, name):
   return json.loads(next(l for l in lines if l.startswith(name + " ")).split(" ", 1)[1])
 
 
 @pytest.mark.slow  # A few minutes of CPU: it compiles the tiny train step and a dozen programs.
 def test_profiling_scripts_run_at_a_tiny_size_without_tensorflow():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(REPO_ROOT))
-  result = subprocess.run(
-      [sys.executable, "-c", SMOKE.format(bench=str(REPO_ROOT / "benchmarks"))],
-      capture_output=True, text=True, env=env, timeout=1200, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  lines = result.stdout.splitlines()
+  lines = _run_script(SMOKE)
   assert "TENSORFLOW_IMPORTED False" in lines
 
   parts = _payload(lines, "network_parts")["results"]
@@ -73,12 +78,7 @@ def test_peer_pieces_run_where_torch_is_installed():
   """The `--peer` paths (torchvision FCOS pieces beside ours), in a subprocess: never in pytest."""
   if any(importlib.util.find_spec(name) is None for name in ("torch", "torchvision")):
     pytest.skip("torch / torchvision not installed (requirements-bench.txt): no peer to run")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(REPO_ROOT))
-  result = subprocess.run(
-      [sys.executable, "-c", PEER_SMOKE.format(bench=str(REPO_ROOT / "benchmarks"))],
-      capture_output=True, text=True, env=env, timeout=1200, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  lines = result.stdout.splitlines()
+  lines = _run_script(PEER_SMOKE)
   parts = _payload(lines, "network_parts")["results"]
   assert {"peer_backbone", "peer_fpn", "peer_head", "peer_model"} <= set(parts)
   assert parts["peer_backbone"]["gflop"] > 0
