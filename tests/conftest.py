@@ -104,18 +104,14 @@ def small_config(load_config):
 
 
 @pytest.fixture(scope="session")
-def write_initial_checkpoint():
-  """`write_initial_checkpoint(workdir, hp, step)`: an inference checkpoint of the model at init.
+def initial_inference_state():
+  """`initial_inference_state(hp)`: `{"params", "model_state", "memory"}` of the model at init.
 
-  Returns what it wrote: `{"params", "model_state", "memory"}`.
-
-  What the predictor, the demo, the export and the tuning tool read from a training workdir
-  (params, model state, memory; a training checkpoint holds the optimizer state besides), for
-  `hp`'s model and dataset, written at `step`. The variables are initialised under jit: much
-  faster than the train state's eager initialisation.
+  What the predictor, the demo, the export and the tuning tool read from a training workdir (a
+  training checkpoint holds the optimizer state besides), for `hp`'s model and dataset. The
+  variables are initialised under jit: much faster than the train state's eager initialisation.
   """
-  def write(workdir: pathlib.Path, hp, step: int) -> dict:
-    from ciae_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  def make(hp) -> dict:
     from ciae_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
     from ciae_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
     from ciae_jax.models import ciae as ciae_model  # pylint: disable=g-import-not-at-top
@@ -126,9 +122,19 @@ def write_initial_checkpoint():
     rows = memory_lib.num_memory(categories.num_stuff, categories.num_things,
                                  hp.loss.merge_things)
     memory = memory_lib.init_memory(jax.random.PRNGKey(1), rows, hp.model.embed_dim)
+    return {"params": params, "model_state": model_state, "memory": memory}
+  return make
+
+
+@pytest.fixture(scope="session")
+def write_initial_checkpoint(initial_inference_state):
+  """`write_initial_checkpoint(workdir, hp, step)`: `initial_inference_state(hp)` saved as the
+  checkpoint of `step` in `workdir`; returns the state it wrote."""
+  def write(workdir: pathlib.Path, hp, step: int) -> dict:
+    from ciae_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+    state = initial_inference_state(hp)
     manager = checkpoint_lib.create_manager(str(workdir), checkpoint_every_steps=1,
                                             keep_checkpoints=1)
-    state = {"params": params, "model_state": model_state, "memory": memory}
     checkpoint_lib.save(manager, step, state, force=True)
     manager.wait_until_finished()
     manager.close()

@@ -58,6 +58,9 @@ ciae.ciae_loss = _chunked_ciae_loss
 
 NUM_STUFF = 4
 NUM_THINGS = 3
+# The dense reference's own default of `include_own` is the one of its time (False): calls
+# pass the library's explicitly.
+DEFAULT_INCLUDE_OWN = hparams.LossHParams().include_own
 DIM = 8
 NUM_ROWS = 16
 U = 2.0 ** -24  # float32 unit roundoff
@@ -199,8 +202,7 @@ SETTINGS = [
 @pytest.mark.parametrize("setting", range(len(SETTINGS)))
 def test_matches_dense_reference(setting):
   kwargs, chunk_size, options = SETTINGS[setting]
-  # The dense reference's own default is the former one (False): the library's, explicitly.
-  kwargs = {"include_own": hparams.LossHParams().include_own, **kwargs}
+  kwargs = {"include_own": DEFAULT_INCLUDE_OWN, **kwargs}
   rng = np.random.default_rng(100 + setting)
   cases = [_case(rng, **options), _case(rng, **options)]
   memory = _memory(rng, kwargs.get("merge_things", True), duplicate=setting % 2 == 0)
@@ -304,7 +306,7 @@ def test_forward_only_matches_dense():
   memory = _memory(rng, True)
   run = lambda lib: jax.device_get(jax.jit(functools.partial(
       lib.ciae_loss, num_stuff=NUM_STUFF, memory=memory,
-      include_own=hparams.LossHParams().include_own))(**case))
+      include_own=DEFAULT_INCLUDE_OWN))(**case))
   got, want = run(ciae), run(ciae_dense)
   assert got["num_pixels"] == want["num_pixels"]
   for key in ("loss_cae_sum", "loss_iae_sum", "loss_ciae_sum"):

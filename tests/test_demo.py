@@ -9,7 +9,6 @@ import os
 import pathlib
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 
@@ -35,11 +34,8 @@ def user_folder(tmp_path_factory, load_config, plain_synthetic_root, write_initi
   """A folder laid out like the repository after `python train.py` of the main job."""
   folder = tmp_path_factory.mktemp("user")
   os.symlink(REPO_ROOT / "configs", folder / "configs")
-  generated = plain_synthetic_root(folder / "generated")
-  (folder / "data").mkdir()
-  shutil.move(str(generated), str(folder / "data" / "synthetic"))
   config = load_config("synthetic")
-  config.dataset.root = str(folder / "data" / "synthetic")
+  config.dataset.root = str(plain_synthetic_root(folder / "data" / "synthetic"))
   hp = hparams.HParams.from_config(config)
   write_initial_checkpoint(folder / "runs" / "synthetic", hp, hp.total_steps)
   return folder

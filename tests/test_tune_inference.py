@@ -15,13 +15,11 @@ import jax
 import pytest
 
 from ciae_jax import hparams
-from ciae_jax import memory as memory_lib
 from ciae_jax.data import coco
 from ciae_jax.data import dataset as dataset_lib
 from ciae_jax.data import pipeline
 from ciae_jax.evaluation import runner
 from ciae_jax.evaluation import tuning
-from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import workdir as workdir_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -161,18 +159,17 @@ def test_a_record_without_the_field_resumes_unless_the_field_is_set():
       "dataset.num_tuning_images: 0 -> 32"]
 
 
-def test_a_corrupt_held_out_image_is_an_error_or_left_out(tmp_path, load_config):
+def test_a_corrupt_held_out_image_is_an_error_or_left_out(tmp_path, load_config,
+                                                          initial_inference_state):
   config = _config(load_config, tmp_path / "synthetic")
   hp = hparams.HParams.from_config(config)
   categories = dataset_lib.load_dataset_categories(hp.dataset)
   bad = tuning.tuning_records(hp.dataset, categories)[1]
   pathlib.Path(bad.image_path).write_bytes(b"not a JPEG")
-  model = ciae_model.build_model(hp.model, categories.num_things)
-  variables = jax.jit(lambda rng: ciae_model.init_variables(model, rng))(jax.random.PRNGKey(0))
-  rows = memory_lib.num_memory(categories.num_stuff, categories.num_things, hp.loss.merge_things)
-  memory = memory_lib.init_memory(jax.random.PRNGKey(1), rows, hp.model.embed_dim)
+  state = initial_inference_state(hp)
   grid = tuning.Grid((0.0,), (0.5,), (64.0,))
-  kwargs = {"variables": variables, "memory": memory, "grid": grid,
+  kwargs = {"variables": {"params": state["params"], **state["model_state"]},
+            "memory": state["memory"], "grid": grid,
             "devices": jax.local_devices()[:1]}
   with pytest.raises(ValueError, match=rf"{bad.image_path}.*image id {bad.image_id}"):
     tuning.tune(hp, **kwargs)
