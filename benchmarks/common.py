@@ -49,9 +49,11 @@ def round_up(size: Sequence[int], multiple: int) -> tuple[int, int]:
   return tuple(int(math.ceil(s / multiple) * multiple) for s in size)
 
 
-def build_model(backbone: str, dtype: str, num_things: int = NUM_THINGS) -> ciae_model.CIAE:
-  """CIAE with the paper's settings but `backbone` and `dtype` (narrow for 'resnet_tiny')."""
-  kwargs = {"backbone": backbone, "dtype": dtype}
+def build_model(backbone: str, dtype: str, num_things: int = NUM_THINGS,
+                conv_kernel_grad: str = "auto") -> ciae_model.CIAE:
+  """CIAE with the paper's settings but `backbone`, `dtype` (narrow for 'resnet_tiny') and
+  `conv_kernel_grad` (`model.conv_kernel_grad`)."""
+  kwargs = {"backbone": backbone, "dtype": dtype, "conv_kernel_grad": conv_kernel_grad}
   if backbone == "resnet_tiny":  # Test-sized: narrow everything.
     kwargs.update(fpn_dim=32, semantic_dim=16, head_convs=1)
   return ciae_model.build_model(kwargs, num_things)

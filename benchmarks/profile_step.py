@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", type=common.parse_size, default=(256, 384))
   parser.add_argument("--backbone", default="resnet50")
+  parser.add_argument("--conv_kernel_grad", default="auto", choices=hparams.KERNEL_GRADS,
+                      help="model.conv_kernel_grad (auto: matmul on CPU)")
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--per_device_batch", type=int, default=2)
   parser.add_argument("--pieces", default=",".join(ALL_PIECES),
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{size[0]}x{size[1]} per device, {args.repeats} rounds after {args.warmup}; {info}")
 
   devices = jax.local_device_count()
-  model = common.build_model(args.backbone, args.dtype)
+  model = common.build_model(args.backbone, args.dtype,
+                             conv_kernel_grad=args.conv_kernel_grad)
   variables = common.init_variables(model)
   params, model_state = ciae_model.split_variables(variables)
   step, optimizer, source = train_speed.make_step(

@@ -62,7 +62,7 @@ def bench_ours(args: argparse.Namespace, dtype: str, size: tuple[int, int]) -> d
   """Images/s and memory of our parallel train step in one dtype."""
   devices = jax.local_device_count()
   global_batch = devices * args.per_device_batch
-  model = common.build_model(args.backbone, dtype)
+  model = common.build_model(args.backbone, dtype, conv_kernel_grad=args.conv_kernel_grad)
   params, model_state = ciae_model.split_variables(common.init_variables(model))
   step, optimizer, source = make_step(model, params, global_batch=global_batch,
                                       loss_stride=args.loss_stride)
@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", type=common.parse_size, default=(800, 1344))
   parser.add_argument("--backbone", default="resnet50")
+  parser.add_argument("--conv_kernel_grad", default="auto", choices=hparams.KERNEL_GRADS,
+                      help="model.conv_kernel_grad (auto: matmul on CPU)")
   parser.add_argument("--per_device_batch", type=int, default=2)
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
@@ -242,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   payload = {"args": {"size": list(size), "requested_size": list(args.size),
                       "backbone": args.backbone, "per_device_batch": args.per_device_batch,
                       "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
-                      "parallel": args.parallel, "loss_stride": args.loss_stride},
+                      "parallel": args.parallel, "loss_stride": args.loss_stride,
+                      "conv_kernel_grad": args.conv_kernel_grad},
              "info": info, "ours": ours, "peer": peer,
              "ratio_images_per_s": {
                  d: common.ratio(ours[d].get("images_per_s"),

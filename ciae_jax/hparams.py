@@ -27,6 +27,8 @@ LEVEL_STRIDES = (8, 16, 32, 64, 128)
 _BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_tiny")
 _NORMS = ("frozen_bn", "gn")
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
+# model.conv_kernel_grad (ciae_jax.models.conv.resolve_kernel_grad).
+KERNEL_GRADS = ("auto", "matmul", "xla")
 # model.dtype="auto": bfloat16 where the hardware computes it natively; float32 on CPU, where
 # XLA:CPU gains nothing from it (inference no faster: benchmarks/RESULTS.md; training reported
 # ~2x slower, issue 12).
@@ -79,12 +81,18 @@ class ModelHParams(_Group):
   # Compute dtype; params and outputs stay float32. "auto" (only when asked for): bfloat16 on
   # GPU / TPU, float32 on CPU (`resolved_dtype`).
   dtype: str = "float32"
+  # Convolution kernel gradients: "matmul" (one matmul per kernel tap, 1.6-2x faster R50 steps
+  # on XLA:CPU), "xla" (XLA's own), "auto": matmul on CPU for 1x1 and wide (I*O >= 2^15)
+  # kernels, XLA's elsewhere (models/conv.py).
+  conv_kernel_grad: str = "auto"
 
   def __post_init__(self):
     _require(self.backbone in _BACKBONES, "model.backbone",
              f"{self.backbone!r} not in {_BACKBONES}")
     _require(self.norm in _NORMS, "model.norm", f"{self.norm!r} not in {_NORMS}")
     _require(self.dtype in _DTYPES, "model.dtype", f"{self.dtype!r} not in {_DTYPES}")
+    _require(self.conv_kernel_grad in KERNEL_GRADS, "model.conv_kernel_grad",
+             f"{self.conv_kernel_grad!r} not in {KERNEL_GRADS}")
     for name in ("fpn_dim", "semantic_dim", "embed_dim"):
       _require(getattr(self, name) >= 1, f"model.{name}",
                f"must be >= 1, got {getattr(self, name)}")

@@ -68,19 +68,21 @@ class CIAE(nn.Module):
     self._check(images)
     hp = self.hp
     dtype = layers.canonical_dtype(hp.resolved_dtype())  # "auto": the platform's.
-    features = resnet.ResNet(hp.backbone, hp.norm, hp.resolved_freeze_at, dtype,
+    kernel_grad = hp.conv_kernel_grad  # "auto": resolved per convolution (models/conv.py).
+    features = resnet.ResNet(hp.backbone, hp.norm, hp.resolved_freeze_at, dtype, kernel_grad,
                              name="backbone")(images.astype(dtype))  # c2..c5
-    pyramid = fpn_lib.FPN(hp.fpn_dim, dtype, name="fpn")(features)  # p2..p7
+    pyramid = fpn_lib.FPN(hp.fpn_dim, dtype, kernel_grad, name="fpn")(features)  # p2..p7
     box_embed_dim = hp.box_embed_dim or hp.embed_dim
     head_outputs = head_lib.ProposalHead(
         num_classes=self.num_thing_classes, head_dim=hp.fpn_dim, head_convs=hp.head_convs,
         box_embed_dim=box_embed_dim if hp.use_box_embedding else 0,
-        prior_prob=hp.prior_prob, strides=self.strides, dtype=dtype, name="head",
+        prior_prob=hp.prior_prob, strides=self.strides, dtype=dtype, kernel_grad=kernel_grad,
+        name="head",
     )([pyramid[name] for name in head_lib.LEVEL_NAMES])
     prenorm, embedding = embedding_lib.EmbeddingBranch(
         semantic_dim=hp.semantic_dim, embed_dim=hp.embed_dim,
         use_box_embedding=hp.use_box_embedding, use_coordconv=hp.use_coordconv,
-        dtype=dtype, name="embedding",
+        dtype=dtype, kernel_grad=kernel_grad, name="embedding",
     )(pyramid, head_outputs.get("box_embed"), images.shape[1:3])
     return dict(head_outputs, embedding_prenorm=prenorm, embedding=embedding)
 

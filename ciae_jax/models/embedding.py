@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ciae_jax.models import conv as conv_lib
 from ciae_jax.models import layers
 
 SEMANTIC_LEVELS = (2, 3, 4, 5)  # P2..P5, strides 4..32
@@ -28,12 +29,14 @@ class EmbeddingBranch(nn.Module):
     use_box_embedding: fuse P'' (Table VI); when off P = f(P').
     use_coordconv: CoordConv on the P5 path.
     dtype: compute dtype of the convs.
+    kernel_grad: the convolutions' kernel gradients (`ciae_jax.models.conv`).
   """
   semantic_dim: int = 128
   embed_dim: int = 32
   use_box_embedding: bool = True
   use_coordconv: bool = True
   dtype: Any = jnp.float32
+  kernel_grad: str = "auto"
 
   def _semantic_path(self, features: dict[str, jax.Array], level: int) -> jax.Array:
     x = features[f"p{level}"]  # [B, Hl, Wl, F]
@@ -43,7 +46,9 @@ class EmbeddingBranch(nn.Module):
         coords = layers.coord_channels(x.shape[0], x.shape[1], x.shape[2], x.dtype)  # [B, h, w, 2]
         x = jnp.concatenate([x, coords], axis=-1)  # [B, h, w, C + 2]
       x = nn.Conv(self.semantic_dim, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
-                  kernel_init=layers.kaiming_fan_out, name=f"p{level}_conv{stage}")(x)
+                  kernel_init=layers.kaiming_fan_out,
+                  conv_general_dilated=conv_lib.for_flax(self.kernel_grad),
+                  name=f"p{level}_conv{stage}")(x)
       x = layers.group_norm(self.semantic_dim, self.dtype, name=f"p{level}_gn{stage}")(x)
       x = nn.relu(x)  # [B, h, w, semantic_dim]
       if current > 2:
@@ -53,7 +58,8 @@ class EmbeddingBranch(nn.Module):
 
   def _predictor(self, name: str) -> nn.Conv:
     return nn.Conv(self.embed_dim, (1, 1), dtype=self.dtype, kernel_init=layers.kaiming_fan_out,
-                   bias_init=nn.initializers.zeros, name=name)
+                   bias_init=nn.initializers.zeros,
+                   conv_general_dilated=conv_lib.for_flax(self.kernel_grad), name=name)
 
   @nn.compact
   def __call__(self, features: dict[str, jax.Array], box_embeds: Sequence[jax.Array] | None,

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ciae_jax.models import conv as conv_lib
 from ciae_jax.models import layers
 
 
@@ -19,15 +20,17 @@ class FPN(nn.Module):
   Attributes:
     fpn_dim: channels of every P level (256 in the paper).
     dtype: compute dtype.
+    kernel_grad: the convolutions' kernel gradients (`ciae_jax.models.conv`).
   """
   fpn_dim: int = 256
   dtype: Any = jnp.float32
+  kernel_grad: str = "auto"
 
   def _conv(self, kernel_size: int, strides: int, name: str) -> nn.Conv:
     return nn.Conv(self.fpn_dim, (kernel_size, kernel_size), strides=(strides, strides),
                    padding=layers.torch_padding(kernel_size), dtype=self.dtype,
                    kernel_init=layers.kaiming_uniform_a1, bias_init=nn.initializers.zeros,
-                   name=name)
+                   conv_general_dilated=conv_lib.for_flax(self.kernel_grad), name=name)
 
   @nn.compact
   def __call__(self, features: dict[str, jax.Array]) -> dict[str, jax.Array]:

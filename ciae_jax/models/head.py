@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ciae_jax import hparams
+from ciae_jax.models import conv as conv_lib
 from ciae_jax.models import layers
 
 LEVEL_NAMES = ("p3", "p4", "p5", "p6", "p7")
@@ -36,6 +37,7 @@ class ProposalHead(nn.Module):
     prior_prob: initial foreground probability of the class logits (0.01).
     strides: stride of each input level (8 .. 128).
     dtype: compute dtype; the outputs are float32.
+    kernel_grad: the convolutions' kernel gradients (`ciae_jax.models.conv`).
   """
   num_classes: int
   head_dim: int = 256
@@ -44,11 +46,13 @@ class ProposalHead(nn.Module):
   prior_prob: float = 0.01
   strides: Sequence[int] = hparams.LEVEL_STRIDES
   dtype: Any = jnp.float32
+  kernel_grad: str = "auto"
 
   def _conv(self, features: int, name: str, bias: float = 0.0) -> nn.Conv:
     return nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
                    kernel_init=layers.normal_001,
-                   bias_init=nn.initializers.constant(bias), name=name)
+                   bias_init=nn.initializers.constant(bias),
+                   conv_general_dilated=conv_lib.for_flax(self.kernel_grad), name=name)
 
   def _tower(self, prefix: str) -> list[nn.Module]:
     modules = []

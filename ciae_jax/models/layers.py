@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ciae_jax.models import conv as conv_lib
 from ciae_jax.models import resize as resize_lib
 
 Dtype = Any
@@ -55,7 +56,8 @@ class Conv2d(nn.Module):
   The kernel is stored HWIO in `collection` ('params' when trainable, FROZEN for a
   frozen backbone stage, so that neither gradients nor weight decay reach it).
   Padding is PyTorch's symmetric k // 2, so converted torchvision weights give the
-  same numbers as in PyTorch.
+  same numbers as in PyTorch. `kernel_grad`: how the kernel's gradient is computed
+  (`ciae_jax.models.conv`).
   """
   features: int
   kernel_size: int
@@ -63,6 +65,7 @@ class Conv2d(nn.Module):
   collection: str = "params"
   dtype: Dtype = jnp.float32
   kernel_init: Initializer = kaiming_fan_out
+  kernel_grad: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -73,11 +76,12 @@ class Conv2d(nn.Module):
       kernel = self.variable(
           self.collection, "kernel",
           lambda: self.kernel_init(self.make_rng("params"), shape, jnp.float32)).value
-    return jax.lax.conv_general_dilated(
+    return conv_lib.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype),  # [B, H, W, Cin], [k, k, Cin, Cout]
         window_strides=(self.strides, self.strides),
         padding=torch_padding(self.kernel_size),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))  # [B, H/s, W/s, Cout]
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        kernel_grad=self.kernel_grad)  # [B, H/s, W/s, Cout]
 
 
 class FrozenBatchNorm(nn.Module):

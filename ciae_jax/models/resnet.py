@@ -74,10 +74,12 @@ class BasicBlock(nn.Module):
   norm: str
   collection: str = "params"
   dtype: Any = jnp.float32
+  kernel_grad: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = functools.partial(layers.Conv2d, collection=self.collection, dtype=self.dtype)
+    conv = functools.partial(layers.Conv2d, collection=self.collection, dtype=self.dtype,
+                             kernel_grad=self.kernel_grad)
     out = conv(self.planes, 3, self.strides, name="conv1")(x)  # [B, H/s, W/s, planes]
     out = nn.relu(_norm_layer(self.norm, self.planes, self.dtype, "bn1")(out))
     out = conv(self.planes, 3, 1, name="conv2")(out)  # [B, H/s, W/s, planes]
@@ -96,10 +98,12 @@ class Bottleneck(nn.Module):
   norm: str
   collection: str = "params"
   dtype: Any = jnp.float32
+  kernel_grad: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = functools.partial(layers.Conv2d, collection=self.collection, dtype=self.dtype)
+    conv = functools.partial(layers.Conv2d, collection=self.collection, dtype=self.dtype,
+                             kernel_grad=self.kernel_grad)
     out_channels = self.planes * 4
     out = conv(self.planes, 1, 1, name="conv1")(x)  # [B, H, W, planes]
     out = nn.relu(_norm_layer(self.norm, self.planes, self.dtype, "bn1")(out))
@@ -123,11 +127,13 @@ class ResNet(nn.Module):
     norm: "frozen_bn" or "gn".
     freeze_at: 0 trains everything; k >= 1 freezes the stem and layer1..layer(k-1) (FCOS: 2).
     dtype: compute dtype; parameters stay float32.
+    kernel_grad: the convolutions' kernel gradients (`ciae_jax.models.conv`).
   """
   arch: str = "resnet50"
   norm: str = "frozen_bn"
   freeze_at: int = 2
   dtype: Any = jnp.float32
+  kernel_grad: str = "auto"
 
   def _check(self) -> None:
     resnet_spec(self.arch)
@@ -148,7 +154,7 @@ class ResNet(nn.Module):
     spec = resnet_spec(self.arch)
     block_cls = Bottleneck if spec.block == "bottleneck" else BasicBlock
     x = layers.Conv2d(spec.stem_width, 7, 2, collection=self._collection(0), dtype=self.dtype,
-                      name="conv1")(images)  # [B, H/2, W/2, stem]
+                      kernel_grad=self.kernel_grad, name="conv1")(images)  # [B, H/2, W/2, stem]
     x = nn.relu(_norm_layer(self.norm, spec.stem_width, self.dtype, "bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # [B, H/4, W/4, stem]
     if self.freeze_at >= 1:
@@ -158,7 +164,8 @@ class ResNet(nn.Module):
       for index in range(num_blocks):
         strides = 2 if stage > 1 and index == 0 else 1
         x = block_cls(width, strides, self.norm, collection=self._collection(stage),
-                      dtype=self.dtype, name=f"layer{stage}_{index}")(x)  # [B, Hs, Ws, Cs]
+                      dtype=self.dtype, kernel_grad=self.kernel_grad,
+                      name=f"layer{stage}_{index}")(x)  # [B, Hs, Ws, Cs]
       if stage < self.freeze_at:
         x = jax.lax.stop_gradient(x)
       features[f"c{stage + 1}"] = x

@@ -1,0 +1,159 @@
+"""2-D convolution whose kernel gradient is a sum of matmuls.
+
+XLA:CPU computes a convolution's kernel gradient as one more convolution, with the batch and
+spatial axes as the reduction; at the sizes of the FPN and the head (256 channels at stride 4
+and 8) it runs at a quarter to a sixth of the forward convolution's rate, and it is most of a
+training step's backward (benchmarks/RESULTS.md, "Where the time goes"). Written out, the
+kernel gradient of y = conv(x, w), NHWC / HWIO, stride s, explicit padding, is
+
+    dL/dw[a, b, i, o] = sum_{n, h, w} x_pad[n, a + s h, b + s w, i] * dy[n, h, w, o],
+
+one [O, N*Ho*Wo] x [N*Ho*Wo, I] matmul per kernel tap (a, b): `_kernel_grad` computes that.
+The input gradient stays XLA's own transposed convolution (fast on every backend, and bit for
+bit what `jax.grad` gives without this module); the forward is `lax.conv_general_dilated`
+itself. Only the summation order of the kernel gradient changes (tests/test_conv.py: within
+1e-5 of its largest value).
+
+`conv_general_dilated` has lax's signature, so `flax.linen.Conv(conv_general_dilated=...)`
+takes it; cases outside NHWC / HWIO, unit dilation, one group, padding >= 0 go to lax as they
+are.
+"""
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ciae_jax import hparams
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+# Below this I * O, a k x k (k > 1) kernel gradient keeps XLA's: at 64-128 channels the taps'
+# loop costs more than it saves (the main job, configs/synthetic.py, ran 0.83x with it).
+# 1 x 1 kernels always take the matmul (no loop, no window copy when unstrided).
+MIN_CHANNEL_PRODUCT = 2**15
+
+
+def _matmul_pays(kernel_shape: Sequence[int]) -> bool:
+  kh, kw, channels_in, channels_out = kernel_shape
+  return kh * kw == 1 or channels_in * channels_out >= MIN_CHANNEL_PRODUCT
+
+
+def resolve_kernel_grad(kernel_grad: str, platform: str | None = None,
+                        kernel_shape: Sequence[int] | None = None) -> str:
+  """"matmul" or "xla" for one convolution: "auto" is "matmul" on CPU where it pays
+  (`_matmul_pays` of `kernel_shape`, when given) and "xla" elsewhere; `platform` defaults to
+  JAX's default backend."""
+  # "matmul" only on CPU: on GPUs cuDNN's kernel gradients are fast and the taps' windows
+  # would cost memory traffic for nothing.
+  if kernel_grad not in hparams.KERNEL_GRADS:
+    raise ValueError(f"model.conv_kernel_grad must be one of {hparams.KERNEL_GRADS}, "
+                     f"got {kernel_grad!r}")
+  if kernel_grad != "auto":
+    return kernel_grad
+  platform = platform or jax.default_backend()
+  if platform != "cpu" or (kernel_shape is not None and not _matmul_pays(kernel_shape)):
+    return "xla"
+  return "matmul"
+
+
+def _lax_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+              padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
+
+
+def _kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
+                 strides: tuple[int, int],
+                 padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """dL/dw [kh, kw, I, O] from x [N, H, W, I] and dy [N, Ho, Wo, O]: one matmul per tap."""
+  kh, kw, channels_in, channels_out = kernel_shape
+  out_h, out_w = dy.shape[1:3]
+  (sh, sw) = strides
+  x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))  # [N, Hp, Wp, I]
+  dy_t = dy.reshape(-1, channels_out).T  # [O, N*Ho*Wo]
+  span_h, span_w = sh * (out_h - 1) + 1, sw * (out_w - 1) + 1
+  batch = x.shape[0]
+
+  def tap(_, index):
+    # One tap at a time (a loop, not unrolled): XLA would otherwise keep all kh*kw windows,
+    # each the size of x, alive at once.
+    a, b = index // kw, index % kw
+    window = lax.dynamic_slice(x_pad, (0, a, b, 0), (batch, span_h, span_w, channels_in))
+    window = window[:, ::sh, ::sw]  # [N, Ho, Wo, I]
+    return None, dy_t @ window.reshape(-1, channels_in)  # [O, I]
+
+  if kh * kw == 1:
+    grad = tap(None, 0)[1][None]  # [1, O, I]
+  else:
+    _, grad = lax.scan(tap, None, jnp.arange(kh * kw))  # [kh*kw, O, I]
+  return grad.transpose(0, 2, 1).reshape(kh, kw, channels_in, channels_out)  # [kh, kw, I, O]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_matmul_grad(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+                      padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  return _lax_conv(x, w, strides, padding)  # [N, Ho, Wo, O]
+
+
+def _conv_fwd(x, w, strides, padding):
+  return _lax_conv(x, w, strides, padding), (x, w)
+
+
+def _conv_bwd(strides, padding, residuals, dy):
+  x, w = residuals
+  _, input_vjp = jax.vjp(lambda x_: _lax_conv(x_, w, strides, padding), x)
+  (dx,) = input_vjp(dy)  # XLA's transposed convolution; its unused forward is dead code.
+  dw = _kernel_grad(x, dy, w.shape, strides, padding).astype(w.dtype)
+  return dx, dw
+
+
+_conv_matmul_grad.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _explicit_padding(padding: Any, x_shape: Sequence[int], w_shape: Sequence[int],
+                      strides: tuple[int, int]):
+  """lax's padding argument as ((top, bottom), (left, right)), or None if it is not 2-D."""
+  if isinstance(padding, str):
+    return tuple(lax.padtype_to_pads(x_shape[1:3], w_shape[:2], strides, padding))
+  padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+  return padding if len(padding) == 2 else None
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: Any, lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision: Any = None,
+                         preferred_element_type: Any = None, *,
+                         kernel_grad: str = "matmul") -> jax.Array:
+  """`lax.conv_general_dilated` whose kernel gradient is `_kernel_grad` (kernel_grad="matmul").
+
+  The same forward values as lax; kernel_grad "matmul" takes the matmul kernel gradient for
+  every NHWC / HWIO form it covers, "auto" resolves by platform and kernel shape
+  (`resolve_kernel_grad`), "xla" is lax unchanged.
+  """
+  plain = functools.partial(
+      lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+      precision=precision, preferred_element_type=preferred_element_type)
+  if lhs.ndim != 4 or resolve_kernel_grad(kernel_grad, kernel_shape=rhs.shape) == "xla":
+    return plain()
+  wanted = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  unit = lambda d: d is None or all(int(v) == 1 for v in d)
+  strides = tuple(int(s) for s in window_strides)
+  pads = _explicit_padding(padding, lhs.shape, rhs.shape, strides)
+  if (given != wanted or not unit(lhs_dilation) or not unit(rhs_dilation)
+      or feature_group_count != 1 or batch_group_count != 1 or precision is not None
+      or preferred_element_type is not None or pads is None
+      or min(p for pair in pads for p in pair) < 0):
+    return plain()
+  return _conv_matmul_grad(lhs, rhs, strides, pads)
+
+
+def for_flax(kernel_grad: str) -> Callable[..., jax.Array]:
+  """The `conv_general_dilated` argument of `flax.linen.Conv` for `kernel_grad`."""
+  return functools.partial(conv_general_dilated, kernel_grad=kernel_grad)

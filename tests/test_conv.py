@@ -1,0 +1,144 @@
+"""The matmul kernel gradient (ciae_jax.models.conv) against lax's and a float64 reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from ciae_jax import hparams
+from ciae_jax.models import ciae
+from ciae_jax.models import conv
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax(x, w, strides, padding):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+def _ours(x, w, strides, padding):
+  return conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC,
+                                   kernel_grad="matmul")
+
+
+def _kernel_grad_float64(x, w_shape, dy, strides, padding):
+  """Independent reference: the tap sum of the module docstring, in float64 NumPy."""
+  x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+  kh, kw = w_shape[:2]
+  x_pad = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  out_h, out_w = dy.shape[1:3]
+  grad = np.zeros(w_shape, np.float64)
+  for a in range(kh):
+    for b in range(kw):
+      window = x_pad[:, a:a + strides[0] * (out_h - 1) + 1:strides[0],
+                     b:b + strides[1] * (out_w - 1) + 1:strides[1]]
+      grad[a, b] = np.einsum("nhwi,nhwo->io", window, dy)
+  return grad
+
+
+CASES = [  # (x shape, kernel shape, strides, padding)
+    ((2, 13, 17, 8), (3, 3, 8, 16), (1, 1), ((1, 1), (1, 1))),
+    ((1, 16, 24, 32), (3, 3, 32, 32), (1, 1), "SAME"),
+    ((2, 15, 9, 16), (1, 1, 16, 24), (1, 1), ((0, 0), (0, 0))),
+    ((2, 16, 24, 8), (1, 1, 8, 16), (2, 2), ((0, 0), (0, 0))),  # ResNet projection shortcut
+    ((2, 17, 25, 8), (3, 3, 8, 8), (2, 2), ((1, 1), (1, 1))),  # odd sides, stride 2
+    ((1, 20, 18, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),  # the stem
+    ((1, 12, 14, 4), (3, 3, 4, 6), (2, 1), ((0, 2), (1, 0))),  # asymmetric
+    ((1, 12, 14, 4), (3, 2, 4, 6), (1, 1), "VALID"),
+    ((1, 11, 10, 4), (3, 3, 4, 6), (2, 2), "SAME"),
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", CASES)
+def test_values_and_gradients_match_lax(x_shape, w_shape, strides, padding):
+  kx, kw_, kd = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, x_shape)
+  w = jax.random.normal(kw_, w_shape) * 0.1
+  y_ref, vjp_ref = jax.vjp(lambda x_, w_: _lax(x_, w_, strides, padding), x, w)
+  y, vjp = jax.vjp(lambda x_, w_: _ours(x_, w_, strides, padding), x, w)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))  # the forward is lax's
+  dy = jax.random.normal(kd, y.shape)
+  dx_ref, dw_ref = jax.jit(vjp_ref)(dy)
+  dx, dw = jax.jit(vjp)(dy)
+  np.testing.assert_array_equal(np.asarray(dx), np.asarray(dx_ref))  # XLA's own input grad
+  scale = float(jnp.abs(dw_ref).max())
+  np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_ref), rtol=0, atol=1e-5 * scale)
+  pads = conv._explicit_padding(padding, x_shape, w_shape, strides)
+  exact = _kernel_grad_float64(x, w_shape, dy, strides, pads)
+  np.testing.assert_allclose(np.asarray(dw), exact, rtol=0, atol=1e-5 * scale)
+
+
+def test_unsupported_forms_are_lax_unchanged():
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 10, 12, 8))
+  w = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 4, 8))
+  kwargs = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC,
+                feature_group_count=2, rhs_dilation=(2, 2))
+  grad = lambda f: jax.grad(lambda w_: jnp.sum(jnp.sin(f(x, w_, **kwargs))))(w)
+  ours = grad(lambda *a, **k: conv.conv_general_dilated(*a, **k, kernel_grad="matmul"))
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(grad(lax.conv_general_dilated)))
+  nchw = jnp.transpose(x, (0, 3, 1, 2))
+  w_oihw = jnp.transpose(w, (3, 2, 0, 1))[:, :4].repeat(2, axis=1)
+  y = conv.conv_general_dilated(nchw, w_oihw, (1, 1), "SAME", kernel_grad="matmul")
+  np.testing.assert_array_equal(np.asarray(y),
+                                np.asarray(lax.conv_general_dilated(nchw, w_oihw, (1, 1), "SAME")))
+
+
+def test_bfloat16_kernel_gradient_keeps_dtype():
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 8), jnp.bfloat16)
+  w = (jax.random.normal(jax.random.PRNGKey(4), (3, 3, 8, 8)) * 0.1).astype(jnp.bfloat16)
+  loss = lambda f: lambda w_: jnp.sum(f(x, w_, (1, 1), "SAME").astype(jnp.float32) ** 2)
+  ours, ref = jax.grad(loss(_ours))(w), jax.grad(loss(_lax))(w)
+  assert ours.dtype == jnp.bfloat16
+  scale = float(jnp.abs(ref.astype(jnp.float32)).max())
+  np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
+                             rtol=0, atol=2e-2 * scale)
+
+
+def test_resolve_kernel_grad():
+  assert conv.resolve_kernel_grad("auto", "cpu") == "matmul"
+  assert conv.resolve_kernel_grad("auto", "gpu") == "xla"
+  assert conv.resolve_kernel_grad("auto", "tpu") == "xla"
+  assert conv.resolve_kernel_grad("xla", "cpu") == "xla"
+  assert conv.resolve_kernel_grad("matmul", "gpu") == "matmul"
+  assert conv.resolve_kernel_grad("auto", "cpu", (3, 3, 256, 256)) == "matmul"
+  assert conv.resolve_kernel_grad("auto", "cpu", (1, 1, 16, 8)) == "matmul"
+  assert conv.resolve_kernel_grad("auto", "cpu", (3, 3, 64, 64)) == "xla"
+  assert conv.resolve_kernel_grad("auto", "gpu", (3, 3, 256, 256)) == "xla"
+  with pytest.raises(ValueError, match="conv_kernel_grad"):
+    conv.resolve_kernel_grad("fast")
+  with pytest.raises(ValueError, match="model.conv_kernel_grad"):
+    hparams.ModelHParams(conv_kernel_grad="fast")
+
+
+@pytest.mark.parametrize("norm", ["gn", "frozen_bn"])
+def test_network_gradients_match_xla(norm, monkeypatch):
+  """The whole CIAE network: same outputs, parameter gradients within 1e-5 of their scale."""
+  images = jax.random.normal(jax.random.PRNGKey(5), (2, 64, 96, 3))
+  traced = []
+  kernel_grad_fn = conv._kernel_grad
+  monkeypatch.setattr(conv, "_kernel_grad", lambda *a: traced.append(1) or kernel_grad_fn(*a))
+
+  def value_and_grads(kernel_grad):
+    model = ciae.build_model(hparams.ModelHParams(
+        backbone="resnet_tiny", norm=norm, fpn_dim=32, semantic_dim=16, embed_dim=8,
+        conv_kernel_grad=kernel_grad), 3)
+    params, rest = ciae.split_variables(ciae.init_variables(model, jax.random.PRNGKey(0)))
+
+    def loss(p):
+      outputs = model.apply({"params": p, **rest}, images)
+      return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(outputs))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  loss_ref, grads_ref = value_and_grads("xla")
+  assert not traced
+  loss, grads = value_and_grads("matmul")
+  assert float(loss) == float(loss_ref)
+  pairs = zip(jax.tree_util.tree_leaves_with_path(grads_ref), jax.tree_util.tree_leaves(grads))
+  checked = 0
+  for (path, ref), ours in pairs:
+    scale = float(jnp.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0,
+                               atol=1e-5 * scale + 1e-30, err_msg=jax.tree_util.keystr(path))
+    checked += "kernel" in jax.tree_util.keystr(path)
+  assert checked >= 20  # the backbone's, FPN's, head's and embedding branch's kernels
+  assert len(traced) >= checked  # every trainable kernel took the matmul path
