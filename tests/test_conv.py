@@ -1,9 +1,9 @@
 """The matmul kernel gradient (ciae_jax.models.conv) against lax's and a float64 reference."""
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from ciae_jax import hparams
 from ciae_jax.models import ciae
