@@ -24,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ciae_jax import hparams  # noqa: E402
 from ciae_jax import memory as memory_lib  # noqa: E402
 from ciae_jax.models import ciae as ciae_model  # noqa: E402
 
@@ -31,6 +32,13 @@ NUM_STUFF = 53  # COCO panoptic
 NUM_THINGS = 80
 # Images are padded to multiples of the network's size divisor, as torchvision pads.
 PAD_MULTIPLE = ciae_model.SIZE_DIVISOR
+
+
+def add_conv_kernel_grad_flag(parser: Any) -> None:
+  """`--conv_kernel_grad`, passed to `build_model` (`model.conv_kernel_grad`)."""
+  parser.add_argument("--conv_kernel_grad", default="auto", choices=hparams.KERNEL_GRADS,
+                      help="model.conv_kernel_grad (auto: matmul on CPU for 1x1 and wide "
+                           "kernels, XLA's elsewhere)")
 
 
 def parse_size(text: str) -> tuple[int, int]:

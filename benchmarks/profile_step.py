@@ -213,8 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", type=common.parse_size, default=(256, 384))
   parser.add_argument("--backbone", default="resnet50")
-  parser.add_argument("--conv_kernel_grad", default="auto", choices=hparams.KERNEL_GRADS,
-                      help="model.conv_kernel_grad (auto: matmul on CPU)")
+  common.add_conv_kernel_grad_flag(parser)
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--per_device_batch", type=int, default=2)
   parser.add_argument("--pieces", default=",".join(ALL_PIECES),

@@ -189,8 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", type=common.parse_size, default=(800, 1344))
   parser.add_argument("--backbone", default="resnet50")
-  parser.add_argument("--conv_kernel_grad", default="auto", choices=hparams.KERNEL_GRADS,
-                      help="model.conv_kernel_grad (auto: matmul on CPU)")
+  common.add_conv_kernel_grad_flag(parser)
   parser.add_argument("--per_device_batch", type=int, default=2)
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--steps", type=int, default=10, help="steps per timed run")

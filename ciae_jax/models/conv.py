@@ -127,8 +127,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          dimension_numbers: Any = None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision: Any = None,
                          preferred_element_type: Any = None, *,
-                         kernel_grad: str = "matmul") -> jax.Array:
-  """`lax.conv_general_dilated` whose kernel gradient is `_kernel_grad` (kernel_grad="matmul").
+                         kernel_grad: str = "auto") -> jax.Array:
+  """`lax.conv_general_dilated` whose kernel gradient may be `_kernel_grad` (`kernel_grad`).
 
   The same forward values as lax; kernel_grad "matmul" takes the matmul kernel gradient for
   every NHWC / HWIO form it covers, "auto" resolves by platform and kernel shape
