@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 from ciae_jax import detection
@@ -70,6 +71,24 @@ def _check_memory(memory: Any, num_stuff: int, embed_dim: int) -> Array:
   return memory
 
 
+# Similarity elements per row band of `assign_pixels` (4 MiB of float32): a band's [rows, W, Q]
+# similarities stay in cache between the matmul, the box filter and the two reductions,
+# where the whole [H, W, Q] array would go to memory and back for each (2.7x slower at
+# 512 x 768 with 153 queries; benchmarks/RESULTS.md).
+BAND_ELEMENTS = 2**20
+
+
+def first_argmax(values: Array, axis: int = -1) -> Array:
+  """`jnp.argmax(values, axis)` (first index of the maximum; a NaN counts as the maximum) from
+  a max and a min reduction, which XLA:CPU vectorises, where argmax's (value, index) reduction
+  runs one element at a time."""
+  axis = axis % values.ndim
+  maximum = jnp.max(values, axis=axis, keepdims=True)
+  index = lax.broadcasted_iota(jnp.int32, values.shape, axis)
+  hit = (values == maximum) | jnp.isnan(values)
+  return jnp.min(jnp.where(hit, index, values.shape[axis]), axis=axis)
+
+
 def assign_pixels(
     embedding: Array,
     stuff_queries: Array,
@@ -81,18 +100,23 @@ def assign_pixels(
     *,
     box_expand: float,
     outside_box_similarity: float,
+    band_elements: int = BAND_ELEMENTS,
 ) -> tuple[Array, Array]:
-  """Per-pixel argmax of S = P V^T with the box filter; returns (query index, inside image)."""
-  num_rows, num_cols, _ = embedding.shape
+  """Per-pixel argmax of S = P V^T with the box filter; returns (query index, inside image).
+
+  Computed in bands of rows holding about `band_elements` similarities each (one loop step
+  per band), so that `[H, W, Q]` is never materialised; every pixel's result is the one of
+  the whole-image expression.
+  """
+  num_rows, num_cols, dim = embedding.shape
   num_stuff = stuff_queries.shape[0]
   queries = jnp.concatenate([stuff_queries, thing_queries], axis=0)  # [Q, D]
-  similarity = jnp.einsum("hwd,qd->hwq", embedding, queries,
-                          precision=jax.lax.Precision.HIGHEST)  # [H, W, Q]
+  num_queries = queries.shape[0]
   boxes = ops.expand_boxes(thing_boxes, box_expand)  # [K, 4]
   pixel_y = jnp.arange(num_rows, dtype=jnp.float32) + 0.5  # [H]
   pixel_x = jnp.arange(num_cols, dtype=jnp.float32) + 0.5  # [W]
   # Stuff queries pass the box filter everywhere: one mask over all queries, so that XLA fuses
-  # the filter into the argmax instead of materialising the thing part separately.
+  # the filter into the reductions instead of materialising the thing part separately.
   stuff_true = jnp.ones((num_stuff,), bool)
   row_in = ((pixel_y[:, None] >= boxes[None, :, 1])
             & (pixel_y[:, None] <= boxes[None, :, 3]))  # [H, K]
@@ -103,13 +127,28 @@ def assign_pixels(
   col_in = jnp.concatenate([jnp.broadcast_to(stuff_true, (num_cols, num_stuff)), col_in],
                            axis=1)  # [W, Q]
   usable = jnp.concatenate([stuff_true, thing_usable])  # [Q]
-  in_box = row_in[:, None, :] & col_in[None, :, :]  # [H, W, Q]
-  # Paper IV-B: outside its box, a pixel's similarity to an instance is 0 (not -inf).
-  similarity = jnp.where(in_box, similarity, outside_box_similarity)  # [H, W, Q]
-  similarity = jnp.where(usable, similarity, -jnp.inf)  # [H, W, Q]
-  assignment = jnp.argmax(similarity, axis=-1).astype(jnp.int32)  # [H, W]
+
+  def band(args: tuple[Array, Array]) -> Array:
+    band_embedding, band_row_in = args  # [R, W, D], [R, Q]
+    similarity = jnp.einsum("hwd,qd->hwq", band_embedding, queries,
+                            precision=lax.Precision.HIGHEST)  # [R, W, Q]
+    in_box = band_row_in[:, None, :] & col_in[None, :, :]  # [R, W, Q]
+    # Paper IV-B: outside its box, a pixel's similarity to an instance is 0 (not -inf).
+    similarity = jnp.where(in_box, similarity, outside_box_similarity)  # [R, W, Q]
+    similarity = jnp.where(usable, similarity, -jnp.inf)  # [R, W, Q]
+    return first_argmax(similarity, axis=-1)  # [R, W]
+
+  rows = max(1, min(num_rows, band_elements // max(1, num_cols * num_queries)))
+  num_bands = -(-num_rows // rows)
+  pad = num_bands * rows - num_rows  # Padded rows are computed, then dropped.
+  banded_embedding = jnp.pad(embedding, ((0, pad), (0, 0), (0, 0))).reshape(
+      num_bands, rows, num_cols, dim)  # [N, R, W, D]
+  banded_row_in = jnp.pad(row_in, ((0, pad), (0, 0))).reshape(
+      num_bands, rows, num_queries)  # [N, R, Q]
+  assignment = lax.map(band, (banded_embedding, banded_row_in))  # [N, R, W]
+  assignment = assignment.reshape(num_bands * rows, num_cols)[:num_rows]  # [H, W]
   inside = (jnp.arange(num_rows)[:, None] < height) & (jnp.arange(num_cols)[None, :] < width)
-  return assignment, inside  # [H, W], [H, W]
+  return assignment.astype(jnp.int32), inside  # [H, W], [H, W]
 
 
 def _filter_segments(

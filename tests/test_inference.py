@@ -467,3 +467,94 @@ def test_oracle_reproduces_ground_truth_with_perfect_embeddings(include_crowd):
   for row in (2, 3, 4) if include_crowd else (2, 4):
     # Oracle boxes are the ground-truth boxes copied: exact (default rtol 1e-7 < 1 ulp).
     np.testing.assert_allclose(result["det_box"][row], gt[4][row])
+
+
+# ------------------------------------------------------------------------------------------------
+# The banded assignment against the whole-image expression it replaced.
+
+
+def whole_image_assignment(embedding, stuff_queries, thing_queries, thing_boxes, thing_usable,
+                           *, box_expand, outside_box_similarity):
+  """The [H, W, Q] expression of Eq. 16 in one piece, with jnp.argmax (the code before bands)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ciae_jax import ops  # pylint: disable=g-import-not-at-top
+  num_rows, num_cols, _ = embedding.shape
+  queries = jnp.concatenate([stuff_queries, thing_queries], axis=0)  # [Q, D]
+  similarity = jnp.einsum("hwd,qd->hwq", embedding, queries,
+                          precision=jax.lax.Precision.HIGHEST)  # [H, W, Q]
+  boxes = ops.expand_boxes(thing_boxes, box_expand)  # [K, 4]
+  pixel_y = jnp.arange(num_rows, dtype=jnp.float32)[:, None, None] + 0.5
+  pixel_x = jnp.arange(num_cols, dtype=jnp.float32)[None, :, None] + 0.5
+  in_box = ((pixel_y >= boxes[:, 1]) & (pixel_y <= boxes[:, 3]) & (pixel_x >= boxes[:, 0])
+            & (pixel_x <= boxes[:, 2]))  # [H, W, K]
+  num_stuff = stuff_queries.shape[0]
+  in_box = jnp.concatenate([jnp.ones((num_rows, num_cols, num_stuff), bool), in_box], -1)
+  usable = jnp.concatenate([jnp.ones((num_stuff,), bool), thing_usable])  # [Q]
+  similarity = jnp.where(in_box, similarity, outside_box_similarity)
+  similarity = jnp.where(usable, similarity, -jnp.inf)
+  return jnp.argmax(similarity, axis=-1)  # [H, W]
+
+
+def random_assignment_inputs(rng, height, width, num_stuff, num_things, dim=8):
+  embedding = rng.normal(size=(height, width, dim)).astype(np.float32)
+  embedding /= np.linalg.norm(embedding, axis=-1, keepdims=True)
+  stuff = rng.normal(size=(num_stuff, dim)).astype(np.float32)
+  things = rng.normal(size=(num_things, dim)).astype(np.float32)
+  if num_stuff and num_things > 1:
+    things[1] = stuff[0]  # A tie on every pixel: the first of the two (stuff 0) wins.
+  wh = rng.uniform(2, max(3, min(height, width)), size=(num_things, 2))
+  x0, y0 = rng.uniform(-2, width, num_things), rng.uniform(-2, height, num_things)
+  boxes = np.stack([x0, y0, x0 + wh[:, 0], y0 + wh[:, 1]], -1).astype(np.float32)
+  usable = rng.uniform(size=num_things) > 0.2
+  return embedding, stuff, things, boxes, usable
+
+
+@pytest.mark.parametrize("height, width, num_stuff, num_things, band_elements, outside", [
+    (37, 23, 3, 9, 23 * 12 * 4, 0.0),  # bands of 4 rows, the last one padded
+    (37, 23, 3, 9, 1, -np.inf),  # one row per band
+    (16, 40, 2, 30, 10**9, 0.0),  # one band
+    (9, 11, 0, 5, 11 * 5 * 2, 0.0),  # no stuff queries
+])
+def test_banded_assignment_equals_whole_image(height, width, num_stuff, num_things,
+                                              band_elements, outside):
+  rng = np.random.default_rng(height + num_things)
+  embedding, stuff, things, boxes, usable = random_assignment_inputs(
+      rng, height, width, num_stuff, num_things)
+  embedding[3, 4] = np.nan  # A NaN pixel takes argmax's answer too.
+  kwargs = dict(box_expand=1.2, outside_box_similarity=outside)
+  expected = np.asarray(jax.jit(functools.partial(whole_image_assignment, **kwargs))(
+      embedding, stuff, things, boxes, usable))
+  assignment, inside = run_jitted(
+      inference.assign_pixels, embedding, stuff, things, boxes, usable, height - 2, width,
+      band_elements=band_elements, **kwargs)
+  np.testing.assert_array_equal(assignment, expected)
+  assert inside.sum() == (height - 2) * width
+  assert len(np.unique(expected)) > 3, "the scene should have several winners"
+
+
+def test_banded_assignment_vmapped_with_all_things_unusable():
+  rng = np.random.default_rng(5)
+  inputs = [random_assignment_inputs(rng, 13, 17, 0, 4) for _ in range(2)]
+  embedding, stuff, things, boxes, usable = (np.stack(xs) for xs in zip(*inputs))
+  usable[1] = False  # No usable query at all: every similarity is -inf, argmax says 0.
+  kwargs = dict(box_expand=1.0, outside_box_similarity=0.0)
+  fn = functools.partial(inference.assign_pixels, band_elements=17 * 4 * 3, **kwargs)
+  batched = jax.jit(jax.vmap(lambda *a: fn(*a, 13, 17)[0]))(embedding, stuff, things, boxes,
+                                                             usable)
+  expected = jax.vmap(functools.partial(whole_image_assignment, **kwargs))(
+      embedding, stuff, things, boxes, usable)
+  np.testing.assert_array_equal(np.asarray(batched), np.asarray(expected))
+  assert (np.asarray(batched)[1] == 0).all()
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_first_argmax_equals_argmax(axis):
+  rng = np.random.default_rng(axis + 3)
+  values = rng.integers(-3, 4, size=(6, 7, 5)).astype(np.float32)  # many ties
+  values[0, 0, :] = -np.inf
+  values[:, 1, 1] = -np.inf
+  values[2, 2, 2] = np.nan
+  values[3, :, 4] = np.inf
+  values[4, 3, :] = np.nan
+  np.testing.assert_array_equal(np.asarray(jax.jit(inference.first_argmax, static_argnums=1)(
+      values, axis)), np.argmax(values, axis=axis))
