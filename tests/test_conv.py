@@ -46,7 +46,24 @@ CASES = [  # (x shape, kernel shape, strides, padding)
     ((1, 12, 14, 4), (3, 3, 4, 6), (2, 1), ((0, 2), (1, 0))),  # asymmetric
     ((1, 12, 14, 4), (3, 2, 4, 6), (1, 1), "VALID"),
     ((1, 11, 10, 4), (3, 3, 4, 6), (2, 2), "SAME"),
+    ((1, 12, 14, 4), (3, 3, 4, 6), (1, 1), ((0, 2), (2, 1))),  # stride 1, asymmetric: padded dy
+    ((1, 9, 10, 4), (3, 3, 4, 6), (1, 1), ((3, 3), (0, 0))),  # pad > k - 1: padded x
 ]
+
+
+@pytest.mark.parametrize("strides,padding,shifted", [
+    ((1, 1), ((1, 1), (1, 1)), True), ((1, 1), ((0, 2), (2, 0)), True),
+    ((1, 1), ((3, 0), (1, 1)), False), ((2, 2), ((1, 1), (1, 1)), False),
+    ((1, 2), ((1, 1), (1, 1)), False)])
+def test_kernel_grad_takes_windows_of_dy_for_stride_one(monkeypatch, strides, padding, shifted):
+  calls = []
+  original = conv._kernel_grad_shifted_dy
+  monkeypatch.setattr(conv, "_kernel_grad_shifted_dy",
+                      lambda *a, **k: calls.append(1) or original(*a, **k))
+  x = jnp.ones((1, 8, 9, 2))
+  dy_shape = jax.eval_shape(lambda: _lax(x, jnp.ones((3, 3, 2, 4)), strides, padding)).shape
+  conv._kernel_grad(x, jnp.ones(dy_shape), (3, 3, 2, 4), strides, padding)
+  assert bool(calls) == shifted
 
 
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding", CASES)

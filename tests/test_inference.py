@@ -8,12 +8,14 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ciae_jax import detection
 from ciae_jax import hparams
 from ciae_jax import inference
+from ciae_jax import ops
 from ciae_jax.segments import Segments
 
 SIZE = 32
@@ -476,8 +478,6 @@ def test_oracle_reproduces_ground_truth_with_perfect_embeddings(include_crowd):
 def whole_image_assignment(embedding, stuff_queries, thing_queries, thing_boxes, thing_usable,
                            *, box_expand, outside_box_similarity):
   """The [H, W, Q] expression of Eq. 16 in one piece, with jnp.argmax (the code before bands)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ciae_jax import ops  # pylint: disable=g-import-not-at-top
   num_rows, num_cols, _ = embedding.shape
   queries = jnp.concatenate([stuff_queries, thing_queries], axis=0)  # [Q, D]
   similarity = jnp.einsum("hwd,qd->hwq", embedding, queries,

@@ -385,6 +385,36 @@ def test_l2_normalize_has_finite_gradient_at_zero():
   assert np.all(np.isfinite(np.asarray(grad)))
 
 
+def _l2_normalize_autodiff(x, axis=-1, eps=1e-12):
+  """The expression before the written-out gradient, differentiated by JAX."""
+  sq_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq_norm, eps * eps))
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_l2_normalize_values_and_gradient_match_autodiff(axis):
+  kx, kd = jax.random.split(jax.random.PRNGKey(3))
+  x = jax.random.normal(kx, (3, 5, 7, 6)) * jnp.array([1e-3, 1.0, 30.0])[:, None, None, None]
+  x = x.at[0, 0].set(0.0).at[1, 2, 3].set(1e-14)  # zero and clamped vectors
+  dy = jax.random.normal(kd, x.shape)
+  y, vjp = jax.vjp(lambda v: layers.l2_normalize(v, axis=axis), x)
+  y_ref, vjp_ref = jax.vjp(lambda v: _l2_normalize_autodiff(v, axis=axis), x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+  (dx,), (dx_ref,) = vjp(dy), vjp_ref(dy)
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-5,
+                             atol=1e-6 * float(jnp.abs(dx_ref).max()))
+  # Float64 reference of d/dx <dy, x / |x|> = (dy - y <dy, y>) / |x| (unclamped vectors).
+  x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+  norm = np.linalg.norm(x64, axis=axis, keepdims=True)
+  y64 = x64 / norm
+  dx64 = (dy64 - y64 * np.sum(dy64 * y64, axis=axis, keepdims=True)) / norm
+  unclamped = np.broadcast_to(norm > 1e-12, x.shape)
+  np.testing.assert_allclose(np.asarray(dx)[unclamped], dx64[unclamped], rtol=1e-4,
+                             atol=1e-6 * np.abs(dx64[unclamped]).max())
+  clamped = ~unclamped
+  np.testing.assert_array_equal(np.asarray(dx)[clamped], np.asarray(dy)[clamped] * 1e12)
+
+
 def test_build_model_reads_config_model():
   cfg = ml_collections.ConfigDict(dict(backbone="resnet_tiny", norm="gn", fpn_dim=64,
                                        embed_dim=16, use_coordconv=False, dtype="bfloat16"))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ciae_jax import ops
 from ciae_jax.models import conv as conv_lib
 from ciae_jax.models import resize as resize_lib
 
@@ -139,6 +140,5 @@ def coord_channels(batch: int, height: int, width: int, dtype: Dtype) -> jax.Arr
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, epsilon: float = 1e-12) -> jax.Array:
-  """x / max(||x||, eps) along `axis`, with a finite gradient at x = 0."""
-  sq_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq_norm, epsilon * epsilon))
+  """x / max(||x||, eps) along `axis`, with a finite gradient at x = 0 (`ops.l2_normalize`)."""
+  return ops.l2_normalize(x, axis=axis, eps=epsilon)
