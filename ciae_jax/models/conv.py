@@ -108,18 +108,20 @@ def _kernel_grad_shifted_dy(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[
   dy_pad = jnp.pad(dy, ((0, 0), (kh - 1 - top, kh - 1 - bottom),
                         (kw - 1 - left, kw - 1 - right), (0, 0)))  # [N, H + kh - 1, W + kw - 1, O]
   x_flat = x.reshape(-1, channels_in)  # [N*H*W, I]
+  if kh * kw == 1:  # No padding, no window: transpose the smaller operand (timed, RESULTS).
+    if channels_out <= channels_in:
+      grad = (dy.reshape(-1, channels_out).T @ x_flat)[None]  # [1, O, I]
+      return grad.transpose(0, 2, 1).reshape(kernel_shape)  # [1, 1, I, O]
+    return (x_flat.T @ dy.reshape(-1, channels_out)).reshape(kernel_shape)  # [1, 1, I, O]
+  x_t = x_flat.T  # [I, N*H*W] once for all taps
 
   def tap(_, index):
     a, b = index // kw, index % kw
     window = lax.dynamic_slice(dy_pad, (0, kh - 1 - a, kw - 1 - b, 0),
                                (batch, height, width, channels_out))  # [N, H, W, O]
-    return None, lax.dot_general(x_flat, window.reshape(-1, channels_out),
-                                 (((0,), (0,)), ((), ())))  # [I, O]
+    return None, x_t @ window.reshape(-1, channels_out)  # [I, O]
 
-  if kh * kw == 1:
-    grad = tap(None, 0)[1][None]  # [1, I, O]
-  else:
-    _, grad = lax.scan(tap, None, jnp.arange(kh * kw))  # [kh*kw, I, O]
+  _, grad = lax.scan(tap, None, jnp.arange(kh * kw))  # [kh*kw, I, O]
   return grad.reshape(kh, kw, channels_in, channels_out)  # [kh, kw, I, O]
 
 
