@@ -440,3 +440,18 @@ def test_bad_input_is_a_clear_error(overrides, shape, match):
   with pytest.raises(ValueError, match=match):
     model = ciae.build_model(dict(TINY, **overrides), 3)
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
+
+
+@pytest.mark.parametrize("in_hw, out_hw", [((3, 5), (6, 10)), ((4, 4), (4, 8)), ((2, 3), (6, 3)),
+                                           ((3, 5), (5, 9)), ((3, 4), (6, 7))])
+def test_resize_nearest_matches_jax_image_resize(in_hw, out_hw):
+  kx, kd = jax.random.split(jax.random.PRNGKey(4))
+  x = jax.random.normal(kx, (2, *in_hw, 3))
+  reference = lambda v: jax.image.resize(v, (2, *out_hw, 3), method="nearest", antialias=False)
+  y, vjp = jax.vjp(lambda v: layers.resize_nearest(v, out_hw), x)
+  y_ref, vjp_ref = jax.vjp(reference, x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))  # copies of the input
+  dy = jax.random.normal(kd, y.shape)
+  # Sums of the same few cotangents, maybe in another order.
+  np.testing.assert_allclose(np.asarray(vjp(dy)[0]), np.asarray(vjp_ref(dy)[0]), rtol=1e-6,
+                             atol=1e-6)

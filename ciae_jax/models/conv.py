@@ -113,15 +113,17 @@ def _kernel_grad_shifted_dy(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[
       grad = (dy.reshape(-1, channels_out).T @ x_flat)[None]  # [1, O, I]
       return grad.transpose(0, 2, 1).reshape(kernel_shape)  # [1, 1, I, O]
     return (x_flat.T @ dy.reshape(-1, channels_out)).reshape(kernel_shape)  # [1, 1, I, O]
-  x_t = x_flat.T  # [I, N*H*W] once for all taps
 
   def tap(_, index):
     a, b = index // kw, index % kw
     window = lax.dynamic_slice(dy_pad, (0, kh - 1 - a, kw - 1 - b, 0),
                                (batch, height, width, channels_out))  # [N, H, W, O]
-    return None, x_t @ window.reshape(-1, channels_out)  # [I, O]
+    # The window (a backward value) is transposed, not x: XLA would transpose x in the forward
+    # pass and keep the copy alive until here.
+    return None, window.reshape(-1, channels_out).T @ x_flat  # [O, I]
 
-  _, grad = lax.scan(tap, None, jnp.arange(kh * kw))  # [kh*kw, I, O]
+  _, grad = lax.scan(tap, None, jnp.arange(kh * kw))  # [kh*kw, O, I]
+  grad = grad.transpose(0, 2, 1)  # [kh*kw, I, O]
   return grad.reshape(kh, kw, channels_in, channels_out)  # [kh, kw, I, O]
 
 

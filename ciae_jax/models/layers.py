@@ -124,9 +124,17 @@ def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
 
 def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
   """Nearest resize of [B, h, w, C] to [B, size[0], size[1], C] (exact 2x: each pixel twice)."""
-  shape = (x.shape[0], int(size[0]), int(size[1]), x.shape[-1])
+  batch, height, width, channels = x.shape
+  shape = (batch, int(size[0]), int(size[1]), channels)
   if shape == x.shape:
     return x
+  factor_h, factor_w = shape[1] // height, shape[2] // width
+  if (factor_h * height, factor_w * width) == shape[1:3]:
+    # Whole factors: a broadcast, whose gradient is a sum over each block. jax.image.resize
+    # gathers, and its gradient scatters into a zero buffer that XLA allocates early.
+    blocks = jnp.broadcast_to(x[:, :, None, :, None, :],
+                              (batch, height, factor_h, width, factor_w, channels))
+    return blocks.reshape(shape)  # [B, H, W, C]
   return jax.image.resize(x, shape, method="nearest", antialias=False)  # [B, H, W, C]
 
 
