@@ -38,7 +38,7 @@ def add_conv_kernel_grad_flag(parser: Any) -> None:
   """`--conv_kernel_grad`, passed to `build_model` (`model.conv_kernel_grad`)."""
   parser.add_argument("--conv_kernel_grad", default="auto", choices=hparams.KERNEL_GRADS,
                       help="model.conv_kernel_grad (auto: matmul on CPU for 1x1 and wide "
-                           "kernels, XLA's elsewhere)")
+                           "kernels and for maps smaller than the kernel, XLA's elsewhere)")
 
 
 def parse_size(text: str) -> tuple[int, int]:

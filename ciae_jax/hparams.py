@@ -83,7 +83,8 @@ class ModelHParams(_Group):
   dtype: str = "float32"
   # Convolution kernel gradients: "matmul" (one matmul per kernel tap, 1.6-2x faster R50 steps
   # on XLA:CPU), "xla" (XLA's own), "auto": matmul on CPU for 1x1 and wide (I*O >= 2^15)
-  # kernels, XLA's elsewhere (models/conv.py).
+  # kernels, XLA's elsewhere (models/conv.py). With "auto" / "matmul" on CPU, input maps smaller
+  # than the kernel are convolved as one matmul over their patches.
   conv_kernel_grad: str = "auto"
 
   def __post_init__(self):
