@@ -155,7 +155,11 @@ SEGMENT_KEYS = ("segment_map", "seg_class", "seg_is_thing", "seg_is_crowd", "seg
 
 
 def _sums_and_grads(lib, cases, memory, chunk_size, **kwargs):
-  """jit of (loss sums, d cae_sum / d (emb, prenorm), d iae_sum / d (emb, prenorm)), vmapped."""
+  """jit of (loss sums, d / d (emb, prenorm) of cae_sum, iae_sum, ciae_sum, and of
+  cae_sum + 0.5 ciae_sum), vmapped.
+
+  Training differentiates ciae_sum, whose gradient the kernel's forward pass computes; the
+  others take its other path (the loop again, with the cotangents as weights)."""
   batch = {k: np.stack([c[k] for c in cases]) for k in cases[0]}
 
   def sums(embedding, prenorm):
@@ -166,8 +170,10 @@ def _sums_and_grads(lib, cases, memory, chunk_size, **kwargs):
 
   def run(embedding, prenorm):
     out = sums(embedding, prenorm)
-    grad = lambda key: jax.grad(lambda e, p: sums(e, p)[key], argnums=(0, 1))(embedding, prenorm)
-    return out, grad("loss_cae_sum"), grad("loss_iae_sum")
+    grad = lambda f: jax.grad(lambda e, p: f(sums(e, p)), argnums=(0, 1))(embedding, prenorm)
+    return out, *(grad(lambda s, key=key: s[key])
+                  for key in ("loss_cae_sum", "loss_iae_sum", "loss_ciae_sum")), grad(
+                      lambda s: s["loss_cae_sum"] + 0.5 * s["loss_ciae_sum"])
 
   with mock.patch.object(triplet, "DEFAULT_CHUNK_SIZE", chunk_size):
     return jax.device_get(jax.jit(run)(batch["embedding"], batch["embedding_prenorm"]))
@@ -206,12 +212,15 @@ def test_matches_dense_reference(setting):
   rng = np.random.default_rng(100 + setting)
   cases = [_case(rng, **options), _case(rng, **options)]
   memory = _memory(rng, kwargs.get("merge_things", True), duplicate=setting % 2 == 0)
-  got, got_cae, got_iae = _sums_and_grads(ciae, cases, memory, chunk_size, **kwargs)
-  want, want_cae, want_iae = _sums_and_grads(ciae_dense, cases, memory, chunk_size, **kwargs)
+  got, got_cae, got_iae, got_ciae, got_mix = _sums_and_grads(ciae, cases, memory, chunk_size,
+                                                              **kwargs)
+  want, want_cae, want_iae, want_ciae, want_mix = _sums_and_grads(ciae_dense, cases, memory,
+                                                                  chunk_size, **kwargs)
   assert got["num_pixels"] == want["num_pixels"] > 100
   for key in ("loss_cae_sum", "loss_iae_sum", "loss_ciae_sum"):
     np.testing.assert_allclose(got[key], want[key], rtol=LOSS_RTOL, err_msg=key)
-  for name, g, w in (("cae", got_cae, want_cae), ("iae", got_iae, want_iae)):
+  for name, g, w in (("cae", got_cae, want_cae), ("iae", got_iae, want_iae),
+                     ("ciae", got_ciae, want_ciae), ("cae + 0.5 ciae", got_mix, want_mix)):
     for arg, gg, ww in zip(("embedding", "embedding_prenorm"), g, w):
       _assert_grad_close(gg, ww, f"d loss_{name}_sum / d {arg}")
   if kwargs.get("stop_query_gradient"):
@@ -297,6 +306,82 @@ def test_box_filter_equals_the_dense_box_mask():
   np.testing.assert_allclose(got_loss, want_loss, rtol=LOSS_RTOL)  # 221 pixels, as above
   for g, w in zip(got_grads, want_grads):
     _assert_grad_close(g, w, "box filter gradients")
+
+
+def _two_terms(rng):
+  """Two terms over the same 203 pixels: a masked one, and one with a box filter and validity."""
+  pixels, queries, target, weight, mask, valid = _kernel_inputs(rng)
+  _, queries_2, target_2, weight_2, _, valid_2 = _kernel_inputs(rng, num_queries=9)
+  centre_x, centre_y = rng.uniform(0, 10, (2, pixels.shape[0])).astype(np.float32)
+  lo = rng.uniform(-1, 6, (9, 2)).astype(np.float32)
+  bounds = np.stack([lo[:, 0], lo[:, 0] + 5, lo[:, 1], lo[:, 1] + 5], axis=1)
+  box = triplet.BoxFilter(centre_x, centre_y, bounds, rng.random(pixels.shape[0]) < 0.5)
+  return pixels, ((queries, target, weight, mask, None, valid),
+                  (queries_2, target_2, weight_2, None, box, valid_2))
+
+
+@pytest.mark.parametrize("chunk", [16, 203])
+def test_both_terms_in_one_loop_equal_two_kernels(chunk):
+  """`triplet_loss_sums` of two terms (one loop, one pixel-gradient buffer) against the code it
+  replaced: one `triplet_loss_sum` per term, `L_1 + alpha L_2` summed outside.
+
+  Every output (each term's sum, the combined sum, and a mix of them that takes the loop's
+  second pass for the pixel gradient) with its gradients with respect to the pixels, both terms'
+  queries and weights. Same per-chunk expressions; the pixel gradient adds the two terms'
+  [C, D] products before the scaling by the cotangent instead of after: a few roundings of u
+  per entry (GRAD_RTOL).
+  """
+  pixels, (args_1, args_2) = _two_terms(np.random.default_rng(21))
+  alpha, kwargs = 2.0, dict(margin=0.15, top_k=5, include_own=False, chunk_size=chunk)
+
+  def one_loop(p, q1, w1, q2, w2):
+    terms = (triplet.Term(q1, args_1[1], w1, *args_1[3:]),
+             triplet.Term(q2, args_2[1], w2, *args_2[3:]))
+    return triplet.triplet_loss_sums(p, terms, (1.0, alpha), **kwargs)
+
+  def two_kernels(p, q1, w1, q2, w2):
+    single = lambda q, w, a: triplet.triplet_loss_sum(
+        p, q, a[1], w, query_mask=a[3], box_filter=a[4], query_valid=a[5], **kwargs)
+    loss_1, loss_2 = single(q1, w1, args_1), single(q2, w2, args_2)
+    return loss_1, loss_2, loss_1 + alpha * loss_2
+
+  inputs = (pixels, args_1[0], args_1[2], args_2[0], args_2[2])
+  outputs = {"term 1": lambda o: o[0], "term 2": lambda o: o[1], "combined": lambda o: o[2],
+             "mix": lambda o: 3.0 * o[0] - o[1] + 0.25 * o[2]}
+  unused = {"term 1": ("queries 2", "weight 2"), "term 2": ("queries 1", "weight 1")}
+  for name, pick in outputs.items():
+    run = lambda fn, pick=pick: jax.device_get(jax.jit(jax.value_and_grad(
+        lambda *a: pick(fn(*a)), argnums=tuple(range(5))))(*inputs))
+    (got, got_grads), (want, want_grads) = run(one_loop), run(two_kernels)
+    np.testing.assert_allclose(got, want, rtol=LOSS_RTOL, err_msg=name)
+    for arg, g, w in zip(("pixels", "queries 1", "weight 1", "queries 2", "weight 2"),
+                         got_grads, want_grads):
+      if arg in unused.get(name, ()):
+        assert not np.any(g) and not np.any(w), (name, arg)
+      else:
+        assert np.abs(w).max() > 0, (name, arg)
+        _assert_grad_close(g, w, f"d {name} / d {arg}")
+
+
+def test_training_gradient_runs_the_loop_once():
+  """The gradient of `loss_ciae` (what the train step differentiates) is the forward pass's: one
+  loop in the program; a sub-loss's own gradient adds the second loop."""
+  rng = np.random.default_rng(4)
+  case = _case(rng, jitter=True)
+  memory = _memory(rng, True)
+  hp = hparams.LossHParams(include_own=DEFAULT_INCLUDE_OWN)
+
+  def loops(key):
+    def loss(embedding, prenorm):
+      sums = ciae_module.ciae_loss(embedding, prenorm, Segments(
+          *(case[k] for k in SEGMENT_KEYS)), memory, hp, num_stuff=NUM_STUFF)
+      return ciae_module.ciae_total(sums, hp)[key]
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(case["embedding"],
+                                                          case["embedding_prenorm"])
+    return str(jaxpr).count("scan[")  # the chunk loop (a fori_loop of static length)
+
+  assert loops("loss_ciae") == 1
+  assert loops("loss_cae") == 2
 
 
 def test_forward_only_matches_dense():

@@ -15,9 +15,11 @@ largest `l` of the pixel are summed (design.md: tau_K read as top-K negatives pe
 * Void, padding-row and crowd pixels take no part. Both sums are divided by the number of valid
   pixels (`ciae_total`, after the caller's `psum`), `L_CIAE = L_CAE + alpha * L_IAE`.
 
-Both triplet sums are computed by the chunked kernel `ciae_jax.losses.triplet` (pixels in
-chunks, the box filter per chunk, a custom VJP without `[P, Q]` residuals); `ciae_dense.py` keeps
-the former dense formulation as the reference it is tested and benchmarked against.
+Both triplet sums are computed by the chunked kernel `ciae_jax.losses.triplet`, in one loop
+over the pixels (pixels in chunks, the box filter per chunk, a custom VJP without `[P, Q]`
+residuals whose forward pass computes the gradient of `L_CAE + alpha * L_IAE`);
+`ciae_dense.py` keeps the former dense formulation as the reference it is tested and
+benchmarked against.
 """
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -180,9 +182,8 @@ def ciae_loss(embedding: Array,
 
   # L_CAE (Eq. 10): memory rows as queries, no filter.
   cae_target = memory_index(pixel_class, num_stuff, merge_things)  # [P]
-  cae_sum, num_pixels = embedding_triplet_loss(
-      pixels, memory, cae_target, None, valid.astype(jnp.float32),
-      margin=margin, top_k=top_k, include_own=include_own)
+  cae_weight = valid.astype(jnp.float32)  # [P]
+  cae = triplet.Term(memory, cae_target, cae_weight)
 
   # L_IAE (Eq. 11): stuff memories, then one query per segment row (instances only valid).
   queries = jnp.concatenate([memory[:num_stuff], means], axis=0)  # [C_st + S, D]
@@ -203,14 +204,16 @@ def ciae_loss(embedding: Array,
   else:
     box_filter = None
   iae_weight = jnp.where(valid, jnp.where(pixel_is_thing, hp.thing_weight, 1.0), 0.0)  # [P]
-  iae_sum, _ = embedding_triplet_loss(
-      pixels, queries, iae_target, None, iae_weight, margin=margin, top_k=top_k,
-      include_own=include_own, query_valid=query_valid, box_filter=box_filter)
+  iae = triplet.Term(queries, iae_target, iae_weight, box=box_filter, query_valid=query_valid)
+  # One loop over the pixels for both: their pixel gradients share one [P, D] buffer.
+  cae_sum, iae_sum, ciae_sum = triplet.triplet_loss_sums(
+      pixels, (cae, iae), (1.0, hp.alpha), margin=margin, top_k=top_k, include_own=include_own)
+  num_pixels = jnp.sum((cae_weight > 0).astype(jnp.float32))  # []
 
   return {
       "loss_cae_sum": cae_sum,
       "loss_iae_sum": iae_sum,
-      "loss_ciae_sum": cae_sum + hp.alpha * iae_sum,
+      "loss_ciae_sum": ciae_sum,
       "num_pixels": num_pixels,
   }
 
@@ -219,10 +222,13 @@ def ciae_total(sums: Mapping[str, Array], hp: hparams.LossHParams) -> Dict[str, 
   """Normalised losses from `ciae_loss` sums (summed over batch and devices).
 
   Returns dict `loss_cae = cae_sum / n`, `loss_iae = iae_sum / n`,
-  `loss_ciae = loss_cae + alpha * loss_iae` (Eq. 12), with `n = max(num_pixels, 1)`.
+  `loss_ciae = ciae_sum / n = loss_cae + alpha * loss_iae` (Eq. 12), with
+  `n = max(num_pixels, 1)`. `loss_ciae` is the combined sum's own output of the kernel, whose
+  gradient its forward pass computed (`triplet.triplet_loss_sums`).
   """
+  del hp  # alpha is in `loss_ciae_sum` already; kept so that callers need not change
   num_pixels = jnp.maximum(jnp.asarray(sums["num_pixels"], jnp.float32), 1.0)  # []
   loss_cae = jnp.asarray(sums["loss_cae_sum"], jnp.float32) / num_pixels  # []
   loss_iae = jnp.asarray(sums["loss_iae_sum"], jnp.float32) / num_pixels  # []
-  return {"loss_cae": loss_cae, "loss_iae": loss_iae,
-          "loss_ciae": loss_cae + hp.alpha * loss_iae}
+  loss_ciae = jnp.asarray(sums["loss_ciae_sum"], jnp.float32) / num_pixels  # []
+  return {"loss_cae": loss_cae, "loss_iae": loss_iae, "loss_ciae": loss_ciae}

@@ -159,93 +159,228 @@ def _similarity_cotangent(cfg: _Config, weight: Array, target: Array, x: Array,
   return ct_similarity
 
 
-def _chunk_loop(cfg: _Config, pixel_emb, queries, target, weight, mask, box, query_valid, *,
-                grad_pixels: bool, grad_queries: bool):
-  """`(loss, per-pixel top-K sums [P], d loss / d pixel_emb or None, d loss / d queries or None)`.
+class Term(NamedTuple):
+  """One triplet loss over the kernel's pixels: its queries and per-pixel inputs.
 
-  A loop over chunks that slices the per-pixel inputs in place (`dynamic_slice`) and writes the
-  per-pixel outputs in place (`dynamic_update_slice` into the loop carry): no padded or
-  transposed copy of the `[P, D]` inputs (under `vmap` a stacked `scan` input would be one). When
-  P is not a multiple of the chunk, the last chunk is shifted back to end at P (as
-  `dynamic_slice` clamps it); its pixels already done by the previous chunk get weight 0 (adding
-  exactly 0 to the sums) and keep their outputs.
+  L_CAE and L_IAE are two terms over the same pixels; the kernel runs them in one loop, so that
+  their gradients with respect to the pixels share one `[P, D]` buffer.
+  """
+  queries: Array  # [Q, D] unit query embeddings
+  target: Array  # [P] int32, index of each pixel's own query
+  weight: Array  # [P] float32 weight of each pixel; 0 leaves it out
+  mask: Optional[Array] = None  # [P, Q] bool, False forces the similarity to 0
+  box: Optional[BoxFilter] = None  # the same as a mask, evaluated per chunk
+  query_valid: Optional[Array] = None  # [Q] bool, False for padding queries
+
+
+def _chunk_loop(cfg: _Config, pixel_emb, terms, scales, *, grad_pixels: bool,
+                grad_queries, per_pixel_sums):
+  """Loss sums of every term, and what their gradients need, in one loop over pixel chunks.
+
+  Returns `(losses, per_pixel, dp, dq)`: `losses` a tuple of `[]` sums, one per term;
+  `per_pixel` per term the `[P]` top-K sums (where `per_pixel_sums[t]`, else None); `dp` the
+  gradient of `sum_t scales[t] * loss_t` with respect to `pixel_emb` (`[P, D]`, if
+  `grad_pixels`, else None); `dq` per term the gradient of `loss_t` with respect to its queries
+  (where `grad_queries[t]`, else None).
+
+  The loop slices the per-pixel inputs in place (`dynamic_slice`) and writes the per-pixel
+  outputs in place (`dynamic_update_slice` into the loop carry): no padded or transposed copy
+  of the `[P, D]` inputs (under `vmap` a stacked `scan` input would be one). When P is not a
+  multiple of the chunk, the last chunk is shifted back to end at P (as `dynamic_slice` clamps
+  it); its pixels already done by the previous chunk get weight 0 (adding exactly 0 to the sums)
+  and keep their outputs.
   """
   num_pixels, dim = pixel_emb.shape
   chunk = cfg.chunk_size
   num_chunks = -(-num_pixels // chunk)
-  need_grad = grad_pixels or grad_queries
 
   def chunk_of(x, start):
     return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=0)
 
+  def term_of_chunk(term, start, fresh):
+    box = None if term.box is None else (
+        chunk_of(term.box.centre_x, start), chunk_of(term.box.centre_y, start), term.box.bounds,
+        chunk_of(term.box.own_exempt, start))
+    return (chunk_of(term.target, start), jnp.where(fresh, chunk_of(term.weight, start), 0.0),
+            chunk_of(term.mask, start), box)  # [C], [C], [C, Q] or None, per-chunk box
+
   def body(i, carry):
-    loss_acc, per_pixel_all, dp_all, dq = carry
+    losses, per_pixel_all, dp_all, dq_all = carry
     start = jnp.minimum(i * chunk, num_pixels - chunk)  # [] the last chunk ends at P
     fresh = jnp.arange(chunk) + start >= i * chunk  # [C] not done by the previous chunk
-    p = chunk_of(pixel_emb, start)  # [C, D]
-    t = chunk_of(target, start)  # [C]
-    w = jnp.where(fresh, chunk_of(weight, start), 0.0)  # [C]
-    m = chunk_of(mask, start)  # [C, Q] or None
-    chunk_box = None if box is None else (chunk_of(box.centre_x, start),
-                                          chunk_of(box.centre_y, start), box.bounds,
-                                          chunk_of(box.own_exempt, start))
-    values, x, keep, counted = _chunk_terms(cfg, p, queries, t, m, chunk_box, query_valid)
-    top, index = jax.lax.top_k(values, min(cfg.top_k, queries.shape[0]))  # [C, K] each
-    # Keeps XLA from merging the column slices of `index` below into top_k's own slice, which
-    # stops it from using its TopK call (a full sort instead, ~20x slower on CPU).
-    index = jax.lax.optimization_barrier(index)  # [C, K]
-    per_pixel = jnp.sum(top, axis=1)  # [C] summed as the dense formulation does
-    loss_acc = loss_acc + jnp.sum(w * per_pixel)  # []
     keep_fresh = lambda new, old_all: jnp.where(
         fresh.reshape((chunk,) + (1,) * (new.ndim - 1)), new, chunk_of(old_all, start))
-    per_pixel_all = jax.lax.dynamic_update_slice_in_dim(
-        per_pixel_all, keep_fresh(per_pixel, per_pixel_all), start, axis=0)  # [P]
-    if need_grad:
-      ct_similarity = _similarity_cotangent(cfg, w, t, x, keep, counted, index)  # [C, Q]
-      if grad_pixels:
-        dp = ct_similarity @ queries  # [C, D]
-        dp_all = jax.lax.dynamic_update_slice_in_dim(
-            dp_all, keep_fresh(dp, dp_all), start, axis=0)  # [P, D]
-      if grad_queries:
-        dq = dq + (p.T @ ct_similarity).T  # [Q, D] (faster on CPU than ct_similarity.T @ p)
-    return loss_acc, per_pixel_all, dp_all, dq
+    p = chunk_of(pixel_emb, start)  # [C, D]
+    losses, per_pixel_all, dq_all = list(losses), list(per_pixel_all), list(dq_all)
+    dp = None
+    for t, term in enumerate(terms):
+      target, w, mask, box = term_of_chunk(term, start, fresh)
+      values, x, keep, counted = _chunk_terms(cfg, p, term.queries, target, mask, box,
+                                              term.query_valid)
+      top, index = jax.lax.top_k(values, min(cfg.top_k, term.queries.shape[0]))  # [C, K] each
+      # Keeps XLA from merging the column slices of `index` below into top_k's own slice, which
+      # stops it from using its TopK call (a full sort instead, ~20x slower on CPU).
+      index = jax.lax.optimization_barrier(index)  # [C, K]
+      per_pixel = jnp.sum(top, axis=1)  # [C] summed as the dense formulation does
+      losses[t] = losses[t] + jnp.sum(w * per_pixel)  # []
+      if per_pixel_sums[t]:
+        per_pixel_all[t] = jax.lax.dynamic_update_slice_in_dim(
+            per_pixel_all[t], keep_fresh(per_pixel, per_pixel_all[t]), start, axis=0)  # [P]
+      if grad_pixels or grad_queries[t]:
+        ct_similarity = _similarity_cotangent(cfg, w, target, x, keep, counted, index)  # [C, Q]
+        if grad_pixels:
+          dp_term = scales[t] * (ct_similarity @ term.queries)  # [C, D]
+          dp = dp_term if dp is None else dp + dp_term  # [C, D]
+        if grad_queries[t]:
+          # [Q, D] (faster on CPU than ct_similarity.T @ p)
+          dq_all[t] = dq_all[t] + (p.T @ ct_similarity).T
+    if grad_pixels:
+      dp_all = jax.lax.dynamic_update_slice_in_dim(
+          dp_all, keep_fresh(dp, dp_all), start, axis=0)  # [P, D]
+    return tuple(losses), tuple(per_pixel_all), dp_all, tuple(dq_all)
 
   # A zero that depends on every input: under shard_map (check_vma) the carry must be "varying"
   # over the mesh axes any input varies over, as the loop body's outputs are.
-  zero = sum(jnp.sum(leaf.reshape(-1)[:0].astype(jnp.float32)) for leaf in jax.tree.leaves(
-      (pixel_emb, queries, target, weight, mask, box, query_valid)))  # []
+  zero = sum(jnp.sum(jnp.asarray(leaf).reshape(-1)[:0].astype(jnp.float32))
+             for leaf in jax.tree.leaves((pixel_emb, terms, scales)))  # []
   zeros = lambda shape: jnp.zeros(shape, jnp.float32) + zero
-  init = (zeros(()), zeros((num_pixels,)), zeros((num_pixels, dim)) if grad_pixels else None,
-          zeros(queries.shape) if grad_queries else None)
+  init = (tuple(zeros(()) for _ in terms),
+          tuple(zeros((num_pixels,)) if keep else None for keep in per_pixel_sums),
+          zeros((num_pixels, dim)) if grad_pixels else None,
+          tuple(zeros(term.queries.shape) if grad else None
+                for term, grad in zip(terms, grad_queries)))
   return jax.lax.fori_loop(0, num_chunks, body, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _loss_sum(cfg, pixel_emb, queries, target, weight, mask, box, query_valid):
-  loss, _, _, _ = _chunk_loop(cfg, pixel_emb, queries, target, weight, mask, box, query_valid,
-                              grad_pixels=False, grad_queries=False)
-  return loss
+def _combine(scales, losses):
+  """`sum_t scales[t] * losses[t]`, in the order of the terms."""
+  total = scales[0] * losses[0]
+  for scale, loss in zip(scales[1:], losses[1:]):
+    total = total + scale * loss
+  return total
 
 
-def _loss_sum_fwd(cfg, pixel_emb, queries, target, weight, mask, box, query_valid):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _loss_sums(cfg, scales, pixel_emb, terms):
+  num = len(terms)
+  losses, _, _, _ = _chunk_loop(cfg, pixel_emb, terms, scales, grad_pixels=False,
+                                grad_queries=(False,) * num, per_pixel_sums=(False,) * num)
+  return (*losses, _combine(scales, losses))
+
+
+def _loss_sums_fwd(cfg, scales, pixel_emb, terms):
   # symbolic_zeros=True: every array argument arrives as CustomVJPPrimal(value, perturbed).
-  unwrap = lambda tree: jax.tree.map(lambda a: a.value, tree)
-  loss, per_pixel, dp, dq = _chunk_loop(
-      cfg, pixel_emb.value, queries.value, target.value, weight.value, unwrap(mask), unwrap(box),
-      unwrap(query_valid), grad_pixels=pixel_emb.perturbed, grad_queries=queries.perturbed)
-  return loss, (dp, dq, per_pixel if weight.perturbed else None)
+  value = lambda tree: jax.tree.map(lambda a: a.value, tree)
+  grad_queries = tuple(term.queries.perturbed for term in terms)
+  per_pixel_sums = tuple(term.weight.perturbed for term in terms)
+  pixel_value, term_values = pixel_emb.value, value(terms)
+  # The forward pass already computes the gradient of the combined sum (the one a training step
+  # differentiates), so that no [P, Q] residual is kept.
+  losses, per_pixel, dp, dq = _chunk_loop(
+      cfg, pixel_value, term_values, scales, grad_pixels=pixel_emb.perturbed,
+      grad_queries=grad_queries, per_pixel_sums=per_pixel_sums)
+  residuals = (dp, dq, per_pixel, pixel_value, term_values)
+  return (*losses, _combine(scales, losses)), residuals
 
 
-def _loss_sum_bwd(cfg, residuals, cotangent):
-  del cfg
-  if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
-    return (None,) * 7
-  scale = lambda g: None if g is None else cotangent * g
-  dp, dq, per_pixel = residuals
-  return scale(dp), scale(dq), None, scale(per_pixel), None, None, None
+def _loss_sums_bwd(cfg, scales, residuals, cotangents):
+  dp, dq, per_pixel, pixel_emb, terms = residuals
+  is_zero = lambda ct: isinstance(ct, jax.custom_derivatives.SymbolicZero)
+  *ct_terms, ct_total = cotangents
+  no_grad = (None, tuple(Term(*(None,) * len(Term._fields)) for _ in terms))
+  if all(is_zero(ct) for ct in cotangents):
+    return no_grad
+  # Each term's loss reaches the outputs through its own sum and through the combined one.
+  ct_total = 0.0 if is_zero(ct_total) else ct_total
+  effective = tuple((0.0 if is_zero(ct) else ct) + ct_total * scale
+                    for ct, scale in zip(ct_terms, scales))  # each []
+  if dp is None:
+    d_pixels = None
+  elif all(is_zero(ct) for ct in ct_terms):
+    d_pixels = ct_total * dp  # [P, D] what the forward pass computed
+  else:
+    # A term's own sum is differentiated (not what a training step does): its pixel gradient
+    # was not kept apart in the forward pass, so the loop runs again with these weights.
+    num = len(terms)
+    _, _, d_pixels, _ = _chunk_loop(cfg, pixel_emb, terms, effective, grad_pixels=True,
+                                    grad_queries=(False,) * num, per_pixel_sums=(False,) * num)
+  scale = lambda ct, g: None if g is None else ct * g
+  d_terms = tuple(Term(queries=scale(ct, g_q), target=None, weight=scale(ct, g_w))
+                  for ct, g_q, g_w in zip(effective, dq, per_pixel))
+  return d_pixels, d_terms
 
 
-_loss_sum.defvjp(_loss_sum_fwd, _loss_sum_bwd, symbolic_zeros=True)
+_loss_sums.defvjp(_loss_sums_fwd, _loss_sums_bwd, symbolic_zeros=True)
+
+
+def _prepared_term(term: Term, num_pixels: int, dim: int) -> Term:
+  """The term's arrays in the kernel's dtypes, their shapes checked."""
+  queries = jnp.asarray(term.queries, jnp.float32)  # [Q, D]
+  if queries.ndim != 2 or queries.shape[1] != dim:
+    raise ValueError(f"queries shape {queries.shape} does not match pixel dim {dim}")
+  box = term.box
+  if box is not None:
+    box = BoxFilter(jnp.asarray(box.centre_x, jnp.float32), jnp.asarray(box.centre_y, jnp.float32),
+                    jnp.asarray(box.bounds, jnp.float32), jnp.asarray(box.own_exempt, bool))
+  target = jnp.asarray(term.target, jnp.int32)  # [P]
+  weight = jnp.asarray(term.weight, jnp.float32)  # [P]
+  for name, array in (("target", target), ("weight", weight)):
+    if array.shape != (num_pixels,):
+      raise ValueError(f"{name} shape {array.shape} does not match {num_pixels} pixels")
+  return Term(queries, target, weight,
+              None if term.mask is None else jnp.asarray(term.mask, bool),  # [P, Q]
+              box, None if term.query_valid is None else jnp.asarray(term.query_valid, bool))
+
+
+def triplet_loss_sums(pixel_emb: Array,
+                      terms,
+                      scales,
+                      *,
+                      margin: float = 0.15,
+                      top_k: int = 5,
+                      include_own: bool = False,
+                      eps: float = 1e-6,
+                      chunk_size: Optional[int] = None):
+  """`(loss_1, ..., loss_T, sum_t scales[t] * loss_t)` of the `Term`s over the same pixels.
+
+  Each `loss_t = sum_i w_ti * (sum of the top_k largest l of pixel i against term t's queries)`,
+  float32, chunked (module docstring); all terms in one loop over the pixels. Differentiable
+  with respect to `pixel_emb` and each term's `queries` and `weight`. Differentiating the last
+  output (the combined sum, as training does) uses the gradients the forward pass computed;
+  differentiating a term's own sum runs the loop once more for the pixel gradient.
+
+  Args:
+    pixel_emb: `[P, D]` unit pixel embeddings.
+    terms: a sequence of `Term`s.
+    scales: one Python float per term, the weights of the combined sum.
+    margin, top_k, include_own, eps: as in `ciae.embedding_triplet_loss`.
+    chunk_size: pixels per chunk (a static int >= 1, capped at P; None: `default_chunk_size()`);
+      results depend on it only through float32 rounding.
+  """
+  terms, scales = tuple(terms), tuple(float(s) for s in scales)
+  if len(terms) != len(scales) or not terms:
+    raise ValueError(f"{len(terms)} terms and {len(scales)} scales: need one scale per term, "
+                     "and at least one term")
+  chunk_size = default_chunk_size() if chunk_size is None else chunk_size
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  pixel_emb = jnp.asarray(pixel_emb, jnp.float32)  # [P, D]
+  num_pixels, dim = pixel_emb.shape
+  terms = tuple(_prepared_term(term, num_pixels, dim) for term in terms)
+  # A 0 that depends on the inputs, for terms with nothing to sum.
+  nothing = lambda term: jnp.sum(pixel_emb) * 0.0 + jnp.sum(term.queries) * 0.0
+  active = [t for t, term in enumerate(terms) if num_pixels and term.queries.shape[0]]
+  losses = [nothing(term) for term in terms]
+  total = _combine(scales, losses)
+  if active:
+    cfg = _Config(margin=float(margin), top_k=int(top_k), include_own=bool(include_own),
+                  eps=float(eps), chunk_size=int(min(chunk_size, num_pixels)))
+    *kernel_losses, kernel_total = _loss_sums(
+        cfg, tuple(scales[t] for t in active), pixel_emb, tuple(terms[t] for t in active))
+    for t, loss in zip(active, kernel_losses):
+      losses[t] = loss
+    total = kernel_total if len(active) == len(terms) else kernel_total + total
+  return (*losses, total)
 
 
 def triplet_loss_sum(pixel_emb: Array,
@@ -263,7 +398,7 @@ def triplet_loss_sum(pixel_emb: Array,
                      chunk_size: Optional[int] = None) -> Array:
   """`sum_i w_i * (sum of the top_k largest l of pixel i)`, float32, chunked (module docstring).
 
-  Args:
+  One `Term` of `triplet_loss_sums`. Args:
     pixel_emb: `[P, D]` unit pixel embeddings.
     queries: `[Q, D]` unit query embeddings.
     target: `[P]` int, index of each pixel's own query.
@@ -272,35 +407,12 @@ def triplet_loss_sum(pixel_emb: Array,
     box_filter: optional `BoxFilter`, the same as a mask but computed per chunk (with both, a
       similarity is kept where both keep it).
     query_valid: `[Q]` bool, False for padding queries, which never count; None = all valid.
-    margin, top_k, include_own, eps: as in `ciae.embedding_triplet_loss`.
-    chunk_size: pixels per chunk (a static int >= 1, capped at P; None: `default_chunk_size()`);
-      results depend on it only through float32 rounding.
+    margin, top_k, include_own, eps, chunk_size: as in `triplet_loss_sums`.
 
   Differentiable with respect to `pixel_emb`, `queries` and `pixel_weight`.
   """
-  chunk_size = default_chunk_size() if chunk_size is None else chunk_size
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  num_pixels, dim = pixel_emb.shape
-  if queries.ndim != 2 or queries.shape[1] != dim:
-    raise ValueError(f"queries shape {queries.shape} does not match pixel dim {dim}")
-  if num_pixels == 0 or queries.shape[0] == 0:  # nothing to sum: a 0 that depends on the inputs
-    return jnp.sum(jnp.asarray(pixel_emb, jnp.float32)) * 0.0 + jnp.sum(
-        jnp.asarray(queries, jnp.float32)) * 0.0
-  cfg = _Config(margin=float(margin), top_k=int(top_k), include_own=bool(include_own),
-                eps=float(eps), chunk_size=int(min(chunk_size, num_pixels)))
-  pixel_emb = jnp.asarray(pixel_emb, jnp.float32)  # [P, D]
-  queries = jnp.asarray(queries, jnp.float32)  # [Q, D]
-  target = jnp.asarray(target, jnp.int32)  # [P]
-  pixel_weight = jnp.asarray(pixel_weight, jnp.float32)  # [P]
-  if query_mask is not None:
-    query_mask = jnp.asarray(query_mask, bool)  # [P, Q]
-  if query_valid is not None:
-    query_valid = jnp.asarray(query_valid, bool)  # [Q]
-  if box_filter is not None:
-    box_filter = BoxFilter(jnp.asarray(box_filter.centre_x, jnp.float32),
-                           jnp.asarray(box_filter.centre_y, jnp.float32),
-                           jnp.asarray(box_filter.bounds, jnp.float32),
-                           jnp.asarray(box_filter.own_exempt, bool))
-  return _loss_sum(cfg, pixel_emb, queries, target, pixel_weight, query_mask, box_filter,
-                   query_valid)
+  term = Term(queries, target, pixel_weight, query_mask, box_filter, query_valid)
+  # The combined sum of one term with scale 1 is the term's sum (1.0 * x == x), and takes the
+  # gradients the forward pass computed.
+  return triplet_loss_sums(pixel_emb, (term,), (1.0,), margin=margin, top_k=top_k,
+                           include_own=include_own, eps=eps, chunk_size=chunk_size)[-1]
