@@ -106,9 +106,24 @@ class FrozenBatchNorm(nn.Module):
     return x.astype(self.dtype) * multiplier.astype(self.dtype) + offset.astype(self.dtype)
 
 
-def group_norm(channels: int, dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+  """`flax.linen.GroupNorm` (the same parameters and values) with a written-out gradient
+  (`ops.group_norm`) that keeps the input only."""
+  num_groups: int
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)  # [C]
+    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)  # [C]
+    return ops.group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
+
+
+def group_norm(channels: int, dtype: Dtype, name: str | None = None) -> GroupNorm:
   """GroupNorm with 32 groups (fewer when channels are few), eps 1e-5 as in PyTorch."""
-  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-5, dtype=dtype, name=name)
+  return GroupNorm(num_groups=num_groups(channels), epsilon=1e-5, dtype=dtype, name=name)
 
 
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
