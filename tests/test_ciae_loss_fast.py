@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from ciae_jax import hparams
+from ciae_jax import ops
 from ciae_jax.losses import ciae as ciae_module
 from ciae_jax.losses import triplet
 from ciae_jax.segments import Segments
@@ -364,8 +365,8 @@ def test_both_terms_in_one_loop_equal_two_kernels(chunk):
 
 
 def test_training_gradient_runs_the_loop_once():
-  """The gradient of `loss_ciae` (what the train step differentiates) is the forward pass's: one
-  loop in the program; a sub-loss's own gradient adds the second loop."""
+  """The gradient of `loss_ciae` (what the train step differentiates) is the forward pass's: the
+  kernel's loop is traced once; a sub-loss's own gradient traces it a second time."""
   rng = np.random.default_rng(4)
   case = _case(rng, jitter=True)
   memory = _memory(rng, True)
@@ -376,12 +377,47 @@ def test_training_gradient_runs_the_loop_once():
       sums = ciae_module.ciae_loss(embedding, prenorm, Segments(
           *(case[k] for k in SEGMENT_KEYS)), memory, hp, num_stuff=NUM_STUFF)
       return ciae_module.ciae_total(sums, hp)[key]
-    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(case["embedding"],
-                                                          case["embedding_prenorm"])
-    return str(jaxpr).count("scan[")  # the chunk loop (a fori_loop of static length)
+    with mock.patch.object(triplet, "_chunk_loop", wraps=triplet._chunk_loop) as loop:
+      jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(case["embedding"], case["embedding_prenorm"])
+    return loop.call_count
 
   assert loops("loss_ciae") == 1
   assert loops("loss_cae") == 2
+
+
+@pytest.mark.parametrize("setting", [0, 4, 6, 8, 10])
+def test_normalising_in_the_kernel_matches_normalising_first(setting):
+  """`ciae_loss(None, prenorm)` (the kernel normalises each chunk; what training calls)
+  against `ciae_loss(l2_normalize(prenorm), prenorm)`: values, and gradients with respect to
+  the pre-norm embedding through the norm. Per pixel the same float32 expressions (the norm and
+  its written-out gradient); the sums run over the same chunks: LOSS_RTOL, GRAD_RTOL."""
+  kwargs, chunk_size, options = SETTINGS[setting]
+  hp = hparams.LossHParams(**{"include_own": DEFAULT_INCLUDE_OWN, **kwargs})
+  rng = np.random.default_rng(300 + setting)
+  case = _case(rng, **options)
+  memory = _memory(rng, hp.merge_things)
+  segments = Segments(*(case[k] for k in SEGMENT_KEYS))
+  scale = jnp.asarray(rng.uniform(0.5, 3.0, case["embedding_prenorm"].shape[:2] + (1,)),
+                      jnp.float32)  # pre-norm embeddings of varying norms
+  prenorm = case["embedding_prenorm"] * scale
+
+  def sums(prenorm, in_kernel):
+    embedding = None if in_kernel else ops.l2_normalize(prenorm)
+    return ciae_module.ciae_loss(embedding, prenorm, segments, memory, hp, num_stuff=NUM_STUFF)
+
+  def run(in_kernel):
+    grad = lambda key: jax.grad(lambda p: sums(p, in_kernel)[key])(prenorm)
+    return sums(prenorm, in_kernel), grad("loss_ciae_sum"), grad("loss_cae_sum")
+
+  with mock.patch.object(triplet, "DEFAULT_CHUNK_SIZE", chunk_size):
+    (got, *got_grads), (want, *want_grads) = (jax.device_get(jax.jit(
+        functools.partial(run, flag))()) for flag in (True, False))
+  assert got["num_pixels"] == want["num_pixels"] > 100
+  for key in ("loss_cae_sum", "loss_iae_sum", "loss_ciae_sum"):
+    np.testing.assert_allclose(got[key], want[key], rtol=LOSS_RTOL, err_msg=key)
+  for name, g, w in zip(("ciae", "cae"), got_grads, want_grads):
+    assert np.abs(w).max() > 0
+    _assert_grad_close(g, w, f"d loss_{name}_sum / d prenorm")
 
 
 def test_forward_only_matches_dense():

@@ -32,6 +32,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from ciae_jax import ops
+
 Array = jax.Array
 
 # Pixels per chunk, by backend. CPU: timed with benchmarks/loss_speed.py --chunk_sizes on the
@@ -74,6 +76,7 @@ class _Config(NamedTuple):
   include_own: bool
   eps: float
   chunk_size: int
+  normalize_pixels: bool
 
 
 def _chunk_terms(cfg: _Config, pixels: Array, queries: Array, target: Array,
@@ -211,6 +214,8 @@ def _chunk_loop(cfg: _Config, pixel_emb, terms, scales, *, grad_pixels: bool,
     keep_fresh = lambda new, old_all: jnp.where(
         fresh.reshape((chunk,) + (1,) * (new.ndim - 1)), new, chunk_of(old_all, start))
     p = chunk_of(pixel_emb, start)  # [C, D]
+    if cfg.normalize_pixels:
+      p, normalize_vjp = ops.l2_normalize_and_vjp(p)  # [C, D] unit
     losses, per_pixel_all, dq_all = list(losses), list(per_pixel_all), list(dq_all)
     dp = None
     for t, term in enumerate(terms):
@@ -235,6 +240,8 @@ def _chunk_loop(cfg: _Config, pixel_emb, terms, scales, *, grad_pixels: bool,
           # [Q, D] (faster on CPU than ct_similarity.T @ p)
           dq_all[t] = dq_all[t] + (p.T @ ct_similarity).T
     if grad_pixels:
+      if cfg.normalize_pixels:
+        dp = normalize_vjp(dp)  # [C, D] with respect to the chunk before its normalisation
       dp_all = jax.lax.dynamic_update_slice_in_dim(
           dp_all, keep_fresh(dp, dp_all), start, axis=0)  # [P, D]
     return tuple(losses), tuple(per_pixel_all), dp_all, tuple(dq_all)
@@ -244,9 +251,15 @@ def _chunk_loop(cfg: _Config, pixel_emb, terms, scales, *, grad_pixels: bool,
   zero = sum(jnp.sum(jnp.asarray(leaf).reshape(-1)[:0].astype(jnp.float32))
              for leaf in jax.tree.leaves((pixel_emb, terms, scales)))  # []
   zeros = lambda shape: jnp.zeros(shape, jnp.float32) + zero
+  # The per-pixel outputs are written in full before they are read, so their initial values do
+  # not matter: derived from `pixel_emb` (0 unless it is not finite), XLA allocates them when
+  # the embedding exists, not with the constants at the start of the step (a [P, D] buffer held
+  # through the network's backward pass: 0.26 GiB of the plan at 2 x 800 x 1344).
+  late = pixel_emb[0, 0] * 0.0  # []
+  overwritten = lambda shape: jnp.broadcast_to(late, shape) + zero
   init = (tuple(zeros(()) for _ in terms),
-          tuple(zeros((num_pixels,)) if keep else None for keep in per_pixel_sums),
-          zeros((num_pixels, dim)) if grad_pixels else None,
+          tuple(overwritten((num_pixels,)) if keep else None for keep in per_pixel_sums),
+          overwritten((num_pixels, dim)) if grad_pixels else None,
           tuple(zeros(term.queries.shape) if grad else None
                 for term, grad in zip(terms, grad_queries)))
   return jax.lax.fori_loop(0, num_chunks, body, init)
@@ -340,7 +353,8 @@ def triplet_loss_sums(pixel_emb: Array,
                       top_k: int = 5,
                       include_own: bool = False,
                       eps: float = 1e-6,
-                      chunk_size: Optional[int] = None):
+                      chunk_size: Optional[int] = None,
+                      normalize_pixels: bool = False):
   """`(loss_1, ..., loss_T, sum_t scales[t] * loss_t)` of the `Term`s over the same pixels.
 
   Each `loss_t = sum_i w_ti * (sum of the top_k largest l of pixel i against term t's queries)`,
@@ -350,12 +364,15 @@ def triplet_loss_sums(pixel_emb: Array,
   differentiating a term's own sum runs the loop once more for the pixel gradient.
 
   Args:
-    pixel_emb: `[P, D]` unit pixel embeddings.
+    pixel_emb: `[P, D]` unit pixel embeddings (with `normalize_pixels`: before the norm).
     terms: a sequence of `Term`s.
     scales: one Python float per term, the weights of the combined sum.
     margin, top_k, include_own, eps: as in `ciae.embedding_triplet_loss`.
     chunk_size: pixels per chunk (a static int >= 1, capped at P; None: `default_chunk_size()`);
       results depend on it only through float32 rounding.
+    normalize_pixels: `pixel_emb` are embeddings before the L2 norm: each chunk is normalised
+      by `ops.l2_normalize` in the loop, and the gradient is the one with respect to them. The
+      values are those of normalising first; no normalised `[P, D]` copy exists.
   """
   terms, scales = tuple(terms), tuple(float(s) for s in scales)
   if len(terms) != len(scales) or not terms:
@@ -374,7 +391,8 @@ def triplet_loss_sums(pixel_emb: Array,
   total = _combine(scales, losses)
   if active:
     cfg = _Config(margin=float(margin), top_k=int(top_k), include_own=bool(include_own),
-                  eps=float(eps), chunk_size=int(min(chunk_size, num_pixels)))
+                  eps=float(eps), chunk_size=int(min(chunk_size, num_pixels)),
+                  normalize_pixels=bool(normalize_pixels))
     *kernel_losses, kernel_total = _loss_sums(
         cfg, tuple(scales[t] for t in active), pixel_emb, tuple(terms[t] for t in active))
     for t, loss in zip(active, kernel_losses):

@@ -90,8 +90,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   # The state's key advances once per step (nothing in the model is random today).
   new_rng, _ = jax.random.split(state.rng)
 
-  def ciae_per_image(embedding, prenorm, image_segments):
-    return ciae_losses.ciae_loss(embedding, prenorm, image_segments, state.memory, hp.loss,
+  def ciae_per_image(prenorm, image_segments):
+    # No normalised embedding: the loss normalises the pre-norm one chunk by chunk.
+    return ciae_losses.ciae_loss(None, prenorm, image_segments, state.memory, hp.loss,
                                  num_stuff=num_stuff)
 
   def loss_fn(params):
@@ -102,18 +103,22 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
         ciae_model.flatten_levels(outputs["box_reg"]),  # [b, N, 4]
         ciae_model.flatten_levels(outputs["centerness"]),  # [b, N]
         targets, normalizers["num_positives"], normalizers["centerness_target_sum"], hp.fcos)
-    sums = jax.vmap(ciae_per_image)(
-        outputs["embedding"], outputs["embedding_prenorm"], segments)  # each [b]
+    sums = jax.vmap(ciae_per_image)(outputs["embedding_prenorm"], segments)  # each [b]
     sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)  # each []
     sums["num_pixels"] = jax.lax.psum(sums["num_pixels"], AXIS_NAME)  # global valid pixels
     ciae = ciae_losses.ciae_total(sums, hp.loss)
     shares = {**fcos, **ciae}
     share = shares["loss_cls"] + shares["loss_reg"] + shares["loss_ctr"] + shares["loss_ciae"]
-    prenorm = jax.lax.stop_gradient(outputs["embedding_prenorm"])  # [b, H, W, D]
-    return share * num_devices, (shares, prenorm)
+    # The memory's class sums come from this forward pass's pre-norm embeddings (no gradient).
+    # Computed here, so that the full-resolution embedding is not kept to the end of the step.
+    class_sums = jax.vmap(lambda e, s: memory_lib.class_sums(
+        e, s, num_stuff=num_stuff, merge_things=hp.loss.merge_things,
+        num_memory=state.memory.shape[0]))(
+            jax.lax.stop_gradient(outputs["embedding_prenorm"]), segments)  # [b, M, D], [b, M]
+    return share * num_devices, (shares, class_sums)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, (shares, prenorm)), grads = grad_fn(parallel.to_varying(state.params))
+  (_, (shares, (emb_sums, counts))), grads = grad_fn(parallel.to_varying(state.params))
   grads = jax.lax.pmean(grads, AXIS_NAME)
   losses = jax.lax.psum(shares, AXIS_NAME)  # global-batch losses
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -122,10 +127,6 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   params = optim.apply_updates(state.params, updates, learning_rate)
 
   # Memory: M_t from the class means of this step's embeddings (the loss above used M_{t-1}).
-  rows = state.memory.shape[0]
-  emb_sums, counts = jax.vmap(lambda e, s: memory_lib.class_sums(
-      e, s, num_stuff=num_stuff, merge_things=hp.loss.merge_things, num_memory=rows))(
-          prenorm, segments)  # [b, M, D], [b, M]
   emb_sums = jax.lax.psum(jnp.sum(emb_sums, axis=0), AXIS_NAME)  # [M, D]
   counts = jax.lax.psum(jnp.sum(counts, axis=0), AXIS_NAME)  # [M]
   memory = memory_lib.update_memory(state.memory, emb_sums, counts, state.step,
