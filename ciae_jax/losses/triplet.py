@@ -2,19 +2,25 @@
 
 `triplet_loss_sum` computes `sum_i w_i * (sum of the top_k largest l_ik over the counted queries
 k)` (see `ciae.embedding_triplet_loss` for the terms) without ever holding a `[P, Q]` array for the
-whole image:
+whole image; `triplet_loss_sums` computes several such sums (`Term`s: L_CAE's and L_IAE's
+queries, targets and weights) over the same pixels in one loop, and their weighted total:
 
 * Pixels are processed in fixed-size chunks of `chunk_size` (a `fori_loop` slicing the inputs in
   place; when P is not a multiple of the chunk, the last chunk is shifted back to end at P and
   its pixels already done get weight 0, which adds exactly 0 to the sums and gradients). The box
   filter is evaluated per chunk from the pixel centres and per-query box bounds (`BoxFilter`),
   so the `[P, S]` mask is never built either.
-* A `jax.custom_vjp`: when differentiated, the forward pass computes, chunk by chunk, the loss and
-  its gradients with respect to the pixel embeddings `[P, D]` (written in place into the loop
-  carry), the queries `[Q, D]` (accumulated in the carry) and the pixel weights `[P]`; the
-  backward pass only scales them by the cotangent. No `[P, Q]` residual is kept. Gradients of
-  inputs that are not differentiated (e.g. the stop-gradient memory of L_CAE) are not computed
-  (`symbolic_zeros`). Without differentiation only the loss is computed.
+* A `jax.custom_vjp`: when differentiated, the forward pass computes, chunk by chunk, the losses
+  and the gradient of the weighted total with respect to the pixel embeddings `[P, D]` (one
+  buffer for all terms, written in place into the loop carry), each term's gradients with
+  respect to its queries `[Q, D]` (accumulated in the carry) and its pixel weights `[P]`; the
+  backward pass only scales them by the cotangents. No `[P, Q]` residual is kept. A cotangent
+  on a term's own sum (not what training differentiates) runs the loop once more for the pixel
+  gradient. Gradients of inputs that are not differentiated (e.g. the stop-gradient memory of
+  L_CAE) are not computed (`symbolic_zeros`). Without differentiation only the losses are
+  computed.
+* `normalize_pixels`: the pixels are pre-norm embeddings, L2-normalised chunk by chunk
+  (`ops.l2_normalize_and_vjp`), the pixel gradient chained through the norm in the loop.
 * Top-K without a scatter: `lax.top_k` runs on the chunk's `[C, Q]` values (XLA's TopK; ties go
   to the lower index, as in the dense formulation, which calls the same op on the same values).
   The loss sums its `[C, K]` values in the dense formulation's order. The gradient is built from
@@ -33,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from ciae_jax import ops
+from ciae_jax.losses import triplet_chunk
 
 Array = jax.Array
 
@@ -70,98 +77,6 @@ class BoxFilter(NamedTuple):
   own_exempt: Array  # [P] bool
 
 
-class _Config(NamedTuple):
-  margin: float
-  top_k: int
-  include_own: bool
-  eps: float
-  chunk_size: int
-  normalize_pixels: bool
-
-
-def _chunk_terms(cfg: _Config, pixels: Array, queries: Array, target: Array,
-                 mask: Optional[Array], box, query_valid: Optional[Array]):
-  """Per-query terms of one chunk, by the dense formulation's operations (Eq. 5-8).
-
-  Returns `(values, x, keep, counted)`, each `[C, Q]`: `values` the per-query losses `l` (0 where
-  not counted), `x = d_pos - d_neg + margin` (the hinge argument), `keep` the similarity mask
-  (None: nothing masked) and `counted`.
-  """
-  num_queries = queries.shape[0]
-  similarity = pixels @ queries.T  # [C, Q]
-  iota = jnp.arange(num_queries, dtype=jnp.int32)[None, :]  # [1, Q]
-  own = target[:, None] == iota  # [C, Q]
-  keep = mask
-  if box is not None:
-    centre_x, centre_y, bounds, own_exempt = box
-    inside = ((bounds[None, :, 0] <= centre_x[:, None]) & (centre_x[:, None] <= bounds[None, :, 1])
-              & (bounds[None, :, 2] <= centre_y[:, None])
-              & (centre_y[:, None] <= bounds[None, :, 3]))  # [C, Q]
-    near = inside | (own & own_exempt[:, None])  # [C, Q]
-    keep = near if keep is None else (keep & near)  # [C, Q]
-  if keep is not None:
-    similarity = jnp.where(keep, similarity, 0.0)  # [C, Q]
-  distance = 1.0 - similarity  # [C, Q]
-  d_pos = jnp.sum(jnp.where(own, distance, 0.0), axis=1)  # [C]
-  d_neg = jnp.where(own, 0.0, distance)  # [C, Q] Eq. 6: 0 for the own query
-  x = d_pos[:, None] - d_neg + cfg.margin  # [C, Q]
-  hinge = jnp.maximum(x, 0.0)  # [C, Q] Eq. 7
-  ratio = jnp.minimum(hinge / (2.0 + cfg.margin), 1.0 - cfg.eps)  # [C, Q]
-  per_query = -jnp.log1p(-ratio)  # [C, Q] Eq. 8, >= 0
-  counted = jnp.ones_like(own) if cfg.include_own else ~own  # [C, Q]
-  if query_valid is not None:
-    counted &= query_valid[None, :]  # [C, Q]
-  # Zeros never change a top-K sum of non-negative values, so uncounted entries become 0.
-  values = jnp.where(counted, per_query, 0.0)  # [C, Q]
-  return values, x, keep, counted
-
-
-def _take(a: Array, index: Array) -> Array:
-  """`a[c, index[c, j]]`: `[C, Q]`, `[C, J]` -> `[C, J]`."""
-  return jnp.take_along_axis(a, index, axis=1, mode="promise_in_bounds")
-
-
-def _similarity_cotangent(cfg: _Config, weight: Array, target: Array, x: Array,
-                          keep: Optional[Array], counted: Array, index: Array) -> Array:
-  """`[C, Q]` cotangent of the chunk's (unmasked) similarities, from the selected entries only.
-
-  The reverse-mode chain of `_chunk_terms`, evaluated at the `K` selected entries with JAX's own
-  derivative rules (log1p: `g / (x + 1)`; min, max: `_balanced_eq`, i.e. 1/2 at equality; the
-  division by the constant `2 + margin`), so each entry's factor is the one autodiff of the dense
-  formulation gives. The own query receives minus the sum of the factors (through `d_pos`).
-  """
-  num_queries = x.shape[1]
-  x_sel = _take(x, index)  # [C, K]
-  hinge = jnp.maximum(x_sel, 0.0)  # [C, K]
-  scaled = hinge / (2.0 + cfg.margin)  # [C, K]
-  ratio = jnp.minimum(scaled, 1.0 - cfg.eps)  # [C, K]
-  ct_values = jnp.where(_take(counted, index), weight[:, None], 0.0)  # [C, K]
-  ct_ratio = -((-ct_values) / ((-ratio) + 1.0))  # [C, K] through -log1p(-ratio)
-  ct_scaled = ct_ratio * (jnp.where(scaled == ratio, 1.0, 0.0)
-                          / jnp.where((1.0 - cfg.eps) == ratio, 2.0, 1.0))  # [C, K]
-  ct_hinge = ct_scaled / (2.0 + cfg.margin)  # [C, K]
-  ct_x = ct_hinge * (jnp.where(x_sel == hinge, 1.0, 0.0)
-                     / jnp.where(0.0 == hinge, 2.0, 1.0))  # [C, K]
-  ct_d_pos = jnp.sum(ct_x, axis=1)  # [C]
-  # d_neg of the own query is the constant 0: its similarity only gets the d_pos term.
-  ct_neg = jnp.where(index == target[:, None], 0.0, ct_x)  # [C, K] d x / d s_k = +1
-  ct_pos = -ct_d_pos  # [C] d d_pos / d s_own = -1
-  if keep is not None:
-    ct_neg = jnp.where(_take(keep, index), ct_neg, 0.0)  # [C, K]
-    # (A target outside [0, Q) has no own query, as in the dense formulation: clip the read,
-    # the term lands on no column below.)
-    keep_own = jnp.take_along_axis(keep, target[:, None], axis=1, mode="clip")[:, 0]  # [C]
-    ct_pos = jnp.where(keep_own, ct_pos, 0.0)  # [C]
-  iota = jnp.arange(num_queries, dtype=jnp.int32)[None, :]  # [1, Q]
-  # Each column gets one non-zero term at most (the own query is zeroed among the selected),
-  # so the order of these additions does not matter. One elementwise pass over [C, Q] (a
-  # broadcast [C, K + 1, Q] compare summed over K + 1 is materialised by XLA, much slower).
-  ct_similarity = jnp.where(target[:, None] == iota, ct_pos[:, None], 0.0)  # [C, Q]
-  for j in range(index.shape[1]):
-    ct_similarity += jnp.where(index[:, j:j + 1] == iota, ct_neg[:, j:j + 1], 0.0)  # [C, Q]
-  return ct_similarity
-
-
 class Term(NamedTuple):
   """One triplet loss over the kernel's pixels: its queries and per-pixel inputs.
 
@@ -176,7 +91,7 @@ class Term(NamedTuple):
   query_valid: Optional[Array] = None  # [Q] bool, False for padding queries
 
 
-def _chunk_loop(cfg: _Config, pixel_emb, terms, scales, *, grad_pixels: bool,
+def _chunk_loop(cfg: triplet_chunk.Config, pixel_emb, terms, scales, *, grad_pixels: bool,
                 grad_queries, per_pixel_sums):
   """Loss sums of every term, and what their gradients need, in one loop over pixel chunks.
 
@@ -220,8 +135,8 @@ def _chunk_loop(cfg: _Config, pixel_emb, terms, scales, *, grad_pixels: bool,
     dp = None
     for t, term in enumerate(terms):
       target, w, mask, box = term_of_chunk(term, start, fresh)
-      values, x, keep, counted = _chunk_terms(cfg, p, term.queries, target, mask, box,
-                                              term.query_valid)
+      values, x, keep, counted = triplet_chunk.chunk_terms(
+          cfg, p, term.queries, target, mask, box, term.query_valid)
       top, index = jax.lax.top_k(values, min(cfg.top_k, term.queries.shape[0]))  # [C, K] each
       # Keeps XLA from merging the column slices of `index` below into top_k's own slice, which
       # stops it from using its TopK call (a full sort instead, ~20x slower on CPU).
@@ -232,7 +147,8 @@ def _chunk_loop(cfg: _Config, pixel_emb, terms, scales, *, grad_pixels: bool,
         per_pixel_all[t] = jax.lax.dynamic_update_slice_in_dim(
             per_pixel_all[t], keep_fresh(per_pixel, per_pixel_all[t]), start, axis=0)  # [P]
       if grad_pixels or grad_queries[t]:
-        ct_similarity = _similarity_cotangent(cfg, w, target, x, keep, counted, index)  # [C, Q]
+        ct_similarity = triplet_chunk.similarity_cotangent(
+            cfg, w, target, x, keep, counted, index)  # [C, Q]
         if grad_pixels:
           dp_term = scales[t] * (ct_similarity @ term.queries)  # [C, D]
           dp = dp_term if dp is None else dp + dp_term  # [C, D]
@@ -390,9 +306,9 @@ def triplet_loss_sums(pixel_emb: Array,
   losses = [nothing(term) for term in terms]
   total = _combine(scales, losses)
   if active:
-    cfg = _Config(margin=float(margin), top_k=int(top_k), include_own=bool(include_own),
-                  eps=float(eps), chunk_size=int(min(chunk_size, num_pixels)),
-                  normalize_pixels=bool(normalize_pixels))
+    cfg = triplet_chunk.Config(
+        margin=float(margin), top_k=int(top_k), include_own=bool(include_own), eps=float(eps),
+        chunk_size=int(min(chunk_size, num_pixels)), normalize_pixels=bool(normalize_pixels))
     *kernel_losses, kernel_total = _loss_sums(
         cfg, tuple(scales[t] for t in active), pixel_emb, tuple(terms[t] for t in active))
     for t, loss in zip(active, kernel_losses):
