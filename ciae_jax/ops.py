@@ -125,6 +125,27 @@ def _group_norm_bwd(num_groups, eps, dtype, residuals, dy):
 _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
+def chunk_window(index: jax.Array, chunk: int, num_rows: int) -> tuple[jax.Array, jax.Array]:
+  """`(start, fresh)` of chunk `index` of a loop over `num_rows` rows in chunks of `chunk`.
+
+  The last chunk is shifted back to end at `num_rows` (as `dynamic_slice` would clamp it), so
+  every chunk has the static size; `fresh` (`[chunk]` bool) marks its rows that no earlier
+  chunk covered, the only ones it may add or write.
+  """
+  start = jnp.minimum(index * chunk, num_rows - chunk)  # []
+  return start, jnp.arange(chunk) + start >= index * chunk  # [], [chunk]
+
+
+def varying_zero(tree) -> jax.Array:
+  """A float32 0 that depends on every array in `tree`.
+
+  Loop carries start from it: under shard_map (check_vma) a carry must be "varying" over the
+  mesh axes any input varies over, as the loop body's outputs are.
+  """
+  return sum((jnp.sum(jnp.asarray(leaf).reshape(-1)[:0].astype(jnp.float32))
+              for leaf in jax.tree.leaves(tree)), jnp.zeros((), jnp.float32))
+
+
 # Rows per step of `segment_sum_chunked` (16384 x 32 float32 = 2 MiB).
 SEGMENT_SUM_CHUNK = 16384
 
@@ -162,15 +183,12 @@ def _segment_sum_chunked(data, segment_ids, num_segments, chunk_size):
   segment_ids = _kept_ids(segment_ids, num_segments)  # [N]
 
   def body(i, sums):
-    start = jnp.minimum(i * chunk, num_rows - chunk)  # [] the last chunk ends at N
-    fresh = jnp.arange(chunk) + start >= i * chunk  # [C] not added by the previous chunk
+    start, fresh = chunk_window(i, chunk, num_rows)  # [], [C]
     ids = jnp.where(fresh, jax.lax.dynamic_slice_in_dim(segment_ids, start, chunk),
                     num_segments)  # [C]
     return sums.at[ids].add(jax.lax.dynamic_slice_in_dim(data, start, chunk))  # [S + 1, D]
 
-  # Zeros that depend on the data: under shard_map the carry must vary over the mesh axes the
-  # data varies over, as the loop body's output does.
-  zero = jnp.sum(data.reshape(-1)[:0])  # []
+  zero = varying_zero(data).astype(data.dtype)  # []
   sums = jnp.zeros((num_segments + 1,) + data.shape[1:], data.dtype) + zero  # [S + 1, D]
   return jax.lax.fori_loop(0, -(-num_rows // chunk), body, sums)[:num_segments]
 

@@ -364,6 +364,28 @@ def test_both_terms_in_one_loop_equal_two_kernels(chunk):
         _assert_grad_close(g, w, f"d {name} / d {arg}")
 
 
+def test_terms_with_nothing_to_sum_give_zero():
+  """A term without queries (or no pixels at all) sums to 0, with zero gradients; the other
+  terms and the combined sum are what the kernel gives for them alone."""
+  pixels, (args_1, _) = _two_terms(np.random.default_rng(8))
+  empty = triplet.Term(np.zeros((0, DIM), np.float32), args_1[1], args_1[2])
+  full = triplet.Term(*args_1)
+
+  def sums(p, q):
+    terms = (triplet.Term(q, *args_1[1:]), empty)
+    return triplet.triplet_loss_sums(p, terms, (1.0, 2.0), chunk_size=16)
+
+  (loss_1, loss_2, total), vjp = jax.vjp(sums, pixels, args_1[0])
+  alone = triplet.triplet_loss_sums(pixels, (full,), (1.0,), chunk_size=16)
+  assert float(loss_2) == 0.0 and float(loss_1) > 0
+  np.testing.assert_array_equal(np.asarray([loss_1, total]), np.asarray([alone[0], alone[1]]))
+  d_pixels, d_queries = vjp((0.0, 1.0, 0.0))  # the empty term's own sum
+  assert not np.any(np.asarray(d_pixels)) and not np.any(np.asarray(d_queries))
+  nothing = triplet.triplet_loss_sums(pixels[:0], (triplet.Term(args_1[0], args_1[1][:0],
+                                                                args_1[2][:0]),), (3.0,))
+  assert [float(x) for x in nothing] == [0.0, 0.0]
+
+
 def test_training_gradient_runs_the_loop_once():
   """The gradient of `loss_ciae` (what the train step differentiates) is the forward pass's: the
   kernel's loop is traced once; a sub-loss's own gradient traces it a second time."""

@@ -124,8 +124,7 @@ def _chunk_loop(cfg: triplet_chunk.Config, pixel_emb, terms, scales, *, grad_pix
 
   def body(i, carry):
     losses, per_pixel_all, dp_all, dq_all = carry
-    start = jnp.minimum(i * chunk, num_pixels - chunk)  # [] the last chunk ends at P
-    fresh = jnp.arange(chunk) + start >= i * chunk  # [C] not done by the previous chunk
+    start, fresh = ops.chunk_window(i, chunk, num_pixels)  # [], [C]
     keep_fresh = lambda new, old_all: jnp.where(
         fresh.reshape((chunk,) + (1,) * (new.ndim - 1)), new, chunk_of(old_all, start))
     p = chunk_of(pixel_emb, start)  # [C, D]
@@ -162,10 +161,7 @@ def _chunk_loop(cfg: triplet_chunk.Config, pixel_emb, terms, scales, *, grad_pix
           dp_all, keep_fresh(dp, dp_all), start, axis=0)  # [P, D]
     return tuple(losses), tuple(per_pixel_all), dp_all, tuple(dq_all)
 
-  # A zero that depends on every input: under shard_map (check_vma) the carry must be "varying"
-  # over the mesh axes any input varies over, as the loop body's outputs are.
-  zero = sum(jnp.sum(jnp.asarray(leaf).reshape(-1)[:0].astype(jnp.float32))
-             for leaf in jax.tree.leaves((pixel_emb, terms, scales)))  # []
+  zero = ops.varying_zero((pixel_emb, terms, scales))  # []
   zeros = lambda shape: jnp.zeros(shape, jnp.float32) + zero
   # The per-pixel outputs are written in full before they are read, so their initial values do
   # not matter: derived from `pixel_emb` (0 unless it is not finite), XLA allocates them when
@@ -300,20 +296,21 @@ def triplet_loss_sums(pixel_emb: Array,
   pixel_emb = jnp.asarray(pixel_emb, jnp.float32)  # [P, D]
   num_pixels, dim = pixel_emb.shape
   terms = tuple(_prepared_term(term, num_pixels, dim) for term in terms)
-  # A 0 that depends on the inputs, for terms with nothing to sum.
-  nothing = lambda term: jnp.sum(pixel_emb) * 0.0 + jnp.sum(term.queries) * 0.0
+  # Terms with nothing to sum get a 0 that depends on their inputs; the rest run in the kernel.
   active = [t for t, term in enumerate(terms) if num_pixels and term.queries.shape[0]]
-  losses = [nothing(term) for term in terms]
-  total = _combine(scales, losses)
-  if active:
-    cfg = triplet_chunk.Config(
-        margin=float(margin), top_k=int(top_k), include_own=bool(include_own), eps=float(eps),
-        chunk_size=int(min(chunk_size, num_pixels)), normalize_pixels=bool(normalize_pixels))
-    *kernel_losses, kernel_total = _loss_sums(
-        cfg, tuple(scales[t] for t in active), pixel_emb, tuple(terms[t] for t in active))
-    for t, loss in zip(active, kernel_losses):
-      losses[t] = loss
-    total = kernel_total if len(active) == len(terms) else kernel_total + total
+  losses = [None if t in active else jnp.sum(pixel_emb) * 0.0 + jnp.sum(term.queries) * 0.0
+            for t, term in enumerate(terms)]
+  if not active:
+    return (*losses, _combine(scales, losses))
+  cfg = triplet_chunk.Config(
+      margin=float(margin), top_k=int(top_k), include_own=bool(include_own), eps=float(eps),
+      chunk_size=int(min(chunk_size, num_pixels)), normalize_pixels=bool(normalize_pixels))
+  *kernel_losses, total = _loss_sums(
+      cfg, tuple(scales[t] for t in active), pixel_emb, tuple(terms[t] for t in active))
+  for t, loss in zip(active, kernel_losses):
+    losses[t] = loss
+  for t in sorted(set(range(len(terms))) - set(active)):
+    total = total + scales[t] * losses[t]
   return (*losses, total)
 
 
