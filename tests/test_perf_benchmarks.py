@@ -13,7 +13,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = """
 import sys
 sys.path.insert(0, {bench!r})
-import e2e_fusion, network_parts, op_profile, profile_step, resize_micro, xla_flag_sweep
+import conv_micro, e2e_fusion, network_parts, op_profile, profile_step, resize_micro, xla_flag_sweep
 tiny = ["--backbone", "resnet_tiny", "--repeats", "1", "--warmup", "1"]
 network_parts.main(["--size", "128,128", "--parts", "backbone,fpn,head,embedding,network"] + tiny)
 xla_flag_sweep.main(["--size", "128,128", "--settings", "default,eigen"] + tiny)
@@ -23,6 +23,7 @@ profile_step.main(["--size", "64,64", "--per_device_batch", "1",
 op_profile.main(["--program", "network", "--size", "128,128", "--backbone", "resnet_tiny",
                  "--calls", "1", "--top", "3"])
 resize_micro.main(["--size", "128,128", "--batch", "1", "--repeats", "1"])
+conv_micro.main(["--tiny", "--repeats", "1"])
 print("TENSORFLOW_IMPORTED", "tensorflow" in sys.modules)
 """
 
@@ -61,6 +62,11 @@ def test_profiling_scripts_run_at_a_tiny_size_without_tensorflow():
   assert profile["thunk_ms"] > 0 and profile["by_kind"]
   resize = _payload(lines, "resize_micro")["results"]
   assert all(r["max_value_diff"] < 1e-5 for r in resize.values())
+  conv = _payload(lines, "conv_micro")
+  assert all(r["dot"] > 0 and r["conv dx"] > 0 for r in conv["one_by_one"])
+  for row in conv["winograd"]:  # Winograd against lax: float32 rounding, F(4,3) the larger
+    assert row["relative_error"]["lax"] == 0.0
+    assert row["relative_error"]["F(2,3)"] < 1e-5 and row["relative_error"]["F(4,3)"] < 1e-4
 
 
 PEER_SMOKE = """
