@@ -3,7 +3,7 @@ Winograd F(2x2, 3x3) / F(4x4, 3x3) 3x3 convolutions written in jnp.
 
 For every shape (N, H, W, I, O), in one process, interleaved, medians of `--repeats`:
   1x1:  `lax.conv_general_dilated` against `x.reshape(-1, I) @ w` (forward, and the input
-        gradient by VJP);
+        gradient by VJP), with the largest difference of the matmul's from lax's;
   3x3:  lax's forward against Winograd (input transform by strided slices, one batched matmul
         over the (m + 2)^2 transform points, output transform), with the largest difference
         relative to lax's largest value.
@@ -16,6 +16,7 @@ Prints tables and a one-line JSON (`conv_micro {...}`). No TensorFlow, no torch.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 
 import jax  # noqa: E402
@@ -75,9 +76,20 @@ def winograd_conv3x3(x: jax.Array, w: jax.Array, m: int) -> jax.Array:
   return y[:, :h, :wd]
 
 
-def _median_ms(calls, repeats: int) -> dict[str, float]:
-  times, _ = common.interleaved(calls, repeats=repeats, warmup=2)
-  return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+def _lax_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+  return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_NHWC)
+
+
+def _compare(fns: dict, operands: tuple, repeats: int) -> tuple[dict, dict]:
+  """Median ms of each jitted `fns[k](*operands)` (interleaved), and its largest difference
+  from the first one's output, relative to that output's largest value."""
+  times, _ = common.interleaved({k: functools.partial(f, *operands) for k, f in fns.items()},
+                                repeats=repeats, warmup=2)
+  outputs = {k: jax.tree.leaves(f(*operands))[0] for k, f in fns.items()}
+  reference = next(iter(outputs.values()))
+  scale = float(jnp.max(jnp.abs(reference)))
+  errors = {k: float(jnp.max(jnp.abs(y - reference))) / scale for k, y in outputs.items()}
+  return {k: 1e3 * statistics.median(t) for k, t in times.items()}, errors
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,41 +98,36 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--tiny", action="store_true", help="one tiny shape of each (smoke test)")
   args = parser.parse_args(argv)
   one_by_one, three_by_three = (TINY, TINY) if args.tiny else (ONE_BY_ONE, THREE_BY_THREE)
-  key = jax.random.PRNGKey(0)
   results = {"info": common.device_info(), "one_by_one": [], "winograd": []}
   rows = []
   for n, h, wd, c, o in one_by_one:
-    x = jax.random.normal(key, (n, h, wd, c))
-    w = jax.random.normal(key, (1, 1, c, o)) / np.sqrt(c)
-    dy = jax.random.normal(key, (n, h, wd, o))
-    conv = lambda x_, w_: lax.conv_general_dilated(x_, w_, (1, 1), "VALID", dimension_numbers=_NHWC)
-    dot = lambda x_, w_, shape=(n, h, wd, o): (x_.reshape(-1, x_.shape[-1])
-                                               @ w_.reshape(w_.shape[2:])).reshape(shape)
-    fns = {"conv": conv, "dot": dot}
-    calls = {}
-    for name, f in fns.items():
-      fwd = jax.jit(f)
-      dx = jax.jit(lambda x_, w_, dy_, f=f: jax.vjp(lambda z: f(z, w_), x_)[1](dy_))
-      calls[name] = lambda fwd=fwd, x=x, w=w: fwd(x, w)
-      calls[name + " dx"] = lambda dx=dx, x=x, w=w, dy=dy: dx(x, w, dy)
-    ms = _median_ms(calls, args.repeats)
-    rows.append([f"{n}x{h}x{wd}x{c}->{o}"] + [f"{ms[k]:.2f}" for k in calls])
-    results["one_by_one"].append({"shape": [n, h, wd, c, o], **ms})
-  common.print_table(["1x1 shape", "conv ms", "conv dx ms", "dot ms", "dot dx ms"], rows)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], (n, h, wd, c))
+    w = jax.random.normal(keys[1], (1, 1, c, o)) / np.sqrt(c)
+    dy = jax.random.normal(keys[2], (n, h, wd, o))
+    dot = lambda x_, w_: (x_.reshape(-1, x_.shape[-1]) @ w_[0, 0]).reshape(
+        x_.shape[:-1] + w_.shape[-1:])
+    fns = {"conv": _lax_conv, "dot": dot}
+    ms, errors = _compare({k: jax.jit(f) for k, f in fns.items()}, (x, w), args.repeats)
+    dx_fns = {k + " dx": jax.jit(lambda x_, w_, dy_, f=f: jax.vjp(lambda z: f(z, w_), x_)[1](dy_))
+              for k, f in fns.items()}
+    dx_ms, dx_errors = _compare(dx_fns, (x, w, dy), args.repeats)
+    ms, errors = {**ms, **dx_ms}, {**errors, **dx_errors}
+    rows.append([f"{n}x{h}x{wd}x{c}->{o}"]
+                + [f"{ms[k]:.2f} ({errors[k]:.1e})" for k in ("conv", "conv dx", "dot", "dot dx")])
+    results["one_by_one"].append({"shape": [n, h, wd, c, o], **ms, "relative_error": errors})
+  common.print_table(["1x1 shape", "conv ms", "conv dx ms", "dot ms (error)", "dot dx ms (error)"],
+                     rows)
   rows = []
   for n, h, wd, c, o in three_by_three:
-    x = jax.random.normal(key, (n, h, wd, c))
-    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, c, o)) / np.sqrt(9 * c)
-    fns = {"lax": jax.jit(lambda x_, w_: lax.conv_general_dilated(
-        x_, w_, (1, 1), "SAME", dimension_numbers=_NHWC)),
+    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    x = jax.random.normal(keys[0], (n, h, wd, c))
+    w = jax.random.normal(keys[1], (3, 3, c, o)) / np.sqrt(9 * c)
+    fns = {"lax": jax.jit(_lax_conv),
            "F(2,3)": jax.jit(lambda x_, w_: winograd_conv3x3(x_, w_, 2)),
            "F(4,3)": jax.jit(lambda x_, w_: winograd_conv3x3(x_, w_, 4))}
-    reference = fns["lax"](x, w)
-    scale = float(jnp.max(jnp.abs(reference)))
-    errors = {k: float(jnp.max(jnp.abs(f(x, w) - reference))) / scale for k, f in fns.items()}
-    ms = _median_ms({k: (lambda f=f, x=x, w=w: f(x, w)) for k, f in fns.items()}, args.repeats)
-    rows.append([f"{n}x{h}x{wd}x{c}->{o}"]
-                + [f"{ms[k]:.2f} ({errors[k]:.1e})" for k in fns])
+    ms, errors = _compare(fns, (x, w), args.repeats)
+    rows.append([f"{n}x{h}x{wd}x{c}->{o}"] + [f"{ms[k]:.2f} ({errors[k]:.1e})" for k in fns])
     results["winograd"].append({"shape": [n, h, wd, c, o], "ms": ms, "relative_error": errors})
   common.print_table(["3x3 shape", "lax ms", "F(2,3) ms (error)", "F(4,3) ms (error)"], rows)
   common.print_json("conv_micro", results)

@@ -64,6 +64,7 @@ def test_profiling_scripts_run_at_a_tiny_size_without_tensorflow():
   assert all(r["max_value_diff"] < 1e-5 for r in resize.values())
   conv = _payload(lines, "conv_micro")
   assert all(r["dot"] > 0 and r["conv dx"] > 0 for r in conv["one_by_one"])
+  assert all(max(r["relative_error"].values()) < 1e-5 for r in conv["one_by_one"])
   for row in conv["winograd"]:  # Winograd against lax: float32 rounding, F(4,3) the larger
     assert row["relative_error"]["lax"] == 0.0
     assert row["relative_error"]["F(2,3)"] < 1e-5 and row["relative_error"]["F(4,3)"] < 1e-4
