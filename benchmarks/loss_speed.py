@@ -95,7 +95,9 @@ def loss_and_grad(lib: Any, segments: dict[str, np.ndarray], memory: np.ndarray)
         embedding, prenorm, segments)  # each [B]
     sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
     num_pixels = jnp.maximum(sums["num_pixels"], 1.0)
-    return (sums["loss_cae_sum"] + LOSS.alpha * sums["loss_iae_sum"]) / num_pixels
+    # The combined sum, as `ciae_total` and the train step take it: the chunked kernel's
+    # gradient of it comes from its forward pass (a sub-loss would run the loop again).
+    return sums["loss_ciae_sum"] / num_pixels
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 

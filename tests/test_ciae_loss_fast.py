@@ -536,6 +536,61 @@ def test_exactly_zero_hinge_ties(top_k):
     assert (np.abs(got_grads[1][3]).max() > 0) == (top_k == 6)
 
 
+def _ratio_ties(count: int) -> np.ndarray:
+  """`count` pairs of adjacent float32 ratios (r, next r) whose losses -log1p(-r) round to one
+  float32 (Eq. 8 maps both to the same value), as computed by XLA here."""
+  r = np.arange(0x3ED00000, 0x3EFFFFFF, 37, dtype=np.uint32).view(np.float32)  # [0.41, 0.5)
+  r_next = np.nextafter(r, np.float32(1))
+  loss = jax.jit(lambda a: -jnp.log1p(-a))
+  tied = np.asarray(loss(r) == loss(r_next))
+  assert tied.sum() >= count, "no ties of Eq. 8 in the scanned range"
+  return np.stack([r[tied][:count], r_next[tied][:count]], axis=1)  # [count, 2]
+
+
+@pytest.mark.parametrize("include_own", [False, True])
+def test_top_k_of_the_ratio_selects_the_top_k_losses(include_own):
+  """The kernel selects on the ratio of Eq. 8 and takes the logarithm of the K selected entries
+  (`triplet_chunk.selected_values`); the code it replaced took the top-K of the logarithms over
+  all `[C, Q]`. The selected losses must be those, bit for bit and in the same order, with ties
+  among zeros (hinge 0, uncounted, invalid queries) and pairs of distinct ratios whose losses
+  round to one float32 at the K-th place; the indices may differ only between tied losses."""
+  from ciae_jax.losses import triplet_chunk  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  rows, num_queries, top_k = 64, 23, 5
+  cfg = triplet_chunk.Config(margin=0.15, top_k=top_k, include_own=include_own, eps=1e-6,
+                             chunk_size=rows, normalize_pixels=False)
+  bound = 2.0 + cfg.margin
+  x = rng.uniform(-1.0, 2.4, size=(rows, num_queries)).astype(np.float32)  # some capped
+  x[rows // 2:, 10:] = rng.uniform(-1.0, 0.0, size=(rows - rows // 2, num_queries - 10))
+  ties = _ratio_ties(rows)
+  # Four larger losses, then a tied pair of ratios at places 5 and 6 of every row.
+  x[:, :4] = np.float32(0.6 * bound)
+  x[:, 4:6] = (ties * np.float32(bound)).astype(np.float32)
+  x[:, 6:] = np.minimum(x[:, 6:], np.float32(0.3 * bound))
+  target = rng.integers(0, num_queries, size=rows).astype(np.int32)
+  valid = rng.uniform(size=num_queries) > 0.15
+  counted = (np.ones((rows, num_queries), bool) if include_own
+             else target[:, None] != np.arange(num_queries)[None, :]) & valid[None, :]
+
+  @jax.jit
+  def both(x, counted):
+    ratio = jnp.minimum(jnp.maximum(x, 0.0) / bound, 1.0 - cfg.eps)
+    old_top, old_index = jax.lax.top_k(jnp.where(counted, -jnp.log1p(-ratio), 0.0), top_k)
+    _, index = jax.lax.top_k(jnp.where(counted, ratio, 0.0), top_k)
+    return old_top, old_index, triplet_chunk.selected_values(cfg, x, counted, index), index
+
+  old_top, old_index, new_top, new_index = map(np.asarray, both(x, counted))
+  np.testing.assert_array_equal(new_top.view(np.uint32), old_top.view(np.uint32))
+  differs = old_index != new_index
+  assert differs.any(), "the test should include losses that tie while their ratios do not"
+  row_of = np.nonzero(differs)[0]
+  # Where the indices differ, the losses at both indices are one float32.
+  values = np.where(counted, np.asarray(jax.jit(lambda a: -jnp.log1p(-jnp.minimum(
+      jnp.maximum(a, 0.0) / bound, 1.0 - cfg.eps)))(x)), 0.0)
+  np.testing.assert_array_equal(values[row_of, old_index[differs]],
+                                values[row_of, new_index[differs]])
+
+
 SMOKE = """
 import sys
 sys.path.insert(0, {bench!r})

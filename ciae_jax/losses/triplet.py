@@ -21,9 +21,11 @@ queries, targets and weights) over the same pixels in one loop, and their weight
   computed.
 * `normalize_pixels`: the pixels are pre-norm embeddings, L2-normalised chunk by chunk
   (`ops.l2_normalize_and_vjp`), the pixel gradient chained through the norm in the loop.
-* Top-K without a scatter: `lax.top_k` runs on the chunk's `[C, Q]` values (XLA's TopK; ties go
-  to the lower index, as in the dense formulation, which calls the same op on the same values).
-  The loss sums its `[C, K]` values in the dense formulation's order. The gradient is built from
+* Top-K without a scatter: `lax.top_k` runs on the chunk's `[C, Q]` ratios of Eq. 8 (XLA's
+  TopK; ties go to the lower index, as in the dense formulation). Eq. 8 is increasing in the
+  ratio, so these are the entries of the K largest losses, and its logarithm is taken on the
+  `[C, K]` selected entries only. The loss sums its `[C, K]` values in the dense formulation's
+  order. The gradient is built from
   the `K` selected entries only: the reverse-mode chain of the per-query terms is evaluated on
   `[C, K]` (with JAX's own derivative rules, so each factor equals autodiff's), and the cotangent
   of the `[C, Q]` similarities is assembled by comparing the selected indices with the query
@@ -134,12 +136,13 @@ def _chunk_loop(cfg: triplet_chunk.Config, pixel_emb, terms, scales, *, grad_pix
     dp = None
     for t, term in enumerate(terms):
       target, w, mask, box = term_of_chunk(term, start, fresh)
-      values, x, keep, counted = triplet_chunk.chunk_terms(
+      key, x, keep, counted = triplet_chunk.chunk_terms(
           cfg, p, term.queries, target, mask, box, term.query_valid)
-      top, index = jax.lax.top_k(values, min(cfg.top_k, term.queries.shape[0]))  # [C, K] each
+      _, index = jax.lax.top_k(key, min(cfg.top_k, term.queries.shape[0]))  # [C, K]
       # Keeps XLA from merging the column slices of `index` below into top_k's own slice, which
       # stops it from using its TopK call (a full sort instead, ~20x slower on CPU).
       index = jax.lax.optimization_barrier(index)  # [C, K]
+      top = triplet_chunk.selected_values(cfg, x, counted, index)  # [C, K] descending
       per_pixel = jnp.sum(top, axis=1)  # [C] summed as the dense formulation does
       losses[t] = losses[t] + jnp.sum(w * per_pixel)  # []
       if per_pixel_sums[t]:

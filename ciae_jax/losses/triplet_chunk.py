@@ -23,9 +23,11 @@ def chunk_terms(cfg: Config, pixels: Array, queries: Array, target: Array,
                 mask: Optional[Array], box, query_valid: Optional[Array]):
   """Per-query terms of one chunk, by the dense formulation's operations (Eq. 5-8).
 
-  Returns `(values, x, keep, counted)`, each `[C, Q]`: `values` the per-query losses `l` (0 where
-  not counted), `x = d_pos - d_neg + margin` (the hinge argument), `keep` the similarity mask
-  (None: nothing masked) and `counted`.
+  Returns `(key, x, keep, counted)`, each `[C, Q]`: `key` the ratio of Eq. 8 (0 where not
+  counted), which orders the queries as the per-query losses `l = -log(1 - ratio)` do (Eq. 8 is
+  increasing in the ratio), so the top-K is selected on it and `selected_values` takes the
+  logarithm on the `K` selected entries only; `x = d_pos - d_neg + margin` (the hinge argument),
+  `keep` the similarity mask (None: nothing masked) and `counted`.
   """
   num_queries = queries.shape[0]
   similarity = pixels @ queries.T  # [C, Q]
@@ -45,15 +47,30 @@ def chunk_terms(cfg: Config, pixels: Array, queries: Array, target: Array,
   d_pos = jnp.sum(jnp.where(own, distance, 0.0), axis=1)  # [C]
   d_neg = jnp.where(own, 0.0, distance)  # [C, Q] Eq. 6: 0 for the own query
   x = d_pos[:, None] - d_neg + cfg.margin  # [C, Q]
-  hinge = jnp.maximum(x, 0.0)  # [C, Q] Eq. 7
-  ratio = jnp.minimum(hinge / (2.0 + cfg.margin), 1.0 - cfg.eps)  # [C, Q]
-  per_query = -jnp.log1p(-ratio)  # [C, Q] Eq. 8, >= 0
   counted = jnp.ones_like(own) if cfg.include_own else ~own  # [C, Q]
   if query_valid is not None:
     counted &= query_valid[None, :]  # [C, Q]
   # Zeros never change a top-K sum of non-negative values, so uncounted entries become 0.
-  values = jnp.where(counted, per_query, 0.0)  # [C, Q]
-  return values, x, keep, counted
+  key = jnp.where(counted, _ratio(cfg, x), 0.0)  # [C, Q]
+  return key, x, keep, counted
+
+
+def _ratio(cfg: Config, x: Array) -> Array:
+  """The argument of Eq. 8's logarithm: the hinge (Eq. 7) over its bound, capped below 1."""
+  hinge = jnp.maximum(x, 0.0)  # Eq. 7
+  return jnp.minimum(hinge / (2.0 + cfg.margin), 1.0 - cfg.eps)
+
+
+def selected_values(cfg: Config, x: Array, counted: Array, index: Array) -> Array:
+  """The per-query losses `l` (Eq. 8; 0 where not counted) of the `[C, K]` selected entries, in
+  the order of `index`: the same operations as on the whole `[C, Q]`, on `K` columns only.
+
+  `index` is the top-K of `chunk_terms`' key; the losses are in descending order too, and a tie
+  of two losses whose ratios differ (Eq. 8 rounding two ratios to one float) leaves the sum
+  unchanged.
+  """
+  per_query = -jnp.log1p(-_ratio(cfg, _take(x, index)))  # [C, K] Eq. 8, >= 0
+  return jnp.where(_take(counted, index), per_query, 0.0)  # [C, K]
 
 
 def _take(a: Array, index: Array) -> Array:
