@@ -52,7 +52,9 @@ def instruction_table(text: str) -> dict[str, dict[str, Any]]:
   table = {}
   for block in computations.values():
     for line in block.splitlines():
-      match = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) (\w[\w-]*)\(", line)
+      # The shape is one array type or a parenthesised tuple of them (TopK's custom call,
+      # multi-output fusions, while loops), which holds spaces.
+      match = re.match(r"\s*(?:ROOT )?%(\S+) = (\([^()]*\)|\S+) (\w[\w-]*)\(", line)
       if not match:
         continue
       name, shape, op = match.groups()

@@ -91,3 +91,27 @@ def test_peer_pieces_run_where_torch_is_installed():
   assert parts["peer_backbone"]["gflop"] > 0
   step = _payload(lines, "profile_step")["results"]
   assert {"peer_forward", "peer_step"} <= set(step)
+
+
+HLO_WITH_TUPLES = """HloModule m
+
+ENTRY %main (p: f32[8,6]) -> (f32[8,2], s32[8,2]) {
+  %p = f32[8,6]{1,0} parameter(0)
+  %custom-call.1 = (f32[8,2]{1,0}, s32[8,2]{1,0}) custom-call(%p), """ \
+    """custom_call_target="TopK", metadata={op_name="jit(f)/top_k"}
+  %get-tuple-element = f32[8,2]{1,0} get-tuple-element(%custom-call.1), index=0
+  ROOT %tuple = (f32[8,2]{1,0}, s32[8,2]{1,0}) tuple(%get-tuple-element, %get-tuple-element.1)
+}
+"""
+
+
+def test_op_profile_reads_instructions_with_tuple_shapes():
+  """TopK's custom call (the CIAE loss's top-K), multi-output fusions and while loops have tuple
+  shapes; the table must hold them, or their time is missing from the profile."""
+  sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+  import op_profile  # pylint: disable=g-import-not-at-top
+  table = op_profile.instruction_table(HLO_WITH_TUPLES)
+  assert table["custom-call.1"]["kind"] == "custom-call TopK"
+  assert table["custom-call.1"]["op_name"] == "jit(f)/top_k"
+  assert table["get-tuple-element"]["shape"] == "f32[8,2]{1,0}"
+  assert table["tuple"]["kind"] == "tuple"
