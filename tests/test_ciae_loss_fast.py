@@ -510,11 +510,13 @@ def test_exactly_zero_hinge_ties(top_k):
   x = d_pos - d_neg exactly 0 for column 3 (the hinge's kink, where JAX's max passes half the
   gradient); every other entry's hinge is 0 too.
 
-  All per-query losses are then zeros, which top_k orders by their bits, then by index: the
-  uncounted own query is +0.0, a counted zero-hinge entry -log1p(-0.0), +0.0 or -0.0 depending on
-  the log1p code XLA emits (top_k puts -0.0 below +0.0). Which zeros are selected decides whether
-  the kink's half gradient counts, so the kernel must select exactly as top_k does: never for
-  top_k 2 (columns 0, 1 or 4, 0 come first), always for 6 (all), top_k 4 depends on that sign.
+  All per-query losses are then zeros, which top_k orders by their bits, then by index. The
+  dense reference selects on the losses: the uncounted own query is +0.0, a counted zero-hinge
+  entry -log1p(-0.0), +0.0 or -0.0 depending on the log1p code XLA emits (top_k puts -0.0 below
+  +0.0; +0.0 with XLA's AVX-512 and AVX2 code). The kernel selects on Eq. 8's ratios, which are
+  +0.0 there. Which zeros are selected decides whether the kink's half gradient counts, so the
+  two must select the same entries: never for top_k 2 (columns 0, 1 or 4, 0 come first), always
+  for 6 (all), top_k 4 depends on that sign.
   """
   rng = np.random.default_rng(11)
   queries = _unit(rng.normal(size=(6, DIM)))
@@ -575,18 +577,18 @@ def test_top_k_of_the_ratio_selects_the_top_k_losses(include_own):
   @jax.jit
   def both(x, counted):
     ratio = jnp.minimum(jnp.maximum(x, 0.0) / bound, 1.0 - cfg.eps)
-    old_top, old_index = jax.lax.top_k(jnp.where(counted, -jnp.log1p(-ratio), 0.0), top_k)
+    values = jnp.where(counted, -jnp.log1p(-ratio), 0.0)  # the replaced code's [C, Q] losses
+    old_top, old_index = jax.lax.top_k(values, top_k)
     _, index = jax.lax.top_k(jnp.where(counted, ratio, 0.0), top_k)
-    return old_top, old_index, triplet_chunk.selected_values(cfg, x, counted, index), index
+    return (values, old_top, old_index, triplet_chunk.selected_values(cfg, x, counted, index),
+            index)
 
-  old_top, old_index, new_top, new_index = map(np.asarray, both(x, counted))
+  values, old_top, old_index, new_top, new_index = map(np.asarray, both(x, counted))
   np.testing.assert_array_equal(new_top.view(np.uint32), old_top.view(np.uint32))
   differs = old_index != new_index
   assert differs.any(), "the test should include losses that tie while their ratios do not"
   row_of = np.nonzero(differs)[0]
   # Where the indices differ, the losses at both indices are one float32.
-  values = np.where(counted, np.asarray(jax.jit(lambda a: -jnp.log1p(-jnp.minimum(
-      jnp.maximum(a, 0.0) / bound, 1.0 - cfg.eps)))(x)), 0.0)
   np.testing.assert_array_equal(values[row_of, old_index[differs]],
                                 values[row_of, new_index[differs]])
 

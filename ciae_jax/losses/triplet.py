@@ -25,11 +25,11 @@ queries, targets and weights) over the same pixels in one loop, and their weight
   TopK; ties go to the lower index, as in the dense formulation). Eq. 8 is increasing in the
   ratio, so these are the entries of the K largest losses, and its logarithm is taken on the
   `[C, K]` selected entries only. The loss sums its `[C, K]` values in the dense formulation's
-  order. The gradient is built from
-  the `K` selected entries only: the reverse-mode chain of the per-query terms is evaluated on
-  `[C, K]` (with JAX's own derivative rules, so each factor equals autodiff's), and the cotangent
-  of the `[C, Q]` similarities is assembled by comparing the selected indices with the query
-  iota (one non-zero per column at most), then `@ queries` and `.T @ pixels`.
+  order. The gradient is built from the `K` selected entries only: the reverse-mode chain of the
+  per-query terms is evaluated on `[C, K]` (with JAX's own derivative rules, so each factor
+  equals autodiff's), and the cotangent of the `[C, Q]` similarities is assembled by comparing
+  the selected indices with the query iota (one non-zero per column at most), then `@ queries`
+  and `.T @ pixels`.
 
 Values and gradients agree with the dense formulation to float32 rounding of sums taken in a
 different order (chunks, the `K` factors of `d_pos`); see tests/test_ciae_loss_fast.py.
