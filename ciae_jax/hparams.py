@@ -159,28 +159,56 @@ class FcosHParams(_Group):
     _require(self.iou_kind in _IOU_KINDS, "fcos.iou_kind", f"{self.iou_kind!r} not in {_IOU_KINDS}")
 
 
+class FrozenParams(dict):
+  """An immutable, hashable dict: `loss.params` (a variant's keyword parameters)."""
+
+  def __hash__(self):  # type: ignore[override]
+    return hash(tuple(sorted(self.items())))
+
+  def _immutable(self, *args, **kwargs):
+    raise TypeError("FrozenParams is immutable; use LossHParams.replace(params=...)")
+
+  __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _immutable
+
+
 @dataclasses.dataclass(frozen=True)
 class LossHParams(_Group):
-  """The CIAE loss (paper III-B, Eq. 2-12); each field is one of the paper's ablations."""
-  margin: float = 0.15  # Table IX.
-  top_k: int = 5  # Eq. 9: negatives kept per pixel (tau_K read as top-K per pixel).
+  """The CIAE loss (paper III-B, Eq. 2-12); each field is one of the paper's ablations.
+
+  The per-pixel loss is `kind` with `params` (`ciae_jax.losses.pixel_losses`): the paper's
+  `ciae` has `margin` (Table IX, 0.15), `top_k` (Eq. 9, 5), `include_own` (Eq. 6's own-query
+  term, True: measured as good or better than leaving it out, README "Eq. 6") and `eps`.
+  """
+  # A name of `losses.pixel_losses.REGISTRY`, or "module:function" on the Python path.
+  kind: str = "ciae"
+  # The variant's keyword parameters; those not given keep the function's defaults.
+  params: Mapping[str, Any] = FrozenParams()
   alpha: float = 2.0  # Eq. 12: weight of L_IAE.
+  cae_weight: float = 1.0  # Weight of L_CAE in L_CIAE (Table IV's last rows: 0).
   thing_weight: float = 5.0  # Weight of thing pixels in L_IAE.
   box_expand: float = 1.5  # Table VIII: instance box filter, boxes scaled about their centres.
   use_box_filter: bool = True  # Table VIII, first row: False.
   merge_things: bool = True  # Table IV: all thing classes share one memory row.
   loss_stride: int = 1  # 1: full-resolution P as in the paper; s: pixels [::s, ::s] only.
-  # Eq. 6 as written: the own query k = c_i counts with d_neg = 0 (a pull d_pos + margin that is
-  # always among the top K). Measured against leaving it out (False): as good or better on the
-  # main job and the COCO overfit, within the seed spread (README "Eq. 6"; docs/method.md).
-  include_own: bool = True
   stop_query_gradient: bool = False  # No gradient through the instance means (paper silent).
+  # Pixels per chunk of the loss engine (`losses.engine`); None: the platform's
+  # (`losses.ciae.default_chunk_size`). Results depend on it only through float32 rounding.
+  chunk_size: int | None = None
 
   def __post_init__(self):
-    _require(self.margin >= 0, "loss.margin", f"must be >= 0, got {self.margin}")
-    _require(self.top_k >= 1, "loss.top_k", f"must be >= 1, got {self.top_k}")
+    params = {str(k): _as_tuple(v) for k, v in dict(self.params or {}).items() if v is not None}
+    object.__setattr__(self, "params", FrozenParams(params))
     _require(self.loss_stride >= 1, "loss.loss_stride", f"must be >= 1, got {self.loss_stride}")
     _require(self.box_expand > 0, "loss.box_expand", f"must be > 0, got {self.box_expand}")
+    _require(self.alpha >= 0 and self.cae_weight >= 0, "loss.alpha",
+             f"loss.alpha and loss.cae_weight must be >= 0, got {self.alpha}, {self.cae_weight}")
+    _require(self.chunk_size is None or self.chunk_size >= 1, "loss.chunk_size",
+             f"must be None or >= 1, got {self.chunk_size}")
+    from ciae_jax.losses import registry  # pylint: disable=g-import-not-at-top
+    try:
+      registry.bind(self.kind, self.params)
+    except registry.LossSelectionError as e:
+      raise HParamsError(str(e)) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,10 +456,28 @@ def to_config_dict(hparams: Any) -> Any:
     value = getattr(hparams, field.name)
     if dataclasses.is_dataclass(value):
       result[field.name] = to_config_dict(value)
+    elif isinstance(value, FrozenParams):
+      result[field.name] = _params_config_dict(value)
     elif value is None:
       result[field.name] = config_dict.placeholder(_optional_type(types_[field.name]))
     else:
       result[field.name] = value
+  return result
+
+
+def _params_config_dict(params: Mapping[str, Any]) -> Any:
+  """`loss.params` as a ConfigDict: the set values, and a typed placeholder (None: the variant's
+  default) for every other parameter of the shipped variants, so that
+  `--config.loss.params.NAME=VALUE` sets any of them from the command line."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+
+  from ciae_jax.losses import registry  # pylint: disable=g-import-not-at-top
+  result = ml_collections.ConfigDict()
+  for name, tp in sorted(registry.shipped_parameter_types().items()):
+    result[name] = config_dict.placeholder(tp)
+  for name, value in params.items():
+    result[name] = value
   return result
 
 

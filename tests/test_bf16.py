@@ -166,7 +166,7 @@ def _reference_losses(model, params, memory, batch):
   per_image = jax.vmap(lambda e, p, s: ciae_losses.ciae_loss(
       e, p, s, memory, hp.loss, num_stuff=helpers.NUM_STUFF))(
           outputs["embedding"], outputs["embedding_prenorm"], segments)
-  ciae = ciae_losses.ciae_total(jax.tree.map(lambda x: jnp.sum(x, axis=0), per_image), hp.loss)
+  ciae = ciae_losses.ciae_total(jax.tree.map(lambda x: jnp.sum(x, axis=0), per_image))
   losses = {**fcos, **ciae}
   losses["loss"] = (losses["loss_cls"] + losses["loss_reg"] + losses["loss_ctr"]
                     + losses["loss_ciae"])

@@ -5,6 +5,7 @@ top-K negatives per pixel, instance means from pre-norm embeddings, the expanded
 instance queries, thing pixels x thing_weight in L_IAE, void and crowd pixels left out.
 """
 import functools
+import inspect
 import math
 
 import jax
@@ -15,6 +16,9 @@ import pytest
 from ciae_jax import hparams
 from ciae_jax import segments as segments_lib
 from ciae_jax.losses import ciae as ciae_lib
+from ciae_jax.losses import engine
+from ciae_jax.losses import pixel_losses
+from ciae_jax.losses import registry
 from ciae_jax.segments import SEGMENT_KEYS
 from ciae_jax.segments import Segments
 
@@ -96,7 +100,9 @@ def _ref_pixel_loss(p, queries, sims_forced_zero, own, *, margin, top_k, include
 
 
 # The reference is called like the library: a field not given takes the library's default.
-DEFAULT_INCLUDE_OWN = hparams.LossHParams().include_own
+DEFAULT_INCLUDE_OWN = inspect.signature(pixel_losses.ciae).parameters["include_own"].default
+# The paper's per-pixel loss parameters (`loss.params`); the other keywords are LossHParams'.
+PAPER_PARAMS = ("margin", "top_k", "include_own")
 
 
 def _reference(case, memory, *, margin=0.15, top_k=5, thing_weight=5.0, box_expand=1.5,
@@ -155,7 +161,13 @@ def _loss(embedding, embedding_prenorm, memory, *, num_stuff=NUM_STUFF, **fields
   """`ciae_loss` of a case dict: the segment keys become `Segments`, the rest `LossHParams`."""
   segments = Segments(**{k: fields.pop(k) for k in SEGMENT_KEYS})
   return ciae_lib.ciae_loss(embedding, embedding_prenorm, segments, memory,
-                            hparams.LossHParams(**fields), num_stuff=num_stuff)
+                            _hparams(**fields), num_stuff=num_stuff)
+
+
+def _hparams(**fields):
+  """LossHParams of the reference's keywords (the paper's loss parameters under `params`)."""
+  params = {k: fields.pop(k) for k in PAPER_PARAMS if k in fields}
+  return hparams.LossHParams(params=params, **fields)
 
 
 def _run(case, memory, **kwargs):
@@ -170,6 +182,7 @@ SETTINGS = [
     dict(use_box_filter=False, top_k=20),
     dict(merge_things=False, top_k=2, include_own=True, box_expand=1.0),
     dict(loss_stride=2, top_k=20, include_own=True, thing_weight=2.0, margin=0.3),
+    dict(cae_weight=0.0, alpha=0.5),  # Table IV's last rows: no L_CAE
 ]
 
 
@@ -180,18 +193,22 @@ def test_ciae_loss_matches_naive_loop(setting):
   case = _random_case(rng)
   memory = _random_memory(rng, kwargs.get("merge_things", True))
   got = _run(case, memory, **kwargs)
-  cae, iae, count = _reference(case, memory, **kwargs)
+  cae, iae, count = _reference(case, memory, **{
+      k: v for k, v in kwargs.items() if k not in ("cae_weight", "alpha")})
+  weights = (kwargs.get("cae_weight", 1.0), kwargs.get("alpha", 2.0))
   assert count > 20
   # A pixel count: an integer, exact in float32.
   np.testing.assert_array_equal(got["num_pixels"], count)
   np.testing.assert_allclose(got["loss_cae_sum"], cae, rtol=LOSS_RTOL)
   np.testing.assert_allclose(got["loss_iae_sum"], iae, rtol=LOSS_RTOL)
-  np.testing.assert_allclose(got["loss_ciae_sum"], cae + 2.0 * iae, rtol=LOSS_RTOL)
-  total = ciae_lib.ciae_total(got, hparams.LossHParams(alpha=2.0))
+  np.testing.assert_allclose(got["loss_ciae_sum"], weights[0] * cae + weights[1] * iae,
+                             rtol=LOSS_RTOL)
+  total = ciae_lib.ciae_total(got)
   # The same sums, each divided once by the exact count (one more rounding).
   np.testing.assert_allclose(total["loss_cae"], cae / count, rtol=LOSS_RTOL)
   np.testing.assert_allclose(total["loss_iae"], iae / count, rtol=LOSS_RTOL)
-  np.testing.assert_allclose(total["loss_ciae"], (cae + 2.0 * iae) / count, rtol=LOSS_RTOL)
+  np.testing.assert_allclose(total["loss_ciae"], (weights[0] * cae + weights[1] * iae) / count,
+                             rtol=LOSS_RTOL)
 
 
 def test_box_filter_changes_the_loss():
@@ -302,7 +319,7 @@ def _loss_of_prenorm(prenorm, case, memory, **kwargs):
   embedding = prenorm / jnp.linalg.norm(prenorm, axis=-1, keepdims=True)  # [H, W, D]
   fields = {k: case[k] for k in SEGMENT_KEYS}
   sums = _loss(embedding, prenorm, memory, **fields, **kwargs)
-  return ciae_lib.ciae_total(sums, hparams.LossHParams(**kwargs))["loss_ciae"]
+  return ciae_lib.ciae_total(sums)["loss_ciae"]
 
 
 def test_gradient_is_finite():
@@ -333,7 +350,7 @@ def test_vmap_over_batch_sums_per_image():
     assert got["num_pixels"][i] == count
 
 
-def test_triplet_loss_padding_queries_and_top_k():
+def test_engine_padding_queries_and_top_k():
   rng = np.random.default_rng(5)
   pixels = rng.normal(size=(6, DIM))
   pixels /= np.linalg.norm(pixels, axis=1, keepdims=True)
@@ -341,20 +358,17 @@ def test_triplet_loss_padding_queries_and_top_k():
   queries /= np.linalg.norm(queries, axis=1, keepdims=True)
   target = np.array([0, 1, 2, 0, 1, 2])
   query_valid = np.array([True, True, True, False])
-  query_mask = rng.random((6, 4)) < 0.7
   weight = np.array([1.0, 2.0, 0.0, 1.0, 1.0, 3.0])
   for top_k in (1, 5):
-    got_sum, got_count = ciae_lib.embedding_triplet_loss(
-        pixels, queries, target, query_mask, weight, margin=0.15, top_k=top_k,
-        include_own=False, query_valid=query_valid)
+    loss = registry.bind("ciae", dict(margin=0.15, top_k=top_k, include_own=False))
+    term = engine.Term(pixels, target, weight, query_valid=query_valid)._replace(queries=queries)
+    got_sum = engine.loss_sums(pixels, (term,), (1.0,), loss, chunk_size=4)[0]
     want = 0.0
     for i in range(6):
-      forced = [not m for m in query_mask[i, :3]]
-      want += weight[i] * _ref_pixel_loss(pixels[i], list(queries[:3]), forced, target[i],
+      want += weight[i] * _ref_pixel_loss(pixels[i], list(queries[:3]), [False] * 3, target[i],
                                           margin=0.15, top_k=top_k, include_own=False)
     # 6 pixels x <= 3 terms of a few eps each (8-term dot products, log1p), no means.
     np.testing.assert_allclose(got_sum, want, rtol=1e-5)
-    assert float(got_count) == 5.0
 
 
 def test_instance_and_class_means_match_loop():

@@ -20,11 +20,12 @@ from ciae_jax.data import canvas as canvas_lib
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ["coco_r50.py", "coco_r50.py:r101", "coco_r50.py:long", "coco_r50.py:r101,long",
            "synthetic.py", "synthetic.py:small"]
-ABLATION_FIELDS = ["model.embed_dim", "loss.margin", "memory.momentum_coeff",
-                   "memory.momentum_power", "loss.box_expand", "loss.top_k", "loss.alpha",
+ABLATION_FIELDS = ["model.embed_dim", "loss.params.margin", "loss.kind", "loss.cae_weight",
+                   "memory.momentum_coeff",
+                   "memory.momentum_power", "loss.box_expand", "loss.params.top_k", "loss.alpha",
                    "loss.thing_weight", "loss.merge_things", "model.use_box_embedding",
                    "model.use_coordconv", "loss.loss_stride", "loss.use_box_filter",
-                   "loss.include_own", "fcos.sizes", "fcos.positive_region",
+                   "loss.params.include_own", "fcos.sizes", "fcos.positive_region",
                    "inference.category_from", "optimizer.lr", "optimizer.base_lr",
                    "optimizer.grad_clip_norm", "parallel", "total_steps", "batch_size",
                    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
@@ -64,16 +65,17 @@ def test_config_loads_locked_with_every_ablation_field(name):
 
 def test_overrides_from_the_command_line():
   config = _parse(f"--config={REPO_ROOT / 'configs' / 'coco_r50.py'}:long",
-                  "--config.optimizer.lr=0.02", "--config.loss.margin=0.3",
+                  "--config.optimizer.lr=0.02", "--config.loss.params.margin=0.3",
                   "--config.dataset.root=/data/coco", "--config.parallel=shard_map",
                   "--config.optimizer.grad_clip_norm=5.0", "--config.fcos.sizes=(32,64,128,256)",
                   "--config.total_steps=7")
-  assert config.optimizer.lr == 0.02 and config.loss.margin == 0.3
+  assert config.optimizer.lr == 0.02 and config.loss.params.margin == 0.3
   assert config.dataset.root == "/data/coco" and config.parallel == "shard_map"
   assert config.optimizer.grad_clip_norm == 5.0 and config.total_steps == 7
   assert config.dataset.train_min_size_range == (640, 800)  # from the variant
   hp = hparams.HParams.from_config(config)
   assert hp.fcos.sizes == (32, 64, 128, 256) and hp.optimizer.lr == 0.02
+  assert hp.loss.params == {"margin": 0.3}
   with pytest.raises(Exception, match="nonexistent"):
     _parse(f"--config={REPO_ROOT / 'configs' / 'synthetic.py'}", "--config.loss.nonexistent=1")
 
@@ -91,7 +93,9 @@ def test_coco_r50_paper_defaults():
   assert (config.optimizer.momentum, config.optimizer.weight_decay) == (0.9, 1e-4)
   assert (config.model.backbone, config.model.norm) == ("resnet50", "frozen_bn")
   assert config.model.embed_dim == 32
-  assert (config.loss.margin, config.loss.top_k, config.loss.alpha) == (0.15, 5, 2.0)
+  assert config.loss.kind == "ciae" and config.loss.alpha == 2.0
+  assert config.loss.params.margin is None  # the paper's, the per-pixel loss's default
+  assert hparams.HParams.from_config(config).loss.params == {}
   assert (config.loss.thing_weight, config.loss.box_expand) == (5.0, 1.5)
   assert config.loss.merge_things and config.loss.use_box_filter
   assert (config.memory.momentum_coeff, config.memory.momentum_power) == (1e-4, 3.0)
@@ -120,8 +124,8 @@ def test_unknown_field_and_bad_value_name_the_field():
   with pytest.raises(hparams.HParamsError, match=r"config.loss has unknown field.*marign"):
     hparams.HParams.from_config(config)
   config = config_lib.base_config()
-  config.loss.top_k = 0
-  with pytest.raises(hparams.HParamsError, match=r"config.loss.top_k"):
+  config.loss.params.top_k = 0
+  with pytest.raises(hparams.HParamsError, match=r"config.loss.params.*top_k"):
     hparams.HParams.from_config(config)
 
 

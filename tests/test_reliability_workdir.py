@@ -138,12 +138,13 @@ def test_full_file_system_is_an_error(tmp_path, monkeypatch):
 def test_checkpoint_of_another_config_is_an_error(tmp_path):
   config = _config(tmp_path)
   workdir, _ = _workdir_with_checkpoint(tmp_path, config)
-  other = _config(tmp_path, **{"loss.margin": 0.3, "optimizer.base_lr": 0.02})
+  other = _config(tmp_path, **{"loss.params.margin": 0.3, "optimizer.base_lr": 0.02})
   with pytest.raises(workdir_lib.WorkdirError) as info:
     _train(other, workdir)
   message = str(info.value)
   assert f"workdir {workdir} holds checkpoints of another config" in message
-  assert "loss.margin: 0.15 -> 0.3" in message and "optimizer.base_lr: 0.01 -> 0.02" in message
+  assert "loss.params.margin: 0.15 -> 0.3" in message
+  assert "optimizer.base_lr: 0.01 -> 0.02" in message
   assert "--config.allow_resume_with_other_config=True" in message
   assert "log_every_steps" not in message
 
@@ -154,7 +155,8 @@ def test_checkpoint_of_another_config_is_an_error(tmp_path):
   state = _train(other, workdir)
   assert int(state.step) == SAVED_STEP
   recorded = json.loads((workdir / workdir_lib.CONFIG_FILE).read_text())
-  assert recorded["loss.margin"] == 0.3  # The record follows the run that resumed.
+  assert recorded["loss.params.margin"] == 0.3  # The record follows the run that resumed.
+  assert recorded["loss.params.top_k"] == 5  # recorded in full: the function's default too
 
 
 @pytest.mark.parametrize("change", [{"model.head_convs": 2}, {"model.fpn_dim": 8}],
@@ -166,3 +168,14 @@ def test_checkpoint_of_another_model_is_never_loaded(tmp_path, change):
   with pytest.raises(ValueError, match=f"checkpoint {workdir}/checkpoints/{SAVED_STEP} does "
                      "not match the state of this config"):
     _train(_config(tmp_path, **change), workdir)
+
+
+def test_records_of_the_former_loss_fields_compare_under_their_new_names():
+  """`loss.margin`, `loss.top_k`, `loss.include_own` of older records are the paper's loss
+  parameters, now `loss.params.*`: equal values resume, other values are named."""
+  current = workdir_lib.flat_config(hparams.HParams())
+  saved = {k: v for k, v in current.items() if not k.startswith("loss.params.")}
+  saved.update({"loss.margin": 0.15, "loss.top_k": 5, "loss.include_own": True})
+  assert workdir_lib.config_differences(saved, current) == []
+  saved["loss.margin"] = 0.3
+  assert workdir_lib.config_differences(saved, current) == ["loss.params.margin: 0.3 -> 0.15"]

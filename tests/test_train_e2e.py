@@ -3,23 +3,39 @@
 The real entry point with the real input pipeline (the synthetic dataset is generated into
 the test's temporary folder), the `configs/synthetic.py:small` config shrunk further by
 `--config.x=...` overrides, on the 8 fake CPU devices of tests/conftest.py under
-`parallel=shard_map` (the pmap path of the loop runs in tests/test_train_resume.py).
+`parallel=shard_map` (the pmap path of the loop runs in tests/test_train_resume.py), with a
+per-pixel loss from a module of the user's own (README "Write a loss variant", as written there).
 """
+import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import xla_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 6
+# README "Write a loss variant".
+USER_LOSS = """
+import jax.numpy as jnp
+
+def soft_margin(similarity, own, counted, *, scale=4.0):
+  is_own = own[:, None] == jnp.arange(similarity.shape[1])[None, :]  # [C, Q]
+  s_own = jnp.sum(jnp.where(is_own, similarity, 0.0), axis=1)  # [C]
+  gaps = jnp.where(counted & ~is_own, similarity - s_own[:, None], -2.0)  # [C, Q]
+  return jnp.mean(jnp.logaddexp(0.0, scale * gaps), axis=1)  # [C]
+"""
 
 
 def test_train_py_runs_end_to_end(tmp_path):
   workdir = tmp_path / "run"
   env = xla_flags.env_with_device_count(8)  # Keeps the user's other XLA flags.
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"  # Compile time dominates this short run.
+  (tmp_path / "my_losses.py").write_text(textwrap.dedent(USER_LOSS))
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
   command = [
       sys.executable, "train.py", "--config", "configs/synthetic.py:small",
       "--workdir", str(workdir), f"--config.total_steps={TOTAL_STEPS}",
@@ -29,6 +45,7 @@ def test_train_py_runs_end_to_end(tmp_path):
       "--config.dataset.synthetic.num_train=8", "--config.dataset.synthetic.num_val=2",
       "--config.model.fpn_dim=16", "--config.model.semantic_dim=16",
       "--config.model.embed_dim=8",
+      "--config.loss.kind=my_losses:soft_margin", "--config.loss.params={'scale': 2.0}",
   ]
   result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
@@ -50,6 +67,10 @@ def test_train_py_runs_end_to_end(tmp_path):
   losses = _series(accumulator, "train/loss")
   assert [step for step, _ in losses] == [2, 4, 6], losses
   assert all(math.isfinite(loss) and loss > 0 for _, loss in losses), losses
+
+  recorded = json.loads((workdir / "config.json").read_text())
+  assert recorded["loss.kind"] == "my_losses:soft_margin"
+  assert recorded["loss.params.scale"] == 2.0
 
   checkpoints = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
                        if p.name.isdigit())

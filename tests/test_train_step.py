@@ -113,7 +113,7 @@ def _check_first_step_losses_and_memory_update_match_reference(run):
         outputs["embedding"][i], outputs["embedding_prenorm"][i], image[i], memory, hp.loss,
         num_stuff=helpers.NUM_STUFF) for i in range(BATCH)]
     sums = jax.tree.map(lambda *x: sum(x), *per_image)
-    ciae = ciae_losses.ciae_total(sums, hp.loss)
+    ciae = ciae_losses.ciae_total(sums)
     class_sums, counts = 0.0, 0
     for i in range(BATCH):
       s, c = memory_lib.class_sums(outputs["embedding_prenorm"][i], image[i],

@@ -106,7 +106,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     sums = jax.vmap(ciae_per_image)(outputs["embedding_prenorm"], segments)  # each [b]
     sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)  # each []
     sums["num_pixels"] = jax.lax.psum(sums["num_pixels"], AXIS_NAME)  # global valid pixels
-    ciae = ciae_losses.ciae_total(sums, hp.loss)
+    ciae = ciae_losses.ciae_total(sums)
     shares = {**fcos, **ciae}
     share = shares["loss_cls"] + shares["loss_reg"] + shares["loss_ctr"] + shares["loss_ciae"]
     # The memory's class sums come from this forward pass's pre-norm embeddings (no gradient).

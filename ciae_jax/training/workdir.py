@@ -24,6 +24,7 @@ import numpy as np
 
 from ciae_jax import files
 from ciae_jax import hparams
+from ciae_jax.losses import registry
 
 CONFIG_FILE = "config.json"
 # Fields that may change between the starts of one run: they do not change the parameters
@@ -87,9 +88,19 @@ def check_free_space(workdir: str, state: Any, *, keep_checkpoints: int = 1) -> 
                     needed / _MIB)
 
 
+# Records written when the paper's loss parameters were fields of `loss` itself.
+_RENAMED_FIELDS = {f"loss.{name}": f"loss.params.{name}"
+                   for name in ("margin", "top_k", "include_own")}
+
+
 def flat_config(hp: hparams.HParams) -> dict[str, Any]:
-  """The hyper-parameters as {'a.b': JSON value} (tuples as lists), as `config.json` holds them."""
-  flat = traverse_util.flatten_dict(dataclasses.asdict(hp), sep=".")
+  """The hyper-parameters as {'a.b': JSON value} (tuples as lists), as `config.json` holds them.
+
+  `loss.params` is recorded in full: the given values and the loss function's defaults.
+  """
+  tree = dataclasses.asdict(hp)
+  tree["loss"]["params"] = registry.resolved_params(hp.loss.kind, hp.loss.params)
+  flat = traverse_util.flatten_dict(tree, sep=".")
   return json.loads(json.dumps(flat, default=str))
 
 
@@ -106,6 +117,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
   """
   differences = []
   defaults = flat_config(hparams.HParams())
+  saved = {_RENAMED_FIELDS.get(name, name): value for name, value in saved.items()}
   for name in sorted(set(saved) | set(current)):
     if _ignored(name):
       continue
