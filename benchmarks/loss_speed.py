@@ -1,12 +1,13 @@
-r"""Speed and XLA memory plan of the CIAE loss (forward + backward), dense reference vs chunked.
+r"""Speed and XLA memory plan of the CIAE loss (forward + backward) for each per-pixel loss.
 
 Times `jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))` with respect to `embedding` and
 `embedding_prenorm`, where `loss` is the train step's use of the loss: `ciae_loss` vmapped over
-the batch (memory unbatched), summed, `ciae_total(...)["loss_ciae"]`. Two implementations:
+the batch (memory unbatched), summed, `ciae_total(...)["loss_ciae"]`. Variants: each `--kinds`
+(`loss.kind`: the shipped per-pixel losses, or `module:function`) through each `--impls`:
 
-* `dense`: `benchmarks/ciae_dense.py`, today's formulation kept as the reference (`[P, Q]`
-  arrays for the whole image, the `[P, S]` box mask, `lax.top_k` differentiated by a scatter);
-* `chunked`: `ciae_jax.losses.ciae`, which calls the chunked kernel `ciae_jax.losses.triplet`.
+* `engine`: `ciae_jax.losses.engine.loss_sums` (pixel chunks, gradients by autodiff per chunk
+  under one custom VJP: what training runs);
+* `dense`: `engine.dense_loss_sums`, the reference (`[P, Q]` arrays for the whole image).
 
 Inputs are COCO-like (53 stuff classes, 80 thing classes merged into one memory row, 100
 segment rows per image): 4 stuff bands, `--things` thing rectangles of 32-400 px sides painted
@@ -15,13 +16,14 @@ over them (one of them crowd), a void strip at the bottom, random unit embedding
 Each size: `--warmup` calls, then `--repeats` timed calls (each synchronised; the variants take
 turns within each repeat, so they share the machine's load): median / min / max wall ms, the
 process CPU time per call ("CPU ms", all threads; less sensitive to other jobs on a shared
-machine), and the medians over repeats of the per-repeat ratios to dense ("paired"). Then XLA's
-static memory plan (arguments + outputs + temporaries - aliased) of both programs compiled at
-`--memory_size` (not run). Prints a table and a one-line JSON summary (`loss_speed {...}`).
-Imports no TensorFlow.
+machine), and the medians over repeats of the per-repeat time ratios to the first variant
+("paired"). Then XLA's static memory plan (arguments + outputs + temporaries - aliased) of each
+program compiled at `--memory_size` (not run). Prints a table and a one-line JSON summary
+(`loss_speed {...}`). Imports no TensorFlow.
 
-  python benchmarks/loss_speed.py                                  # 256x384 and 512x768, batch 2
-  python benchmarks/loss_speed.py --sizes 256x384 --chunk_sizes 256,1024,4096  # chunk sweep
+  python benchmarks/loss_speed.py                     # every shipped loss, 256x384 and 512x768
+  python benchmarks/loss_speed.py --kinds ciae --impls engine,dense --sizes 256x384
+  python benchmarks/loss_speed.py --kinds ciae --sizes 256x384 --chunk_sizes 256,1024,4096
   python benchmarks/loss_speed.py --sizes '' --memory_size 800x1344  # memory plans only
 """
 from __future__ import annotations
@@ -30,22 +32,20 @@ import argparse
 import statistics
 import time
 from typing import Any, Callable
-from unittest import mock
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import ciae_dense  # noqa: E402  pylint: disable=g-bad-import-order
 from ciae_jax import hparams  # noqa: E402
-from ciae_jax.losses import ciae as ciae_chunked  # noqa: E402
-from ciae_jax.losses import triplet  # noqa: E402
+from ciae_jax.losses import ciae as ciae_lib  # noqa: E402
+from ciae_jax.losses import engine  # noqa: E402
+from ciae_jax.losses import pixel_losses  # noqa: E402
 from ciae_jax.segments import SEGMENT_KEYS  # noqa: E402
 from ciae_jax.segments import Segments  # noqa: E402
 import common  # noqa: E402  pylint: disable=g-bad-import-order
 
-LOSS = hparams.LossHParams()  # The paper's settings.
-IMPLEMENTATIONS = {"dense": ciae_dense, "chunked": ciae_chunked}
+IMPLEMENTATIONS = {"engine": engine.loss_sums, "dense": engine.dense_loss_sums}
 MAX_SEGMENTS = 100
 EMBED_DIM = 32
 
@@ -77,52 +77,36 @@ def coco_like_inputs(batch: int, size: tuple[int, int], things: tuple[int, int],
   return segments, embedding.astype(np.float32), prenorm
 
 
-def per_image_loss(lib: Any, embedding: Any, prenorm: Any, segments: dict[str, Any],
-                   memory: Any) -> dict[str, Any]:
-  """`ciae_loss` of one image through either implementation (paper hyper-parameters)."""
-  if lib is ciae_dense:  # The former keyword interface.
-    return ciae_dense.ciae_loss(embedding, prenorm, *(segments[k] for k in SEGMENT_KEYS), memory,
-                                num_stuff=common.NUM_STUFF, include_own=LOSS.include_own)
-  return ciae_chunked.ciae_loss(embedding, prenorm, Segments(**segments), memory, LOSS,
-                                num_stuff=common.NUM_STUFF)
-
-
-def loss_and_grad(lib: Any, segments: dict[str, np.ndarray], memory: np.ndarray) -> Callable:
+def loss_and_grad(kind: str, impl: str, chunk_size: int | None,
+                  segments: dict[str, np.ndarray], memory: np.ndarray) -> Callable:
   """jit(value_and_grad) of the step's CIAE loss w.r.t. (embedding, embedding_prenorm)."""
+  hp = hparams.LossHParams(kind=kind, chunk_size=chunk_size)  # the paper's other settings
 
   def loss(embedding, prenorm):
-    sums = jax.vmap(lambda e, p, s: per_image_loss(lib, e, p, s, memory))(
-        embedding, prenorm, segments)  # each [B]
+    sums = jax.vmap(lambda e, p, s: ciae_lib.ciae_loss(
+        e, p, Segments(**s), memory, hp, num_stuff=common.NUM_STUFF,
+        sums_fn=IMPLEMENTATIONS[impl]))(embedding, prenorm, segments)  # each [B]
     sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
-    num_pixels = jnp.maximum(sums["num_pixels"], 1.0)
-    # The combined sum, as `ciae_total` and the train step take it: the chunked kernel's
-    # gradient of it comes from its forward pass (a sub-loss would run the loop again).
-    return sums["loss_ciae_sum"] / num_pixels
+    # The combined sum, as the train step takes it: the engine's gradient of it comes from its
+    # forward pass (a sub-loss would run the loop again).
+    return ciae_lib.ciae_total(sums)["loss_ciae"]
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
-def chunk_context(name: str, chunk_size: int | None):
-  """Patches the kernel's default chunk size for `chunked` (ciae_loss has no chunk keyword)."""
-  if name != "chunked" or chunk_size is None:
-    return mock.patch.object(triplet, "DEFAULT_CHUNK_SIZE", triplet.DEFAULT_CHUNK_SIZE)
-  return mock.patch.object(triplet, "DEFAULT_CHUNK_SIZE", chunk_size)
-
-
 def bench_size(args: argparse.Namespace, size: tuple[int, int],
                variants: list[tuple[str, int | None]]) -> list[dict[str, Any]]:
-  """Timings of every (implementation, chunk size) at one size, taking turns within each repeat.
+  """Timings of every (kind, implementation, chunk size) at one size, taking turns.
 
   Each repeat calls every variant once in turn, so that all see the same load (the machine may
-  be shared); `paired_speedup` is the median over repeats of dense time / this variant's time.
+  be shared); `paired_ratio` is the median over repeats of this variant's time / the first's.
   """
   segments, embedding, prenorm = coco_like_inputs(args.batch, size, args.things, args.seed)
   memory = np.asarray(common.random_memory(common.NUM_STUFF, EMBED_DIM))
   compiled, outputs = [], []
-  for name, chunk_size in variants:
-    with chunk_context(name, chunk_size):
-      compiled.append(loss_and_grad(IMPLEMENTATIONS[name], segments, memory).lower(
-          embedding, prenorm).compile())
+  for kind, impl, chunk_size in variants:
+    compiled.append(loss_and_grad(kind, impl, chunk_size, segments, memory).lower(
+        embedding, prenorm).compile())
     outputs.append(jax.block_until_ready(compiled[-1](embedding, prenorm)))
   for _ in range(args.warmup):
     for fn in compiled:
@@ -135,30 +119,28 @@ def bench_size(args: argparse.Namespace, size: tuple[int, int],
       jax.block_until_ready(fn(embedding, prenorm))
       wall[i].append(time.perf_counter() - start_wall)
       cpu[i].append(time.process_time() - start_cpu)
-  dense = next((i for i, (name, _) in enumerate(variants) if name == "dense"), None)
   results = []
-  for i, (name, chunk_size) in enumerate(variants):
+  for i, (kind, impl, chunk_size) in enumerate(variants):
     loss, grads = outputs[i]
-    result = {"impl": name, "size": list(size), "chunk_size": chunk_size, "loss": float(loss),
+    result = {"kind": kind, "impl": impl, "size": list(size),
+              "chunk_size": chunk_size or ciae_lib.default_chunk_size(), "loss": float(loss),
               "grad_norms": [float(jnp.linalg.norm(g)) for g in grads],
-              **common.summary(wall[i]), "cpu_median_ms": 1e3 * statistics.median(cpu[i])}
-    if dense is not None:
-      result["paired_speedup"] = statistics.median(d / t for d, t in zip(wall[dense], wall[i]))
-      result["paired_cpu_speedup"] = statistics.median(d / t for d, t in zip(cpu[dense], cpu[i]))
-      result["loss_rel_diff"] = abs(float(loss) - float(outputs[dense][0])) / abs(
-          float(outputs[dense][0]))
+              **common.summary(wall[i]), "cpu_median_ms": 1e3 * statistics.median(cpu[i]),
+              "paired_ratio": statistics.median(t / f for f, t in zip(wall[0], wall[i])),
+              "paired_cpu_ratio": statistics.median(t / f for f, t in zip(cpu[0], cpu[i]))}
+    if kind == variants[0][0] and i:
+      result["loss_rel_diff"] = abs(float(loss) - float(outputs[0][0])) / abs(
+          float(outputs[0][0]))
     results.append(result)
   return results
 
 
-def memory_plan(args: argparse.Namespace, name: str) -> dict[str, int] | None:
-  """XLA's memory plan of one implementation at `--memory_size` (compiled, not run)."""
-  size = args.memory_size
-  segments, embedding, _ = coco_like_inputs(args.batch, size, args.things, args.seed)
+def memory_plan(args: argparse.Namespace, kind: str, impl: str) -> dict[str, int] | None:
+  """XLA's memory plan of one variant at `--memory_size` (compiled, not run)."""
+  segments, embedding, _ = coco_like_inputs(args.batch, args.memory_size, args.things, args.seed)
   memory = np.asarray(common.random_memory(common.NUM_STUFF, EMBED_DIM))
   spec = jax.ShapeDtypeStruct(embedding.shape, jnp.float32)
-  with chunk_context(name, None):
-    compiled = loss_and_grad(IMPLEMENTATIONS[name], segments, memory).lower(spec, spec).compile()
+  compiled = loss_and_grad(kind, impl, None, segments, memory).lower(spec, spec).compile()
   return common.compiled_memory(compiled)
 
 
@@ -166,9 +148,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default="256x384,512x768", help="H x W list, comma separated")
   parser.add_argument("--batch", type=int, default=2, help="images per call (vmapped)")
-  parser.add_argument("--impls", default="dense,chunked", help="subset of dense,chunked")
+  parser.add_argument("--kinds", default=",".join(pixel_losses.REGISTRY),
+                      help="loss.kind list: shipped names or module:function")
+  parser.add_argument("--impls", default="engine", help="subset of engine,dense")
   parser.add_argument("--chunk_sizes", default="",
-                      help="chunk sizes to time for `chunked` (default: the kernel's default)")
+                      help="chunk sizes to time for `engine` (default: the platform's)")
   parser.add_argument("--things", default="7,20", help="min,max thing segments per image")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=1)
@@ -180,44 +164,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args.memory_size = common.parse_size(args.memory_size) if args.memory_size else None
   args.things = tuple(int(v) for v in args.things.split(","))
   impls = [n for n in args.impls.split(",") if n]
+  kinds = [k for k in args.kinds.split(",") if k]
   unknown = set(impls) - set(IMPLEMENTATIONS)
-  if unknown or args.repeats < 1 or args.batch < 1:
-    parser.error(f"bad --impls {sorted(unknown)} / --repeats / --batch")
+  if unknown or not kinds or args.repeats < 1 or args.batch < 1:
+    parser.error(f"bad --impls {sorted(unknown)} / --kinds / --repeats / --batch")
+  for kind in kinds:
+    hparams.LossHParams(kind=kind)  # an unknown kind is an error naming it, before any work
   chunk_sizes = [int(c) for c in args.chunk_sizes.split(",") if c] or [None]
 
-  variants = [(name, chunk) for name in impls
-              for chunk in (chunk_sizes if name == "chunked" else [None])]
+  variants = [(kind, impl, chunk) for kind in kinds for impl in impls
+              for chunk in (chunk_sizes if impl == "engine" else [None])]
   results = []
   for size in sizes:
     for result in bench_size(args, size, variants):
       results.append(result)
       print(f"# {result}", flush=True)
-  plans = {name: memory_plan(args, name) for name in impls} if args.memory_size else {}
+  plans = ({f"{kind} {impl}": memory_plan(args, kind, impl) for kind in kinds for impl in impls}
+           if args.memory_size else {})
 
+  first = f"{variants[0][0]} {variants[0][1]}"
   rows = []
   for r in results:
-    chunk = r["chunk_size"] or (triplet.default_chunk_size() if r["impl"] == "chunked" else "-")
-    paired = lambda key, r=r: f"{r[key]:.2f}x" if key in r else "n/a"
-    rows.append([r["impl"], f"{args.batch} x {r['size'][0]} x {r['size'][1]}", chunk,
+    rows.append([r["kind"], r["impl"], f"{args.batch} x {r['size'][0]} x {r['size'][1]}",
+                 r["chunk_size"] if r["impl"] == "engine" else "-",
                  f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['max_ms']:.1f}",
-                 paired("paired_speedup"), f"{r['cpu_median_ms']:.1f}",
-                 paired("paired_cpu_speedup"),
-                 f"{r['loss_rel_diff']:.1e}" if "loss_rel_diff" in r else "n/a"])
-  common.print_table(["impl", "batch x H x W", "chunk", "fwd+bwd ms (median)", "min", "max",
-                      "speedup vs dense (paired)", "CPU ms (median)", "CPU speedup (paired)",
+                 f"{r['paired_ratio']:.2f}x", f"{r['cpu_median_ms']:.1f}",
+                 f"{r['paired_cpu_ratio']:.2f}x",
+                 f"{r['loss_rel_diff']:.1e}" if "loss_rel_diff" in r else "-"])
+  common.print_table(["kind", "impl", "batch x H x W", "chunk", "fwd+bwd ms (median)", "min",
+                      "max", f"time / {first} (paired)", "CPU ms (median)", "CPU ratio (paired)",
                       "loss rel. diff"], rows)
   if plans:
     print()
+    base = next(iter(plans.values()))
     common.print_table(
-        ["impl", "memory plan at", "arguments", "outputs", "temporaries", "total"],
+        ["variant", "memory plan at", "arguments", "outputs", "temporaries", "total",
+         f"total / {first}"],
         [[name, f"{args.batch} x {args.memory_size[0]} x {args.memory_size[1]}",
           common.gib(p and p["argument_bytes"]), common.gib(p and p["output_bytes"]),
-          common.gib(p and p["temp_bytes"]), common.gib(p and p["total_bytes"])]
+          common.gib(p and p["temp_bytes"]), common.gib(p and p["total_bytes"]),
+          f"{p['total_bytes'] / base['total_bytes']:.3f}" if p and base else "n/a"]
          for name, p in plans.items()])
   payload = {"device": common.device_info(), "args": {
-      "sizes": [list(s) for s in sizes], "batch": args.batch, "impls": impls,
+      "sizes": [list(s) for s in sizes], "batch": args.batch, "kinds": kinds, "impls": impls,
       "chunk_sizes": chunk_sizes, "things": list(args.things), "repeats": args.repeats,
-      "warmup": args.warmup, "default_chunk_size": triplet.default_chunk_size(),
+      "warmup": args.warmup, "default_chunk_size": ciae_lib.default_chunk_size(),
       "memory_size": list(args.memory_size) if args.memory_size else None},
       "results": results, "memory_plans": plans}
   common.print_json("loss_speed", payload)

@@ -96,7 +96,8 @@ def attribute(op_name: str) -> tuple[str, str]:
     return direction, match.group(1)
   if "CIAE" in op_name:
     return direction, "network (other)"
-  for key, part in (("ciae", "loss: CIAE"), ("triplet", "loss: CIAE"),
+  for key, part in (("ciae", "loss: CIAE"), ("engine", "loss: CIAE"),
+                    ("pixel_losses", "loss: CIAE"),
                     ("instance_means", "loss: CIAE"), ("fcos", "loss: FCOS"),
                     ("focal", "loss: FCOS"), ("iou", "loss: FCOS"), ("target", "targets"),
                     ("sgd", "optimizer"), ("optax", "optimizer"), ("memory", "memory")):

@@ -29,6 +29,7 @@ Prints a table and a one-line JSON summary (`train_speed {...}`). Imports no Ten
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from typing import Any, Callable
@@ -48,11 +49,13 @@ import common  # noqa: E402  pylint: disable=g-bad-import-order
 TOTAL_STEPS = 90_000  # The paper's schedule (sets the memory momentum; no effect on speed).
 
 
-def make_step(model: ciae_model.CIAE, params: Any, *, global_batch: int, loss_stride: int = 1
+def make_step(model: ciae_model.CIAE, params: Any, *, global_batch: int, loss_stride: int = 1,
+              loss_kind: str = "ciae", loss_params: dict[str, Any] | None = None
               ) -> tuple[Callable, Any, str]:
   """(per-device step, optimizer, where it came from) with the paper's hyper-parameters."""
   hp = hparams.HParams(batch_size=global_batch, total_steps=TOTAL_STEPS,
-                       loss=hparams.LossHParams(loss_stride=loss_stride))
+                       loss=hparams.LossHParams(loss_stride=loss_stride, kind=loss_kind,
+                                                params=loss_params or {}))
   optimizer, schedule = optim.create(hp.optimizer, params, batch_size=hp.batch_size)
   step = step_lib.make_train_step(hp, model, optimizer, schedule, num_stuff=common.NUM_STUFF)
   return step, optimizer, "step.make_train_step(HParams())"
@@ -65,7 +68,8 @@ def bench_ours(args: argparse.Namespace, dtype: str, size: tuple[int, int]) -> d
   model = common.build_model(args.backbone, dtype, conv_kernel_grad=args.conv_kernel_grad)
   params, model_state = ciae_model.split_variables(common.init_variables(model))
   step, optimizer, source = make_step(model, params, global_batch=global_batch,
-                                      loss_stride=args.loss_stride)
+                                      loss_stride=args.loss_stride, loss_kind=args.loss_kind,
+                                      loss_params=args.loss_params)
   memory = memory_lib.init_memory(jax.random.PRNGKey(1), common.NUM_STUFF + 1,
                                   model.hp.embed_dim)  # [M, D]
   host_state = train_state_lib.create_train_state(
@@ -199,6 +203,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--pad_multiple", type=int, default=ciae_model.SIZE_DIVISOR)
   parser.add_argument("--loss_stride", type=int, default=1,
                       help="config.loss.loss_stride: CIAE loss on every n-th pixel (paper: 1)")
+  parser.add_argument("--loss_kind", default="ciae",
+                      help="config.loss.kind: a shipped per-pixel loss or module:function")
+  parser.add_argument("--loss_params", type=json.loads, default={},
+                      help="config.loss.params as JSON, e.g. '{\"temperature\": 0.05}'")
   parser.add_argument("--compile_only", action="store_true",
                       help="compile the step and print XLA's memory plan; run nothing")
   parser.add_argument("--skip_peer", action="store_true")
@@ -244,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "backbone": args.backbone, "per_device_batch": args.per_device_batch,
                       "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
                       "parallel": args.parallel, "loss_stride": args.loss_stride,
+                      "loss_kind": args.loss_kind, "loss_params": args.loss_params,
                       "conv_kernel_grad": args.conv_kernel_grad},
              "info": info, "ours": ours, "peer": peer,
              "ratio_images_per_s": {
