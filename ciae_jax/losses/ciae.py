@@ -125,7 +125,8 @@ def ciae_loss(embedding: Optional[Array],
               memory: Array,
               hp: hparams.LossHParams,
               *,
-              num_stuff: int) -> Dict[str, Array]:
+              num_stuff: int,
+              stuff_pixels: bool = True) -> Dict[str, Array]:
   """Unnormalised CIAE loss sums of one image (vmap over the batch, then `ciae_total`).
 
   Args:
@@ -144,6 +145,8 @@ def ciae_loss(embedding: Optional[Array],
       own-query term, see `embedding_triplet_loss`), `stop_query_gradient` (no gradient
       through the instance means; the paper does not say).
     num_stuff: number of stuff classes.
+    stuff_pixels: False: stuff pixels take no part in L_CAE nor L_IAE (Table III, first row:
+      a semantic branch segments stuff, CIAE things only; `num_pixels` counts thing pixels).
 
   Returns:
     dict `loss_cae_sum`, `loss_iae_sum`, `loss_ciae_sum` (= cae + alpha * iae), `num_pixels`
@@ -183,6 +186,8 @@ def ciae_loss(embedding: Optional[Array],
   valid = (pixel_seg > 0) & seg_valid[row] & ~seg_is_crowd[row]  # [P]
   pixel_class = seg_class.astype(jnp.int32)[row]  # [P]
   pixel_is_thing = seg_is_thing[row]  # [P]
+  if not stuff_pixels:
+    valid = valid & pixel_is_thing  # [P]
 
   # L_CAE (Eq. 10): memory rows as queries, no filter.
   cae_target = memory_index(pixel_class, num_stuff, merge_things)  # [P]
