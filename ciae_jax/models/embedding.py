@@ -64,9 +64,10 @@ class EmbeddingBranch(nn.Module):
         x = layers.resize_bilinear(x, features[f"p{current}"].shape[1:3])  # [B, 2h, 2w, S]
     return x  # [B, H/4, W/4, semantic_dim]
 
-  def _predictor(self, name: str, features: int | None = None) -> nn.Conv:
+  def _predictor(self, name: str, features: int | None = None,
+                 kernel_init: Any = layers.kaiming_fan_out) -> nn.Conv:
     return nn.Conv(features or self.embed_dim, (1, 1), dtype=self.dtype,
-                   kernel_init=layers.kaiming_fan_out, bias_init=nn.initializers.zeros,
+                   kernel_init=kernel_init, bias_init=nn.initializers.zeros,
                    conv_general_dilated=conv_lib.for_flax(self.kernel_grad), name=name)
 
   @nn.compact
@@ -89,6 +90,9 @@ class EmbeddingBranch(nn.Module):
     prenorm = layers.resize_bilinear(fused, image_size)  # [B, H, W, D]
     if not self.num_semantic_classes:
       return prenorm, layers.l2_normalize(prenorm)  # [B, H, W, D] x 2
-    semantic_logits = self._predictor("semantic_pred", self.num_semantic_classes)(
+    # normal(0.01) as the FCOS classifier: the logits start near 0, the cross-entropy near
+    # log(N_st + 1) (the embedding's init gave logits of std ~8 and a first loss of ~14).
+    semantic_logits = self._predictor("semantic_pred", self.num_semantic_classes,
+                                      layers.normal_001)(
         semantic).astype(jnp.float32)  # [B, H/4, W/4, N_st + 1]
     return prenorm, layers.l2_normalize(prenorm), semantic_logits

@@ -283,6 +283,9 @@ class _Steps:
                  scalars["train/loss_ctr"], scalars["train/loss_ciae"],
                  scalars["train/learning_rate"], steps_per_sec, _duration(left),
                  f", {skipped} non-finite steps skipped" if skipped else "")
+    if "train/loss_semantic" in scalars:
+      logging.info("step %d: semantic branch cross-entropy %.4f", step,
+                   scalars["train/loss_semantic"])
     return now, step
 
   def _save(self, step: int, state: Any) -> None:
