@@ -64,7 +64,7 @@ def build_model(backbone: str, dtype: str, num_things: int = NUM_THINGS,
   kwargs = {"backbone": backbone, "dtype": dtype, "conv_kernel_grad": conv_kernel_grad}
   if backbone == "resnet_tiny":  # Test-sized: narrow everything.
     kwargs.update(fpn_dim=32, semantic_dim=16, head_convs=1)
-  return ciae_model.build_model(kwargs, num_things)
+  return ciae_model.build_model(kwargs, num_things, NUM_STUFF)
 
 
 def init_variables(model: ciae_model.CIAE, seed: int = 0) -> Any:

@@ -37,6 +37,7 @@ _logged_auto_dtypes: set[tuple[str, str]] = set()
 _POSITIVE_REGIONS = ("mask", "box")
 _IOU_KINDS = ("iou", "linear_iou", "giou")
 _CATEGORY_SOURCES = ("box", "memory")
+_STUFF_SOURCES = ("embedding", "semantic")
 _SOURCES = ("coco", "tfds", "synthetic")
 PARALLEL_MODES = ("pmap", "shard_map")
 
@@ -86,6 +87,10 @@ class ModelHParams(_Group):
   # kernels, XLA's elsewhere (models/conv.py). With "auto" / "matmul" on CPU, input maps smaller
   # than the kernel are convolved as one matmul over their patches.
   conv_kernel_grad: str = "auto"
+  # Who segments the stuff classes: "embedding" (paper: CIAE models stuff and things alike) or
+  # "semantic" (Table III, first row: an FCN branch predicts H/4 x W/4 x (N_st + 1) logits, all
+  # things one class, with cross-entropy; CIAE then covers thing pixels only).
+  stuff_from: str = "embedding"
 
   def __post_init__(self):
     _require(self.backbone in _BACKBONES, "model.backbone",
@@ -94,6 +99,8 @@ class ModelHParams(_Group):
     _require(self.dtype in _DTYPES, "model.dtype", f"{self.dtype!r} not in {_DTYPES}")
     _require(self.conv_kernel_grad in KERNEL_GRADS, "model.conv_kernel_grad",
              f"{self.conv_kernel_grad!r} not in {KERNEL_GRADS}")
+    _require(self.stuff_from in _STUFF_SOURCES, "model.stuff_from",
+             f"{self.stuff_from!r} not in {_STUFF_SOURCES}")
     for name in ("fpn_dim", "semantic_dim", "embed_dim"):
       _require(getattr(self, name) >= 1, f"model.{name}",
                f"must be >= 1, got {getattr(self, name)}")
@@ -194,14 +201,17 @@ class LossHParams(_Group):
   # Pixels per chunk of the loss engine (`losses.engine`); None: the platform's
   # (`losses.ciae.default_chunk_size`). Results depend on it only through float32 rounding.
   chunk_size: int | None = None
+  # Table III: weight of the semantic branch's cross-entropy (model.stuff_from='semantic').
+  semantic_weight: float = 1.0
 
   def __post_init__(self):
     params = {str(k): _as_tuple(v) for k, v in dict(self.params or {}).items() if v is not None}
     object.__setattr__(self, "params", FrozenParams(params))
     _require(self.loss_stride >= 1, "loss.loss_stride", f"must be >= 1, got {self.loss_stride}")
     _require(self.box_expand > 0, "loss.box_expand", f"must be > 0, got {self.box_expand}")
-    _require(self.alpha >= 0 and self.cae_weight >= 0, "loss.alpha",
-             f"loss.alpha and loss.cae_weight must be >= 0, got {self.alpha}, {self.cae_weight}")
+    _require(min(self.alpha, self.cae_weight, self.semantic_weight) >= 0, "loss.alpha",
+             "loss.alpha, loss.cae_weight and loss.semantic_weight must be >= 0, got "
+             f"{self.alpha}, {self.cae_weight}, {self.semantic_weight}")
     _require(self.chunk_size is None or self.chunk_size >= 1, "loss.chunk_size",
              f"must be None or >= 1, got {self.chunk_size}")
     from ciae_jax.losses import registry  # pylint: disable=g-import-not-at-top

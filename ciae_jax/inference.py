@@ -8,7 +8,8 @@ Turning the result into COCO files is the evaluation's job (`evaluation.coco_for
 
 Keys read from the model output dict of docs/interfaces.md (batch axis removed); a hand-made
 dict needs only these:
-  `panoptic_inference`: `cls_logits`, `centerness`, `box_reg` (lists over levels), `embedding`.
+  `panoptic_inference`: `cls_logits`, `centerness`, `box_reg` (lists over levels), `embedding`;
+                        with `stuff_from="semantic"` also `semantic_logits`.
   `oracle_inference`:   `embedding`, `embedding_prenorm`.
 
 Conventions:
@@ -43,6 +44,7 @@ from ciae_jax import detection
 from ciae_jax import hparams
 from ciae_jax import ops
 from ciae_jax import segments as segments_lib
+from ciae_jax import semantic_stuff
 
 Array = jax.Array
 
@@ -183,6 +185,7 @@ def panoptic_inference(
     merge_things: bool,
     strides: Sequence[int] = hparams.LEVEL_STRIDES,
     resize_scale: Any = 1.0,
+    stuff_from: str = "embedding",
 ) -> dict[str, Array]:
   """Panoptic segmentation of one image from the CIAE outputs (paper IV-C, Eq. 16).
 
@@ -216,6 +219,10 @@ def panoptic_inference(
     merge_things: whether the memory has one shared thing row (True) or one per thing class.
     strides: stride of each level.
     resize_scale: input size / original size; scales the area thresholds by its square.
+    stuff_from: `model.stuff_from`. "semantic" (Table III, first row): stuff pixels come from
+      `outputs["semantic_logits"] [H/4, W/4, num_stuff + 1]`, thing pixels go to the instance
+      queries alone (the rule of `ciae_jax.semantic_stuff`); the stuff queries stay in the
+      output, and the same filters apply.
 
   Returns:
     The output dict described in the module docstring, `Q = num_stuff + max_detections`.
@@ -223,7 +230,10 @@ def panoptic_inference(
   if hp.category_from == "memory" and merge_things:
     raise ValueError("category_from='memory' needs one memory row per thing class "
                      "(merge_things=False); with merge_things=True all things share one row")
-  _require(outputs, ("cls_logits", "centerness", "box_reg", "embedding"))
+  if stuff_from not in ("embedding", "semantic"):
+    raise ValueError(f"stuff_from must be 'embedding' or 'semantic', got {stuff_from!r}")
+  _require(outputs, ("cls_logits", "centerness", "box_reg", "embedding")
+           + (("semantic_logits",) if stuff_from == "semantic" else ()))
   embedding = _check_embedding(outputs, "embedding").astype(jnp.float32)  # [H, W, D]
   memory = _check_memory(memory, num_stuff, embedding.shape[-1]).astype(jnp.float32)
   _check_level_sizes(outputs["cls_logits"], strides, embedding.shape[:2])
@@ -257,9 +267,14 @@ def panoptic_inference(
     det_category = det_thing_class  # [K]
 
   thing_usable = det_valid & (det_score >= hp.instance_score_thresh)  # [K]
-  assignment, inside = assign_pixels(
-      embedding, stuff_queries, thing_queries, det_box, thing_usable, height, width,
-      box_expand=hp.box_expand_infer, outside_box_similarity=hp.outside_box_similarity)
+  if stuff_from == "semantic":
+    assignment, inside = _assign_with_semantic(
+        embedding, jnp.asarray(outputs["semantic_logits"]), thing_queries, det_box,
+        thing_usable, height, width, num_stuff=num_stuff, hp=hp)
+  else:
+    assignment, inside = assign_pixels(
+        embedding, stuff_queries, thing_queries, det_box, thing_usable, height, width,
+        box_expand=hp.box_expand_infer, outside_box_similarity=hp.outside_box_similarity)
   result = finish(
       assignment, inside, num_stuff=num_stuff, thing_usable=thing_usable,
       thing_class=num_stuff + det_category, thing_score=det_score, thing_box=det_box,
@@ -267,6 +282,26 @@ def panoptic_inference(
   result.update(det_box=det_box, det_score=det_score, det_class=num_stuff + det_thing_class,
                 det_thing_class=det_thing_class, det_valid=det_valid)
   return result
+
+
+def _assign_with_semantic(embedding: Array, semantic_logits: Array, thing_queries: Array,
+                          thing_boxes: Array, thing_usable: Array, height: Array, width: Array,
+                          *, num_stuff: int, hp: hparams.InferenceHParams
+                          ) -> tuple[Array, Array]:
+  """`assign_pixels` with stuff from the semantic branch: (query index, labelled) `[H, W]`."""
+  if semantic_logits.ndim != 3 or semantic_logits.shape[-1] != num_stuff + 1:
+    raise ValueError(f"outputs['semantic_logits'] must be [H/4, W/4, num_stuff + 1 = "
+                     f"{num_stuff + 1}] for one image; got shape {semantic_logits.shape}")
+  semantic = semantic_stuff.semantic_argmax(semantic_logits, embedding.shape[:2])  # [H, W]
+  # Instances only: no stuff query, i.e. every stuff query at -inf for these pixels.
+  no_stuff = jnp.zeros((0, embedding.shape[-1]), jnp.float32)  # [0, D]
+  instance, inside = assign_pixels(
+      embedding, no_stuff, thing_queries, thing_boxes, thing_usable, height, width,
+      box_expand=hp.box_expand_infer, outside_box_similarity=hp.outside_box_similarity)
+  reached = semantic_stuff.instance_reaches(
+      instance, thing_boxes, thing_usable, box_expand=hp.box_expand_infer,
+      outside_box_similarity=hp.outside_box_similarity)  # [H, W]
+  return semantic_stuff.combine(semantic, instance, reached, inside, num_stuff=num_stuff)
 
 
 def _check_level_sizes(cls_logits: Sequence[Any], strides: Sequence[int],

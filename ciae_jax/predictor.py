@@ -51,11 +51,16 @@ def predict_fn(model: ciae_model.CIAE, hp: hparams.HParams,
   `inference.panoptic_inference`'s (or `oracle_inference`'s) plus `embedding [B, H, W, D]`.
   """
   infer = hp.inference
+  stuff_from = hp.model.stuff_from
+  if infer.oracle and stuff_from == "semantic":
+    raise ValueError("inference.oracle=True (Table V) assigns stuff from the memory; it does "
+                     "not support model.stuff_from='semantic'")
+  keys = ("cls_logits", "centerness", "box_reg", "embedding", "embedding_prenorm") + (
+      ("semantic_logits",) if stuff_from == "semantic" else ())
 
   def predict(variables, memory, batch):
     outputs = model.apply(variables, batch["image"])
-    outputs = {k: outputs[k] for k in ("cls_logits", "centerness", "box_reg", "embedding",
-                                       "embedding_prenorm")}
+    outputs = {k: outputs[k] for k in keys}
     scale = batch["image_size"][:, 0] / batch["orig_size"][:, 0]  # [B]
     if infer.oracle:
       results = jax.vmap(lambda o, s, size, r: inference.oracle_inference(
@@ -64,7 +69,8 @@ def predict_fn(model: ciae_model.CIAE, hp: hparams.HParams,
     else:
       results = jax.vmap(lambda o, size, r: inference.panoptic_inference(
           o, memory, size, infer, num_stuff=num_stuff, merge_things=hp.loss.merge_things,
-          strides=model.strides, resize_scale=r))(outputs, batch["image_size"], scale)
+          strides=model.strides, resize_scale=r, stuff_from=stuff_from))(
+              outputs, batch["image_size"], scale)
     return {**results, "embedding": outputs["embedding"]}
 
   return predict
@@ -113,7 +119,7 @@ def restore_for_inference(hp: hparams.HParams, workdir: str, checkpoint_step: in
     ValueError: the checkpoint does not fit the model of `hp`.
   """
   categories = dataset_lib.load_dataset_categories(hp.dataset)
-  model = ciae_model.build_model(hp.model, categories.num_things)
+  model = ciae_model.build_model(hp.model, categories.num_things, categories.num_stuff)
   template = inference_template(hp, model, num_stuff=categories.num_stuff,
                                 num_things=categories.num_things, program_cache=program_cache)
   manager = checkpoint_lib.create_manager(workdir, create=False)

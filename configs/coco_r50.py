@@ -25,7 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The paper's COCO config, with the variants named in `arg` applied."""
   variants = config_lib.parse_variants(arg, VARIANTS)
   # The defaults of ciae_jax/hparams.py are the paper's recipe (source coco, sizes 800 / 1333).
-  # Among them `loss.params.include_own=True`: Eq. 6 as written (the own query counts with d_neg = 0),
+  # Among them `loss.params.include_own=True` (the paper's per-pixel loss, `loss.kind="ciae"`):
+  # Eq. 6 as written (the own query counts with d_neg = 0),
   # kept because dropping it did not win on the main job or the COCO overfit (README "Eq. 6",
   # docs/method.md); `--config.loss.params.include_own=False` trains the other reading.
   config = config_lib.base_config()

@@ -116,7 +116,7 @@ def initial_inference_state():
     from ciae_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
     from ciae_jax.models import ciae as ciae_model  # pylint: disable=g-import-not-at-top
     categories = dataset_lib.load_dataset_categories(hp.dataset)
-    model = ciae_model.build_model(hp.model, categories.num_things)
+    model = ciae_model.build_model(hp.model, categories.num_things, categories.num_stuff)
     params, model_state = ciae_model.split_variables(jax.jit(
         lambda rng: ciae_model.init_variables(model, rng))(jax.random.PRNGKey(0)))
     rows = memory_lib.num_memory(categories.num_stuff, categories.num_things,

@@ -44,7 +44,7 @@ def setup(tmp_path_factory, load_config):
   config.inference.update(pre_nms_thresh=0.0, instance_score_thresh=0.0, per_device_batch=2)
   hp = hparams.HParams.from_config(config)
   categories = dataset_lib.load_dataset_categories(hp.dataset)
-  model = ciae_model.build_model(hp.model, categories.num_things)
+  model = ciae_model.build_model(hp.model, categories.num_things, categories.num_stuff)
   state, _, _ = train_state_lib.init_train_state(
       hp, model, num_stuff=categories.num_stuff, num_things=categories.num_things,
       rng=jax.random.PRNGKey(0))
@@ -87,7 +87,7 @@ def _old_path_metrics(hp, variables, memory):
   """The evaluation before the predictor: tf.data batches (TF resize), one jit, PQ per batch."""
   categories = dataset_lib.load_dataset_categories(hp.dataset)
   gt = dataset_lib.eval_ground_truth(hp.dataset)
-  model = ciae_model.build_model(hp.model, categories.num_things)
+  model = ciae_model.build_model(hp.model, categories.num_things, categories.num_stuff)
   predict = runner.make_predict_fn(model, hp, categories.num_stuff)
   ground_truth = pq_lib.load_json(gt.gt_json)
   annotations = {a["image_id"]: a for a in ground_truth["annotations"]}

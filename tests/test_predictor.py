@@ -30,7 +30,7 @@ def _hp(**dataset):
 
 
 def _predictor(hp, **kwargs):
-  model = ciae_model.build_model(hp.model, CATEGORIES.num_things)
+  model = ciae_model.build_model(hp.model, CATEGORIES.num_things, CATEGORIES.num_stuff)
   state, _, _ = train_state_lib.init_train_state(hp, model, num_stuff=2, num_things=2,
                                                  rng=jax.random.PRNGKey(0))
   return predictor_lib.Predictor(hp, model=model, variables={"params": state.params,

@@ -88,7 +88,7 @@ def make_batch(seed: int, lead: tuple[int, ...], hw: tuple[int, int] = IMAGE_HW
 
 def tiny_model() -> ciae_model.CIAE:
   """The smallest CIAE that has every part (GN backbone, FPN, head, embedding branch)."""
-  return ciae_model.build_model(TINY_MODEL, NUM_THINGS)
+  return ciae_model.build_model(TINY_MODEL, NUM_THINGS, NUM_STUFF)
 
 
 def numpy_params(model: ciae_model.CIAE, seed: int = 0) -> Any:

@@ -44,7 +44,7 @@ def _setup(tmp_path):
   config.model.norm = "frozen_bn"  # freeze_at 2: stem and layer1 frozen.
   config.init_backbone = str(weights)
   hp = hparams.HParams.from_config(config)
-  model = ciae_model.build_model(hp.model, helpers.NUM_THINGS)
+  model = ciae_model.build_model(hp.model, helpers.NUM_THINGS, helpers.NUM_STUFF)
   state, optimizer, schedule = train_state_lib.init_train_state(
       hp, model, num_stuff=helpers.NUM_STUFF, num_things=helpers.NUM_THINGS,
       rng=jax.random.PRNGKey(hp.seed))

@@ -124,7 +124,7 @@ def _check_checkpoints_written_and_kept(runs):
 def _check_the_run_learns_and_the_memory_moves(runs):
   initial = runs["final_a"]  # Compared against a fresh step-0 state of the same config.
   config = _config(runs["workdir_a"].parent)
-  model = ciae_model.build_model(config.model, helpers.NUM_THINGS)
+  model = ciae_model.build_model(config.model, helpers.NUM_THINGS, helpers.NUM_STUFF)
   state0, _, _ = train_state_lib.init_train_state(config, model, num_stuff=helpers.NUM_STUFF,
                                        num_things=helpers.NUM_THINGS,
                                        rng=jax.random.PRNGKey(config.seed))

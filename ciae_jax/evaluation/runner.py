@@ -124,7 +124,7 @@ def evaluate(hp: hparams.HParams, *, variables: Any, memory: Any,
     skipped = []  # Every process read the same records: process 0 reports them.
   if max_images is not None:
     records = records[:max_images]
-  model = ciae_model.build_model(hp.model, categories.num_things)
+  model = ciae_model.build_model(hp.model, categories.num_things, categories.num_stuff)
   predictor = predictor_lib.Predictor(hp, model=model, variables=variables, memory=memory,
                                       categories=categories, devices=devices)
   plan = eval_plan([(r.height, r.width) for r in records], predictor.preprocessor,

@@ -118,9 +118,12 @@ class _Programs:
                                      devices=self.devices)
     infer = hp.inference
 
+    stuff_from = hp.model.stuff_from
+    keys = _OUTPUT_KEYS + (("semantic_logits",) if stuff_from == "semantic" else ())
+
     def net(consts, batch):
       outputs = model.apply(consts[0], batch["image"])
-      return {k: outputs[k] for k in _OUTPUT_KEYS}
+      return {k: outputs[k] for k in keys}
 
     def post(consts, batch):
       def one(outputs, size, scale, thresholds):
@@ -128,7 +131,8 @@ class _Programs:
                                 stuff_area=thresholds[2])
         return inference.panoptic_inference(
             outputs, consts[1], size, setting, num_stuff=num_stuff,
-            merge_things=hp.loss.merge_things, strides=model.strides, resize_scale=scale)
+            merge_things=hp.loss.merge_things, strides=model.strides, resize_scale=scale,
+            stuff_from=stuff_from)
       results = jax.vmap(one)(batch["outputs"], batch["image_size"], batch["scale"],
                               batch["thresholds"])
       return {k: results[k] for k in ("panoptic", "query_class")}
@@ -193,7 +197,7 @@ def tune(hp: hparams.HParams, *, variables: Any, memory: Any, grid: Grid,
   records = tuning_records(dataset, categories)
   root = dataset_lib.prepare_root(dataset)
   ground_truth = runner.GroundTruth(coco.split_paths(root, dataset.train_split)[1])
-  model = ciae_model.build_model(hp.model, categories.num_things)
+  model = ciae_model.build_model(hp.model, categories.num_things, categories.num_stuff)
   programs = _Programs(hp, model, variables, memory, categories.num_stuff, devices)
   preprocessor = preprocess.Preprocessor(dataset)
   settings = grid.settings()

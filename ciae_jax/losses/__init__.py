@@ -9,4 +9,5 @@ pixel_losses.py  the per-pixel losses (the paper's and its variants), pure funct
 registry.py    `loss.kind` / `loss.params` -> a bound per-pixel loss
 engine.py      chunked sums of a per-pixel loss, gradients by autodiff, no [P, Q] arrays;
                dense_loss_sums, its reference
+semantic.py    cross-entropy of the semantic branch (Table III's first row: stuff from an FCN)
 """

@@ -110,8 +110,8 @@ def ciae_loss(embedding: Optional[Array],
       `stop_query_gradient` (no gradient through the instance means; the paper does not say),
       `chunk_size` (None: `default_chunk_size()`).
     num_stuff: number of stuff classes.
-    stuff_pixels: False when a semantic branch models stuff (`model.stuff_from="semantic"`,
-      Table III): stuff pixels then take no part in either sum.
+    stuff_pixels: False: stuff pixels take no part in L_CAE nor L_IAE (Table III, first row:
+      a semantic branch segments stuff, CIAE things only; `num_pixels` counts thing pixels).
     sums_fn: `engine.loss_sums`, or `engine.dense_loss_sums` (the reference, for tests).
 
   Returns:

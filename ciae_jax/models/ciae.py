@@ -37,15 +37,20 @@ class CIAE(nn.Module):
   `__call__(images [B, H, W, 3])` -> dict with cls_logits, centerness, box_reg,
   box_embed (lists over P3..P7), embedding_prenorm and embedding ([B, H, W, D],
   float32); see docs/interfaces.md. With `hp.use_box_embedding=False` there is no box
-  embedding and the dict has no "box_embed" key. H and W must be multiples of 32. Training
-  and inference run the same function (frozen BN or GroupNorm, no dropout).
+  embedding and the dict has no "box_embed" key. With `hp.stuff_from="semantic"` (Table III,
+  first row) it also has `semantic_logits [B, H/4, W/4, N_st + 1]` (float32; channels: the
+  stuff classes 0..N_st-1, then one merged "thing" class). H and W must be multiples of 32.
+  Training and inference run the same function (frozen BN or GroupNorm, no dropout).
 
   Attributes:
     hp: the architecture (`hparams.ModelHParams`, defaults: the paper's R50 model).
     num_thing_classes: C_th, the detector's classes.
+    num_stuff_classes: N_st, the dataset's stuff classes; read (and required >= 1) only with
+      `hp.stuff_from="semantic"`.
   """
   hp: hparams.ModelHParams
   num_thing_classes: int
+  num_stuff_classes: int = 0
 
   @property
   def strides(self) -> tuple[int, ...]:
@@ -55,6 +60,9 @@ class CIAE(nn.Module):
   def _check(self, images: jax.Array) -> None:
     if self.num_thing_classes < 1:
       raise ValueError(f"num_thing_classes must be >= 1, got {self.num_thing_classes}")
+    if self.hp.stuff_from == "semantic" and self.num_stuff_classes < 1:
+      raise ValueError("model.stuff_from='semantic' needs the dataset's stuff classes: pass "
+                       f"num_stuff_classes >= 1 (got {self.num_stuff_classes})")
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [B, H, W, 3], got shape {images.shape}")
     height, width = images.shape[1:3]
@@ -79,19 +87,33 @@ class CIAE(nn.Module):
         prior_prob=hp.prior_prob, strides=self.strides, dtype=dtype, kernel_grad=kernel_grad,
         name="head",
     )([pyramid[name] for name in head_lib.LEVEL_NAMES])
-    prenorm, embedding = embedding_lib.EmbeddingBranch(
+    # Stuff classes plus one merged thing class (Table III, first row); 0: no semantic branch.
+    num_semantic = self.num_stuff_classes + 1 if hp.stuff_from == "semantic" else 0
+    branch_outputs = embedding_lib.EmbeddingBranch(
         semantic_dim=hp.semantic_dim, embed_dim=hp.embed_dim,
         use_box_embedding=hp.use_box_embedding, use_coordconv=hp.use_coordconv,
-        dtype=dtype, kernel_grad=kernel_grad, name="embedding",
+        dtype=dtype, kernel_grad=kernel_grad, num_semantic_classes=num_semantic,
+        name="embedding",
     )(pyramid, head_outputs.get("box_embed"), images.shape[1:3])
-    return dict(head_outputs, embedding_prenorm=prenorm, embedding=embedding)
+    outputs = dict(head_outputs, embedding_prenorm=branch_outputs[0],
+                   embedding=branch_outputs[1])
+    if num_semantic:
+      outputs["semantic_logits"] = branch_outputs[2]  # [B, H/4, W/4, N_st + 1]
+    return outputs
 
 
-def build_model(hp: hparams.ModelHParams, num_thing_classes: int) -> CIAE:
-  """The CIAE of `hp` (a `ModelHParams`, or a mapping of its fields for tests and scripts)."""
+def build_model(hp: hparams.ModelHParams, num_thing_classes: int,
+                num_stuff_classes: int = 0) -> CIAE:
+  """The CIAE of `hp` (a `ModelHParams`, or a mapping of its fields for tests and scripts).
+
+  `num_stuff_classes` (the dataset's N_st) is needed only by `hp.stuff_from="semantic"`.
+  """
   if not isinstance(hp, hparams.ModelHParams):
     hp = hparams.ModelHParams.from_mapping(hp, "model")
-  return CIAE(hp=hp, num_thing_classes=num_thing_classes)
+  if hp.stuff_from == "semantic" and num_stuff_classes < 1:
+    raise ValueError("model.stuff_from='semantic' needs the dataset's stuff classes: pass "
+                     f"num_stuff_classes >= 1 (got {num_stuff_classes})")
+  return CIAE(hp=hp, num_thing_classes=num_thing_classes, num_stuff_classes=num_stuff_classes)
 
 
 def count_params(variables: Any) -> dict[str, int]:

@@ -23,6 +23,12 @@ class EmbeddingBranch(nn.Module):
   L2-normalised in float32. P' + P'' at 1/4 scale is sown as
   intermediates/embedding_quarter.
 
+  With `num_semantic_classes > 0` (paper Table III, first row: stuff from a semantic branch) a
+  1x1 conv on the same 1/4-scale aggregate, in parallel with the one giving P', predicts
+  semantic logits [B, H/4, W/4, num_semantic_classes] (float32), returned third: Panoptic
+  FPN's semantic head shares this aggregation, so the branch differs from the embedding's
+  only in its classifier.
+
   Attributes:
     semantic_dim: width of the semantic aggregation convs (128).
     embed_dim: D, the embedding size (32; Table X).
@@ -30,6 +36,7 @@ class EmbeddingBranch(nn.Module):
     use_coordconv: CoordConv on the P5 path.
     dtype: compute dtype of the convs.
     kernel_grad: the convolutions' kernel gradients (`ciae_jax.models.conv`).
+    num_semantic_classes: channels of the semantic logits (N_st + 1); 0: no semantic output.
   """
   semantic_dim: int = 128
   embed_dim: int = 32
@@ -37,6 +44,7 @@ class EmbeddingBranch(nn.Module):
   use_coordconv: bool = True
   dtype: Any = jnp.float32
   kernel_grad: str = "auto"
+  num_semantic_classes: int = 0
 
   def _semantic_path(self, features: dict[str, jax.Array], level: int) -> jax.Array:
     x = features[f"p{level}"]  # [B, Hl, Wl, F]
@@ -56,15 +64,17 @@ class EmbeddingBranch(nn.Module):
         x = layers.resize_bilinear(x, features[f"p{current}"].shape[1:3])  # [B, 2h, 2w, S]
     return x  # [B, H/4, W/4, semantic_dim]
 
-  def _predictor(self, name: str) -> nn.Conv:
-    return nn.Conv(self.embed_dim, (1, 1), dtype=self.dtype, kernel_init=layers.kaiming_fan_out,
-                   bias_init=nn.initializers.zeros,
+  def _predictor(self, name: str, features: int | None = None,
+                 kernel_init: Any = layers.kaiming_fan_out) -> nn.Conv:
+    return nn.Conv(features or self.embed_dim, (1, 1), dtype=self.dtype,
+                   kernel_init=kernel_init, bias_init=nn.initializers.zeros,
                    conv_general_dilated=conv_lib.for_flax(self.kernel_grad), name=name)
 
   @nn.compact
   def __call__(self, features: dict[str, jax.Array], box_embeds: Sequence[jax.Array] | None,
-               image_size: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-    """features {"p2".."p5"}, box embeddings of P3..P7 -> (prenorm, embedding), [B, H, W, D]."""
+               image_size: Sequence[int]) -> tuple[jax.Array, ...]:
+    """features {"p2".."p5"}, box embeddings of P3..P7 -> (prenorm, embedding), [B, H, W, D],
+    then the semantic logits [B, H/4, W/4, num_semantic_classes] if `num_semantic_classes`."""
     quarter_size = features["p2"].shape[1:3]
     semantic = sum(self._semantic_path(features, level) for level in SEMANTIC_LEVELS)
     p_prime = self._predictor("embed_pred")(semantic).astype(jnp.float32)  # [B, H/4, W/4, D]
@@ -78,4 +88,11 @@ class EmbeddingBranch(nn.Module):
       fused = p_prime + p_second  # [B, H/4, W/4, D]
     self.sow("intermediates", "embedding_quarter", fused)
     prenorm = layers.resize_bilinear(fused, image_size)  # [B, H, W, D]
-    return prenorm, layers.l2_normalize(prenorm)  # [B, H, W, D] x 2
+    if not self.num_semantic_classes:
+      return prenorm, layers.l2_normalize(prenorm)  # [B, H, W, D] x 2
+    # normal(0.01) as the FCOS classifier: the logits start near 0, the cross-entropy near
+    # log(N_st + 1) (the embedding's init gave logits of std ~8 and a first loss of ~14).
+    semantic_logits = self._predictor("semantic_pred", self.num_semantic_classes,
+                                      layers.normal_001)(
+        semantic).astype(jnp.float32)  # [B, H/4, W/4, N_st + 1]
+    return prenorm, layers.l2_normalize(prenorm), semantic_logits

@@ -131,7 +131,7 @@ def _train_and_evaluate(hp, workdir, *, evaluate_fn, input_fn, watcher):
   categories = dataset_lib.load_dataset_categories(hp.dataset)
   num_stuff, num_things = categories.num_stuff, categories.num_things
   logging.info("Dataset: %d stuff + %d thing classes", num_stuff, num_things)
-  model = ciae_model.build_model(hp.model, num_things)
+  model = ciae_model.build_model(hp.model, num_things, num_stuff)
 
   host_state, optimizer, schedule = train_state_lib.init_train_state(
       hp, model, num_stuff=num_stuff, num_things=num_things, rng=jax.random.PRNGKey(hp.seed))
@@ -226,6 +226,7 @@ class _Steps:
   def _run(self, state: Any, start_step: int, profile: "_Profile") -> Any:
     hp = self.hp
     nonfinite = nonfinite_lib.NonfiniteCounter(hp.max_consecutive_nonfinite)
+    metrics_type = metrics_lib.train_metrics_type(hp.model.stuff_from)
     if self.watcher.should_stop(start_step):
       logging.warning("Stop requested before step %d: nothing trained, nothing saved.",
                       start_step + 1)
@@ -242,7 +243,7 @@ class _Steps:
       outputs = parallel.first_copy(outputs, parallel=hp.parallel)
       profile.after(step, state)
       nonfinite.push(step, outputs["finite"])
-      update = metrics_lib.TrainMetrics.single_from_model_output(**outputs)
+      update = metrics_type.single_from_model_output(**outputs)
       train_metrics = update if train_metrics is None else train_metrics.merge(update)
       self.report_progress(step, time.time())
 
@@ -282,6 +283,9 @@ class _Steps:
                  scalars["train/loss_ctr"], scalars["train/loss_ciae"],
                  scalars["train/learning_rate"], steps_per_sec, _duration(left),
                  f", {skipped} non-finite steps skipped" if skipped else "")
+    if "train/loss_semantic" in scalars:
+      logging.info("step %d: semantic branch cross-entropy %.4f", step,
+                   scalars["train/loss_semantic"])
     return now, step
 
   def _save(self, step: int, state: Any) -> None:

@@ -67,3 +67,16 @@ class TrainMetrics(clu_metrics.Collection):
   learning_rate: clu_metrics.Average.from_output("learning_rate")
   memory_drift: finite_average("memory_drift")
   nonfinite_steps: NonfiniteSteps
+
+
+
+# `TrainMetrics` plus `loss_semantic`, the semantic branch's cross-entropy (paper Table III,
+# first row: `model.stuff_from="semantic"`). Built from the fields, not by subclassing: a
+# Collection builds itself from its class's own annotations only.
+SemanticTrainMetrics = clu_metrics.Collection.create(
+    **TrainMetrics.__annotations__, loss_semantic=finite_average("loss_semantic"))
+
+
+def train_metrics_type(stuff_from: str) -> type[clu_metrics.Collection]:
+  """The collection of a run whose `model.stuff_from` is `stuff_from`."""
+  return SemanticTrainMetrics if stuff_from == "semantic" else TrainMetrics

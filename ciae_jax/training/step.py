@@ -3,7 +3,9 @@
 One step at iteration t (state.step = t - 1 updates done):
   1. FCOS targets of every image (vmapped), positives counted and `psum`-ed over devices;
   2. forward pass, FCOS losses normalised by the GLOBAL positive count / centerness sum, CIAE loss
-     sums with the GLOBAL valid-pixel count, against the memory M_{t-1} of the state;
+     sums with the GLOBAL valid-pixel count, against the memory M_{t-1} of the state; with
+     `model.stuff_from="semantic"` (Table III, first row) CIAE covers thing pixels only and the
+     semantic branch's cross-entropy, over the GLOBAL labelled-cell count, is added;
   3. gradients `pmean`-ed over devices, one optimizer update at the rate `schedule(state.step)`;
   4. per-class sums / pixel counts of the pre-norm embeddings, summed over the local batch and
      `psum`-ed, then the momentum update `M_t` (identical on every device);
@@ -32,6 +34,7 @@ from ciae_jax import parallel
 from ciae_jax import targets as targets_lib
 from ciae_jax.losses import ciae as ciae_losses
 from ciae_jax.losses import fcos as fcos_lib
+from ciae_jax.losses import semantic as semantic_losses
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.segments import BATCH_KEYS
 from ciae_jax.segments import Segments
@@ -89,11 +92,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
 
   # The state's key advances once per step (nothing in the model is random today).
   new_rng, _ = jax.random.split(state.rng)
+  # Table III, first row: a semantic branch segments stuff, CIAE only things.
+  semantic_branch = hp.model.stuff_from == "semantic"
 
   def ciae_per_image(prenorm, image_segments):
     # No normalised embedding: the loss normalises the pre-norm one chunk by chunk.
     return ciae_losses.ciae_loss(None, prenorm, image_segments, state.memory, hp.loss,
-                                 num_stuff=num_stuff)
+                                 num_stuff=num_stuff, stuff_pixels=not semantic_branch)
 
   def loss_fn(params):
     variables = {"params": params, **state.model_state}
@@ -108,7 +113,17 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     sums["num_pixels"] = jax.lax.psum(sums["num_pixels"], AXIS_NAME)  # global valid pixels
     ciae = ciae_losses.ciae_total(sums)
     shares = {**fcos, **ciae}
+    if semantic_branch:
+      semantic = jax.vmap(functools.partial(semantic_losses.semantic_loss_sums,
+                                            num_stuff=num_stuff))(
+          outputs["semantic_logits"], segments)  # each [b]
+      semantic = jax.tree.map(lambda x: jnp.sum(x, axis=0), semantic)  # each []
+      # Global labelled cells, as num_pixels above.
+      semantic["semantic_pixels"] = jax.lax.psum(semantic["semantic_pixels"], AXIS_NAME)
+      shares.update(semantic_losses.semantic_total(semantic, hp.loss.semantic_weight))
     share = shares["loss_cls"] + shares["loss_reg"] + shares["loss_ctr"] + shares["loss_ciae"]
+    if semantic_branch:
+      share = share + shares["loss_semantic"]
     # The memory's class sums come from this forward pass's pre-norm embeddings (no gradient).
     # Computed here, so that the full-resolution embedding is not kept to the end of the step.
     class_sums = jax.vmap(lambda e, s: memory_lib.class_sums(
@@ -139,6 +154,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   # squares overflow, an exploding gradient anyway). `step` and `rng` still advance: the batch
   # is consumed, and a resumed run stays aligned with the data (position = step * batch).
   loss = losses["loss_cls"] + losses["loss_reg"] + losses["loss_ctr"] + losses["loss_ciae"]
+  if semantic_branch:
+    loss = loss + losses["loss_semantic"]
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(memory))
   params, opt_state, memory = keep_if_finite(
