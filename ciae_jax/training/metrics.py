@@ -69,7 +69,6 @@ class TrainMetrics(clu_metrics.Collection):
   nonfinite_steps: NonfiniteSteps
 
 
-
 # `TrainMetrics` plus `loss_semantic`, the semantic branch's cross-entropy (paper Table III,
 # first row: `model.stuff_from="semantic"`). Built from the fields, not by subclassing: a
 # Collection builds itself from its class's own annotations only.
