@@ -8,11 +8,12 @@ so `--config.optimizer.lr=0.02` is accepted). The entry points turn the result i
 import ml_collections
 
 from ciae_jax import hparams
+from ciae_jax import hparams_mapping
 
 
 def base_config() -> ml_collections.ConfigDict:
   """The paper's defaults (COCO panoptic, ResNet-50; `configs/coco_r50.py` uses it as is)."""
-  return hparams.to_config_dict(hparams.HParams())
+  return hparams_mapping.to_config_dict(hparams.HParams())
 
 
 def parse_variants(arg: str | None, known: tuple[str, ...]) -> set[str]:

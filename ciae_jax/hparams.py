@@ -3,7 +3,8 @@
 `HParams.from_config(config)` turns an ml_collections config (`configs/*.py`, overridable with
 `--config.a.b=value`) into these objects once, at the entry point; every function below takes
 the group it needs (`ciae_loss(..., hp.loss)`, `panoptic_inference(..., hp.inference)`).
-`config_lib.base_config()` is built from the defaults here, so a default exists in one place.
+`config_lib.base_config()` is built from the defaults here (through `hparams_mapping`), so a
+default exists in one place.
 
 Groups and where they go:
   model      -> `models.ciae.CIAE` (ResNet-FPN, proposal head, embedding branch);
@@ -17,9 +18,12 @@ Groups and where they go:
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from typing import Any, Mapping
+
+from ciae_jax.hparams_mapping import FrozenParams
+from ciae_jax.hparams_mapping import HParamsError
+from ciae_jax.hparams_mapping import as_tuple
+from ciae_jax.hparams_mapping import from_mapping
 
 # FPN levels P3..P7 of the proposal head: fixed by the architecture (not a config field).
 LEVEL_STRIDES = (8, 16, 32, 64, 128)
@@ -30,8 +34,7 @@ _DTYPES = ("float32", "bfloat16", "float16", "auto")
 # model.conv_kernel_grad (ciae_jax.models.conv.resolve_kernel_grad).
 KERNEL_GRADS = ("auto", "matmul", "xla")
 # model.dtype="auto": bfloat16 where the hardware computes it natively; float32 on CPU, where
-# XLA:CPU gains nothing from it (inference no faster: benchmarks/RESULTS.md; training reported
-# ~2x slower, issue 12).
+# XLA:CPU gains nothing from it (inference no faster, training slower: benchmarks/RESULTS.md).
 _AUTO_DTYPES = {"gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16", "tpu": "bfloat16"}
 _logged_auto_dtypes: set[tuple[str, str]] = set()
 _POSITIVE_REGIONS = ("mask", "box")
@@ -40,10 +43,6 @@ _CATEGORY_SOURCES = ("box", "memory")
 _STUFF_SOURCES = ("embedding", "semantic")
 _SOURCES = ("coco", "tfds", "synthetic")
 PARALLEL_MODES = ("pmap", "shard_map")
-
-
-class HParamsError(ValueError):
-  """A config field is unknown or has a value the code cannot use (names the field)."""
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -62,7 +61,7 @@ class _Group:
   def from_mapping(cls, mapping: Mapping[str, Any], where: str = "") -> Any:
     """An instance from a (nested) mapping, e.g. a ConfigDict group; HParamsError names an
     unknown field or a bad value. `where` is the group's dotted name in messages."""
-    return _from_mapping(cls, mapping, f"{where}." if where else "")
+    return from_mapping(cls, mapping, f"{where}." if where else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,18 +165,6 @@ class FcosHParams(_Group):
     _require(self.iou_kind in _IOU_KINDS, "fcos.iou_kind", f"{self.iou_kind!r} not in {_IOU_KINDS}")
 
 
-class FrozenParams(dict):
-  """An immutable, hashable dict: `loss.params` (a variant's keyword parameters)."""
-
-  def __hash__(self):  # type: ignore[override]
-    return hash(tuple(sorted(self.items())))
-
-  def _immutable(self, *args, **kwargs):
-    raise TypeError("FrozenParams is immutable; use LossHParams.replace(params=...)")
-
-  __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _immutable
-
-
 @dataclasses.dataclass(frozen=True)
 class LossHParams(_Group):
   """The CIAE loss (paper III-B, Eq. 2-12); each field is one of the paper's ablations.
@@ -205,7 +192,7 @@ class LossHParams(_Group):
   semantic_weight: float = 1.0
 
   def __post_init__(self):
-    params = {str(k): _as_tuple(v) for k, v in dict(self.params or {}).items() if v is not None}
+    params = {str(k): as_tuple(v) for k, v in dict(self.params or {}).items() if v is not None}
     object.__setattr__(self, "params", FrozenParams(params))
     _require(self.loss_stride >= 1, "loss.loss_stride", f"must be >= 1, got {self.loss_stride}")
     _require(self.box_expand > 0, "loss.box_expand", f"must be > 0, got {self.box_expand}")
@@ -406,91 +393,3 @@ class HParams(_Group):
         out of range; the message names the field.
     """
     return cls.from_mapping(config)
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-  return typing.get_type_hints(cls)
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-  return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _from_mapping(cls: type, mapping: Mapping[str, Any], prefix: str) -> Any:
-  """`cls(**mapping)` with nested groups built recursively and sequences made tuples."""
-  items = dict(mapping.items())
-  types_ = _field_types(cls)
-  unknown = sorted(set(items) - set(types_))
-  if unknown:
-    where = f"config.{prefix[:-1]}" if prefix else "config"
-    raise HParamsError(f"{where} has unknown field(s) {unknown}; known: {sorted(types_)}")
-  kwargs = {}
-  for name, value in items.items():
-    tp = types_[name]
-    if _is_dataclass_type(tp):
-      kwargs[name] = _from_mapping(tp, value, f"{prefix}{name}.")
-    elif _origin(tp) is tuple and value is not None:
-      kwargs[name] = _as_tuple(value)
-    else:
-      kwargs[name] = value
-  return cls(**kwargs)
-
-
-def _as_tuple(value: Any) -> Any:
-  """Sequences (lists from a command line or JSON, nested too) as tuples."""
-  if isinstance(value, (list, tuple)):
-    return tuple(_as_tuple(v) for v in value)
-  return value
-
-
-def _origin(tp: Any) -> Any:
-  return typing.get_origin(tp)
-
-
-def _optional_type(tp: Any) -> type | None:
-  """`int` for `int | None` (placeholders need the type), else None."""
-  if _origin(tp) in (typing.Union, types.UnionType):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if len(args) == 1:
-      return args[0]
-  return None
-
-
-def to_config_dict(hparams: Any) -> Any:
-  """An ml_collections ConfigDict of a dataclass instance (fields typed; None as placeholders)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  result = ml_collections.ConfigDict()
-  types_ = _field_types(type(hparams))
-  for field in dataclasses.fields(hparams):
-    value = getattr(hparams, field.name)
-    if dataclasses.is_dataclass(value):
-      result[field.name] = to_config_dict(value)
-    elif isinstance(value, FrozenParams):
-      result[field.name] = _params_config_dict(value)
-    elif value is None:
-      result[field.name] = config_dict.placeholder(_optional_type(types_[field.name]))
-    else:
-      result[field.name] = value
-  return result
-
-
-def _params_config_dict(params: Mapping[str, Any]) -> Any:
-  """`loss.params` as a ConfigDict: the set values, and a typed placeholder (None: the variant's
-  default) for every other parameter of the shipped variants, so that
-  `--config.loss.params.NAME=VALUE` sets any of them from the command line."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-
-  from ciae_jax.losses import registry  # pylint: disable=g-import-not-at-top
-  result = ml_collections.ConfigDict()
-  for name, tp in sorted(registry.shipped_parameter_types().items()):
-    result[name] = config_dict.placeholder(tp)
-  for name, value in params.items():
-    result[name] = value
-  return result
-
-
-def as_dict(hparams: Any) -> dict[str, Any]:
-  """Nested plain dict of a dataclass instance (tuples kept)."""
-  return dataclasses.asdict(hparams)

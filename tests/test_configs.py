@@ -15,6 +15,7 @@ import pytest
 
 from ciae_jax import config_lib
 from ciae_jax import hparams
+from ciae_jax import hparams_mapping
 from ciae_jax.data import canvas as canvas_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def test_config_becomes_typed_hparams(name):
   config = _parse(f"--config={REPO_ROOT / 'configs' / name}")
   hp = hparams.HParams.from_config(config)
   # Nothing lost on the way: the typed object gives back the same config.
-  assert hparams.to_config_dict(hp).to_dict() == config.to_dict()
+  assert hparams_mapping.to_config_dict(hp).to_dict() == config.to_dict()
 
 
 def test_base_config_is_the_dataclass_defaults():

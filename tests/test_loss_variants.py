@@ -11,6 +11,7 @@ import pytest
 
 from ciae_jax import config_lib
 from ciae_jax import hparams
+from ciae_jax import hparams_mapping
 from ciae_jax.losses import ciae as ciae_lib
 from ciae_jax.losses import pixel_losses
 from ciae_jax.losses import registry
@@ -197,7 +198,7 @@ def test_params_from_the_config():
   config.loss.params.scale_neg = 20.0
   hp = hparams.HParams.from_config(config)
   assert hp.loss.params == {"scale_neg": 20.0}
-  assert hparams.to_config_dict(hp).loss.params.scale_neg == 20.0
+  assert hparams_mapping.to_config_dict(hp).loss.params.scale_neg == 20.0
   with pytest.raises(TypeError, match="immutable"):
     hp.loss.params["scale_neg"] = 1.0  # type: ignore[index]
   assert hash(hp) == hash(hparams.HParams.from_config(config))
