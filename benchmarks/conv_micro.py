@@ -7,7 +7,8 @@ For every shape (N, H, W, I, O), in one process, interleaved, medians of `--repe
   3x3:  lax's forward against Winograd (input transform by strided slices, one batched matmul
         over the (m + 2)^2 transform points, output transform), with the largest difference
         relative to lax's largest value.
-Neither is used by the library (see benchmarks/RESULTS.md, session 9, for why).
+Neither is used by the library; benchmarks/RESULTS.md ("Two convolution alternatives probed")
+says why.
 
   python benchmarks/conv_micro.py --repeats 7
 
