@@ -33,6 +33,7 @@ from ciae_jax import predictor as predictor_lib
 from ciae_jax import preprocess
 from ciae_jax.data import canvas as canvas_lib
 from ciae_jax.data import categories as categories_lib
+from ciae_jax.models import ciae as ciae_model
 
 FORMAT = "ciae-jax-export"
 FORMAT_VERSION = 1
@@ -133,7 +134,10 @@ def write_export(hp: Any, restored: Any, output: str, *, platforms: Sequence[str
   if odd:  # .npz keeps NumPy's own dtypes only (bfloat16 would come back as raw bytes).
     raise ValueError(f"weights of dtype {odd} cannot be stored in {WEIGHTS}")
   weight_specs = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
-  jitted = jax.jit(_program(restored.model, hp, restored.categories.num_stuff, treedef))
+  # The model of the export's platforms (model.dtype="auto" is theirs, not this host's).
+  model = ciae_model.build_model(hp.model, restored.categories.num_things,
+                                 restored.categories.num_stuff, platforms=tuple(platforms))
+  jitted = jax.jit(_program(model, hp, restored.categories.num_stuff, treedef))
   os.makedirs(output, exist_ok=True)
   np.savez(os.path.join(output, WEIGHTS), **{f"w{i:05d}": leaf for i, leaf in enumerate(leaves)})
   canvases = canvas_lib.canvases(hp.dataset)

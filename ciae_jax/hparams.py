@@ -31,12 +31,8 @@ LEVEL_STRIDES = (8, 16, 32, 64, 128)
 _BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_tiny")
 _NORMS = ("frozen_bn", "gn")
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
-# model.conv_kernel_grad (ciae_jax.models.conv.resolve_kernel_grad).
+# model.conv_kernel_grad (ciae_jax.fast_paths.conv).
 KERNEL_GRADS = ("auto", "matmul", "xla")
-# model.dtype="auto": bfloat16 where the hardware computes it natively; float32 on CPU, where
-# XLA:CPU gains nothing from it (inference no faster, training slower: benchmarks/RESULTS.md).
-_AUTO_DTYPES = {"gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16", "tpu": "bfloat16"}
-_logged_auto_dtypes: set[tuple[str, str]] = set()
 _POSITIVE_REGIONS = ("mask", "box")
 _IOU_KINDS = ("iou", "linear_iou", "giou")
 _CATEGORY_SOURCES = ("box", "memory")
@@ -79,11 +75,11 @@ class ModelHParams(_Group):
   use_coordconv: bool = True  # CoordConv on the P5 path of the embedding branch, Table VI.
   prior_prob: float = 0.01  # Class prior of the logits' bias init (RetinaNet / FCOS).
   # Compute dtype; params and outputs stay float32. "auto" (only when asked for): bfloat16 on
-  # GPU / TPU, float32 on CPU (`resolved_dtype`).
+  # GPU / TPU, float32 on CPU, for the platforms the model is built for (`build_model`).
   dtype: str = "float32"
   # Convolution kernel gradients: "matmul" (one matmul per kernel tap, 1.6-2x faster R50 steps
   # on XLA:CPU), "xla" (XLA's own), "auto": matmul on CPU for 1x1 and wide (I*O >= 2^15)
-  # kernels, XLA's elsewhere (models/conv.py). With "auto" / "matmul" on CPU, input maps smaller
+  # kernels, XLA's elsewhere (fast_paths/conv.py). With "auto" / "matmul" on CPU, input maps smaller
   # than the kernel are convolved as one matmul over their patches.
   conv_kernel_grad: str = "auto"
   # Who segments the stuff classes: "embedding" (paper: CIAE models stuff and things alike) or
@@ -113,38 +109,12 @@ class ModelHParams(_Group):
     _require(not (self.norm == "gn" and (self.freeze_at or 0) > 0), "model.freeze_at",
              "> 0 needs norm='frozen_bn' (a GN backbone trains from scratch)")
 
-  def resolved_dtype(self, platform: str | None = None) -> str:
-    """The compute dtype's name: `dtype`, or for "auto" the platform's (`resolve_dtype`).
-
-    `platform` defaults to JAX's default backend. The one place "auto" is resolved (the model
-    calls it); the choice is logged once per process.
-    """
-    if self.dtype != "auto":
-      return self.dtype
-    if platform is None:
-      import jax  # pylint: disable=g-import-not-at-top
-      platform = jax.default_backend()
-    return resolve_dtype(self.dtype, platform)
-
   @property
   def resolved_freeze_at(self) -> int:
     """`freeze_at` with its default filled in."""
     if self.freeze_at is not None:
       return self.freeze_at
     return 2 if self.norm == "frozen_bn" else 0
-
-
-def resolve_dtype(dtype: str, platform: str) -> str:
-  """`model.dtype` on `platform` ("cpu", "gpu", "tpu", ...): "auto" becomes bfloat16 on GPU
-  and TPU and float32 elsewhere (XLA:CPU gains nothing from bfloat16); other values stay."""
-  if dtype != "auto":
-    return dtype
-  resolved = _AUTO_DTYPES.get(platform.lower(), "float32")
-  if (platform, resolved) not in _logged_auto_dtypes:
-    _logged_auto_dtypes.add((platform, resolved))
-    from absl import logging  # pylint: disable=g-import-not-at-top
-    logging.info("model.dtype='auto' on platform %r: computing in %s", platform, resolved)
-  return resolved
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,7 +82,7 @@ def class_sums(embedding_prenorm: Array,
   mem_row = memory_index(seg_class[row], num_stuff, merge_things)  # [HW]
   # Dropped pixels go to an extra bucket M that is cut off afterwards.
   bucket = jnp.where(keep, mem_row, num_memory)  # [HW]
-  sums = ops.segment_sum_chunked(flat_emb, bucket, num_memory + 1)  # [M + 1, D]
+  sums = ops.segment_sum(flat_emb, bucket, num_memory + 1)  # [M + 1, D]
   counts = jax.ops.segment_sum(keep.astype(jnp.int32), bucket,
                                num_segments=num_memory + 1)  # [M + 1]
   return sums[:num_memory], counts[:num_memory]

@@ -67,7 +67,7 @@ def segment_sums(values: Array, segment_map: Array, num_segments: int) -> Array:
   height, width, dim = values.shape
   flat = jnp.reshape(values, (height * width, dim)).astype(jnp.float32)  # [HW, D]
   ids = jnp.reshape(segment_map, (-1,)).astype(jnp.int32)  # [HW] 0 = void, k = row k - 1
-  sums = ops.segment_sum_chunked(flat, ids, num_segments + 1)  # [S + 1, D]
+  sums = ops.segment_sum(flat, ids, num_segments + 1)  # [S + 1, D]
   return sums[1:]  # [S, D]
 
 

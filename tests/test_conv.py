@@ -1,4 +1,4 @@
-"""The matmul kernel gradient (ciae_jax.models.conv) against lax's and a float64 reference."""
+"""The matmul kernel gradient (ciae_jax.fast_paths.conv) against lax's and a float64 reference."""
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ciae_jax import hparams
+from ciae_jax.fast_paths import conv
 from ciae_jax.models import ciae
-from ciae_jax.models import conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -151,19 +151,30 @@ def test_bfloat16_kernel_gradient_keeps_dtype():
 
 
 def test_resolve_kernel_grad():
-  assert conv.resolve_kernel_grad("auto", "cpu") == "matmul"
-  assert conv.resolve_kernel_grad("auto", "gpu") == "xla"
-  assert conv.resolve_kernel_grad("auto", "tpu") == "xla"
-  assert conv.resolve_kernel_grad("xla", "cpu") == "xla"
-  assert conv.resolve_kernel_grad("matmul", "gpu") == "matmul"
-  assert conv.resolve_kernel_grad("auto", "cpu", (3, 3, 256, 256)) == "matmul"
-  assert conv.resolve_kernel_grad("auto", "cpu", (1, 1, 16, 8)) == "matmul"
-  assert conv.resolve_kernel_grad("auto", "cpu", (3, 3, 64, 64)) == "xla"
-  assert conv.resolve_kernel_grad("auto", "gpu", (3, 3, 256, 256)) == "xla"
+  assert conv.resolve_kernel_grad("auto") == "matmul"
+  assert conv.resolve_kernel_grad("xla") == "xla"
+  assert conv.resolve_kernel_grad("matmul") == "matmul"
+  assert conv.resolve_kernel_grad("auto", (3, 3, 256, 256)) == "matmul"
+  assert conv.resolve_kernel_grad("auto", (1, 1, 16, 8)) == "matmul"
+  assert conv.resolve_kernel_grad("auto", (3, 3, 64, 64)) == "xla"
+  assert conv.resolve_kernel_grad("matmul", (3, 3, 64, 64)) == "matmul"
   with pytest.raises(ValueError, match="conv_kernel_grad"):
     conv.resolve_kernel_grad("fast")
   with pytest.raises(ValueError, match="model.conv_kernel_grad"):
     hparams.ModelHParams(conv_kernel_grad="fast")
+
+
+def test_auto_takes_the_matmul_on_cpu_and_lax_elsewhere():
+  """The platform of the lowering decides: the CPU program holds the taps' loop in its
+  backward pass, the CUDA program only convolutions."""
+  x = jnp.ones((2, 16, 16, 256), jnp.float32)
+  w = jnp.ones((3, 3, 256, 256), jnp.float32)
+  grad = jax.jit(jax.grad(lambda w: jnp.sum(conv.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))))
+  text = {p: grad.trace(w).lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda")}
+  assert "stablehlo.while" in text["cpu"] and "stablehlo.dot_general" in text["cpu"]
+  assert "stablehlo.while" not in text["cuda"] and "dot_general" not in text["cuda"]
+  assert "stablehlo.convolution" in text["cuda"]  # the kernel gradient, by lax
 
 
 NETWORK_IMAGES = (2, 64, 96, 3)  # P6 1 x 2 and P7 1 x 1: maps smaller than the 3 x 3 kernels

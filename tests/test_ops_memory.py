@@ -3,8 +3,9 @@
 * `layers.GroupNorm` (written-out gradient) against `flax.linen.GroupNorm` (autodiff): the same
   parameter tree, the same values, gradients within float32 rounding, and against a float64
   formula of the GroupNorm gradient.
-* `ops.segment_sum_chunked` (a loop of in-place scatter-adds) against `jax.ops.segment_sum`:
-  bit-identical sums and gradients.
+* The plain paths of `ops.group_norm` and `ops.l2_normalize` (autodiff, what programs for GPUs
+  take) against the CPU fast paths of `fast_paths.norms` (written-out gradients).
+(The segment sums: tests/test_segment_sums.py.)
 
 Tolerances: the GroupNorm gradient is a sum of three terms per element (the direct term and the
 two through the statistics); the written-out one adds them in another order than autodiff, and
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from ciae_jax import ops
+from ciae_jax.fast_paths import norms
 from ciae_jax.models import layers
 
 CASES = [  # (shape, groups, dtype, input offset)
@@ -102,32 +104,46 @@ def test_group_norm_gradient_matches_float64(shape, groups):
   assert errors["ours"] <= 2 * errors["flax"] + 1e-6, errors
 
 
-@pytest.mark.parametrize("rows, chunk", [(1000, 64), (1000, 1000), (1000, 4096), (999, 100),
-                                         (7, 3), (1, 16)])
-def test_segment_sum_chunked_is_bit_identical(rows, chunk):
-  rng = np.random.default_rng(rows + chunk)
-  data = jnp.asarray(rng.normal(size=(rows, 5)).astype(np.float32) * 100)
-  ids = rng.integers(-2, 14, rows).astype(np.int32)  # -2, -1, 12, 13: out of range, dropped
-  cotangent = jnp.asarray(rng.normal(size=(12, 5)).astype(np.float32))
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_group_norm_plain_path_is_flax_and_agrees_with_the_fast_path(case):
+  shape, groups, dtype, offset = CASES[case]
+  ref, _, variables, x, weight = _norms_and_inputs(shape, groups, dtype, offset)
+  params = variables["params"]
+  ref_fn = lambda x, s, b: ref.apply({"params": {"scale": s, "bias": b}}, x)
+  results = {}
+  for name, fn in (("flax", ref_fn), ("plain", lambda *a: ops._group_norm(
+      *a, groups, 1e-5, dtype)), ("fast", lambda *a: norms.group_norm(*a, groups, 1e-5, dtype))):
+    loss = lambda x, s, b, fn=fn: jnp.sum(fn(x, s, b).astype(jnp.float32) * weight)
+    results[name] = jax.device_get(jax.jit(lambda x, s, b, fn=fn, loss=loss: (
+        fn(x, s, b), jax.grad(loss, argnums=(0, 1, 2))(x, s, b)))(
+            x, params["scale"], params["bias"]))
+  # plain vs flax: the same operations differentiated by autodiff; fast vs plain: the written
+  # gradient's summation order (module docstring: 1e-5 of the gradient's scale; bfloat16 inputs
+  # round the input gradient to 8 bits).
+  rtol = 1e-5 if dtype == jnp.float32 else 2 ** -7
+  for a, b in (("plain", "flax"), ("fast", "plain")):
+    np.testing.assert_allclose(np.asarray(results[a][0], np.float32),
+                               np.asarray(results[b][0], np.float32), rtol=1e-6, atol=1e-6)
+    for g, g_ref in zip(results[a][1], results[b][1]):
+      g, g_ref = np.asarray(g, np.float64), np.asarray(g_ref, np.float64)
+      scale = np.abs(g_ref).max()
+      np.testing.assert_allclose(g, g_ref, rtol=rtol, atol=rtol * scale, err_msg=f"{a} {b}")
 
-  def run(fn):
-    sums, vjp = jax.vjp(lambda d: fn(d, jnp.asarray(ids)), data)
-    return jax.device_get((sums, vjp(cotangent)[0]))
 
-  got = jax.jit(lambda: run(lambda d, i: ops.segment_sum_chunked(d, i, 12, chunk)))()
-  want = jax.jit(lambda: run(lambda d, i: jax.ops.segment_sum(d, i, num_segments=12)))()
-  np.testing.assert_array_equal(got[0], want[0])  # the same additions in the same order
-  np.testing.assert_array_equal(got[1], want[1])  # a gather of the cotangent, 0 where dropped
-  dropped = (ids < 0) | (ids >= 12)
-  assert not np.any(got[1][dropped]) and np.all(got[1][~dropped] != 0)
-
-
-def test_segment_sum_chunked_under_vmap_and_empty():
-  rng = np.random.default_rng(0)
-  data = jnp.asarray(rng.normal(size=(3, 500, 4)).astype(np.float32))
-  ids = jnp.asarray(rng.integers(0, 9, (3, 500)).astype(np.int32))
-  got = jax.vmap(lambda d, i: ops.segment_sum_chunked(d, i, 9, 64))(data, ids)
-  want = jax.vmap(lambda d, i: jax.ops.segment_sum(d, i, num_segments=9))(data, ids)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  empty = ops.segment_sum_chunked(jnp.zeros((0, 4)), jnp.zeros((0,), jnp.int32), 3)
-  np.testing.assert_array_equal(np.asarray(empty), np.zeros((3, 4)))
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_l2_normalize_fast_path_equals_the_plain_path(axis):
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(4, 6, 32)).astype(np.float32)
+  x[0, 0] = 0.0  # a zero vector stays zero, with a finite gradient
+  weight = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+  out = {}
+  for name, fn in (("plain", ops._l2_normalize), ("fast", norms.l2_normalize)):
+    f = lambda x, fn=fn: fn(x, axis % 3, ops.NORM_EPS)
+    out[name] = jax.device_get(jax.jit(lambda x, f=f: (
+        f(x), jax.grad(lambda x: jnp.sum(f(x) * weight))(x)))(jnp.asarray(x)))
+  # The same forward operations; the written gradient r (dy - y sum(dy y)) sums D = 32 (or 6)
+  # products in another order than autodiff: a few float32 roundings of the gradient's scale.
+  np.testing.assert_array_equal(out["fast"][0], out["plain"][0])
+  scale = np.abs(out["plain"][1]).max()
+  np.testing.assert_allclose(out["fast"][1], out["plain"][1], rtol=1e-5, atol=1e-6 * scale)
+  assert np.all(np.isfinite(out["fast"][1]))

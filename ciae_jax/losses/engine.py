@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from ciae_jax import loops
 from ciae_jax import ops
 
 Array = jax.Array
@@ -114,7 +115,7 @@ def _chunk_loop(cfg: _Config, pixels, terms, scales, *, grad_pixels: bool, grad_
 
   def body(i, carry):
     sums, per_pixel_all, dp_all, dq_all = carry
-    start, fresh = ops.chunk_window(i, chunk, num_pixels)  # [], [C]
+    start, fresh = loops.chunk_window(i, chunk, num_pixels)  # [], [C]
     keep_fresh = lambda new, old_all: jnp.where(
         fresh.reshape((chunk,) + (1,) * (new.ndim - 1)), new, chunk_of(old_all, start))
     inputs = []
@@ -165,7 +166,7 @@ def _chunk_loop(cfg: _Config, pixels, terms, scales, *, grad_pixels: bool, grad_
       dp_all = jax.lax.dynamic_update_slice_in_dim(dp_all, keep_fresh(dp, dp_all), start, axis=0)
     return sums, tuple(per_pixel_all), dp_all, tuple(dq_all)
 
-  zero = ops.varying_zero((pixels, terms))  # []
+  zero = loops.varying_zero((pixels, terms))  # []
   zeros = lambda shape: jnp.zeros(shape, jnp.float32) + zero
   # The per-pixel outputs are written in full before they are read, so their initial values do
   # not matter: derived from `pixels` (0 unless it is not finite), XLA allocates them when the

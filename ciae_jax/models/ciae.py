@@ -7,12 +7,14 @@ differentiate / decay "params" only.
 """
 from typing import Any, Sequence
 
+from absl import logging
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ciae_jax import hparams
+from ciae_jax import platforms as platforms_lib
 from ciae_jax.models import embedding as embedding_lib
 from ciae_jax.models import fpn as fpn_lib
 from ciae_jax.models import head as head_lib
@@ -75,7 +77,10 @@ class CIAE(nn.Module):
     """images [B, H, W, 3] (normalised RGB) -> the output dict of docs/interfaces.md."""
     self._check(images)
     hp = self.hp
-    dtype = layers.canonical_dtype(hp.resolved_dtype())  # "auto": the platform's.
+    if hp.dtype == "auto":
+      raise ValueError("model.dtype='auto' is resolved for the platforms a model is built for: "
+                       "build it with build_model(..., platforms=...)")
+    dtype = layers.canonical_dtype(hp.dtype)
     kernel_grad = hp.conv_kernel_grad  # "auto": resolved per convolution (models/conv.py).
     features = resnet.ResNet(hp.backbone, hp.norm, hp.resolved_freeze_at, dtype, kernel_grad,
                              name="backbone")(images.astype(dtype))  # c2..c5
@@ -103,13 +108,21 @@ class CIAE(nn.Module):
 
 
 def build_model(hp: hparams.ModelHParams, num_thing_classes: int,
-                num_stuff_classes: int = 0) -> CIAE:
+                num_stuff_classes: int = 0, *,
+                platforms: Sequence[str] | str | None = None) -> CIAE:
   """The CIAE of `hp` (a `ModelHParams`, or a mapping of its fields for tests and scripts).
 
   `num_stuff_classes` (the dataset's N_st) is needed only by `hp.stuff_from="semantic"`.
+  `platforms`: those the model's programs are built for ("cpu", "cuda", ...; default: those of
+  `jax.devices()`), which resolve `model.dtype="auto"` (`ciae_jax.platforms.resolve_dtype`).
   """
   if not isinstance(hp, hparams.ModelHParams):
     hp = hparams.ModelHParams.from_mapping(hp, "model")
+  if hp.dtype == "auto":
+    resolved = platforms_lib.resolve_dtype(hp.dtype, platforms)
+    logging.info("model.dtype='auto' for platforms %s: computing in %s",
+                 platforms or platforms_lib.platforms_of(), resolved)
+    hp = hp.replace(dtype=resolved)
   if hp.stuff_from == "semantic" and num_stuff_classes < 1:
     raise ValueError("model.stuff_from='semantic' needs the dataset's stuff classes: pass "
                      f"num_stuff_classes >= 1 (got {num_stuff_classes})")

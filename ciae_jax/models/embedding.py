@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ciae_jax.models import conv as conv_lib
+from ciae_jax.fast_paths import conv as conv_lib
 from ciae_jax.models import layers
 
 SEMANTIC_LEVELS = (2, 3, 4, 5)  # P2..P5, strides 4..32
@@ -35,7 +35,7 @@ class EmbeddingBranch(nn.Module):
     use_box_embedding: fuse P'' (Table VI); when off P = f(P').
     use_coordconv: CoordConv on the P5 path.
     dtype: compute dtype of the convs.
-    kernel_grad: the convolutions' kernel gradients (`ciae_jax.models.conv`).
+    kernel_grad: the convolutions' kernel gradients (`ciae_jax.fast_paths.conv`).
     num_semantic_classes: channels of the semantic logits (N_st + 1); 0: no semantic output.
   """
   semantic_dim: int = 128

@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ciae_jax.models import conv as conv_lib
+from ciae_jax.fast_paths import conv as conv_lib
 from ciae_jax.models import layers
 
 
@@ -20,7 +20,7 @@ class FPN(nn.Module):
   Attributes:
     fpn_dim: channels of every P level (256 in the paper).
     dtype: compute dtype.
-    kernel_grad: the convolutions' kernel gradients (`ciae_jax.models.conv`).
+    kernel_grad: the convolutions' kernel gradients (`ciae_jax.fast_paths.conv`).
   """
   fpn_dim: int = 256
   dtype: Any = jnp.float32

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ciae_jax import hparams
-from ciae_jax.models import conv as conv_lib
+from ciae_jax.fast_paths import conv as conv_lib
 from ciae_jax.models import layers
 
 LEVEL_NAMES = ("p3", "p4", "p5", "p6", "p7")
@@ -37,7 +37,7 @@ class ProposalHead(nn.Module):
     prior_prob: initial foreground probability of the class logits (0.01).
     strides: stride of each input level (8 .. 128).
     dtype: compute dtype; the outputs are float32.
-    kernel_grad: the convolutions' kernel gradients (`ciae_jax.models.conv`).
+    kernel_grad: the convolutions' kernel gradients (`ciae_jax.fast_paths.conv`).
   """
   num_classes: int
   head_dim: int = 256

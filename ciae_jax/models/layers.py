@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ciae_jax import ops
-from ciae_jax.models import conv as conv_lib
+from ciae_jax.fast_paths import conv as conv_lib
 from ciae_jax.models import resize as resize_lib
 
 Dtype = Any
@@ -58,7 +58,7 @@ class Conv2d(nn.Module):
   frozen backbone stage, so that neither gradients nor weight decay reach it).
   Padding is PyTorch's symmetric k // 2, so converted torchvision weights give the
   same numbers as in PyTorch. `kernel_grad`: how the kernel's gradient is computed
-  (`ciae_jax.models.conv`).
+  (`ciae_jax.fast_paths.conv`).
   """
   features: int
   kernel_size: int

@@ -127,7 +127,7 @@ class ResNet(nn.Module):
     norm: "frozen_bn" or "gn".
     freeze_at: 0 trains everything; k >= 1 freezes the stem and layer1..layer(k-1) (FCOS: 2).
     dtype: compute dtype; parameters stay float32.
-    kernel_grad: the convolutions' kernel gradients (`ciae_jax.models.conv`).
+    kernel_grad: the convolutions' kernel gradients (`ciae_jax.fast_paths.conv`).
   """
   arch: str = "resnet50"
   norm: str = "frozen_bn"

@@ -31,6 +31,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from ciae_jax import hparams
+from ciae_jax import platforms
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -46,22 +47,19 @@ def _matmul_pays(kernel_shape: Sequence[int]) -> bool:
   return kh * kw == 1 or channels_in * channels_out >= MIN_CHANNEL_PRODUCT
 
 
-def resolve_kernel_grad(kernel_grad: str, platform: str | None = None,
-                        kernel_shape: Sequence[int] | None = None) -> str:
-  """"matmul" or "xla" for one convolution: "auto" is "matmul" on CPU where it pays
-  (`_matmul_pays` of `kernel_shape`, when given) and "xla" elsewhere; `platform` defaults to
-  JAX's default backend."""
-  # "matmul" only on CPU: on GPUs cuDNN's kernel gradients are fast and the taps' windows
-  # would cost memory traffic for nothing.
+def resolve_kernel_grad(kernel_grad: str, kernel_shape: Sequence[int] | None = None) -> str:
+  """"matmul" or "xla" for one convolution on CPU: "auto" is "matmul" where it pays
+  (`_matmul_pays` of `kernel_shape`, when given); "matmul" and "xla" stay.
+
+  Only the CPU branch asks: on other platforms "auto" is lax's convolution (cuDNN's kernel
+  gradients are fast, and the taps' windows would cost memory traffic for nothing).
+  """
   if kernel_grad not in hparams.KERNEL_GRADS:
     raise ValueError(f"model.conv_kernel_grad must be one of {hparams.KERNEL_GRADS}, "
                      f"got {kernel_grad!r}")
-  if kernel_grad != "auto":
-    return kernel_grad
-  platform = platform or jax.default_backend()
-  if platform != "cpu" or (kernel_shape is not None and not _matmul_pays(kernel_shape)):
+  if kernel_grad == "auto" and kernel_shape is not None and not _matmul_pays(kernel_shape):
     return "xla"
-  return "matmul"
+  return "xla" if kernel_grad == "xla" else "matmul"
 
 
 def _lax_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
@@ -207,17 +205,34 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   equal to lax's up to float32 rounding).
   """
   plain = functools.partial(
-      lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type)
+  if kernel_grad not in hparams.KERNEL_GRADS:
+    raise ValueError(f"model.conv_kernel_grad must be one of {hparams.KERNEL_GRADS}, "
+                     f"got {kernel_grad!r}")
+  if kernel_grad == "xla":
+    return plain(lhs, rhs)
+  fast = functools.partial(_fast_conv, plain, window_strides, padding, lhs_dilation,
+                           rhs_dilation, dimension_numbers, feature_group_count,
+                           batch_group_count, precision, preferred_element_type, kernel_grad)
+  if kernel_grad == "matmul":
+    return fast(lhs, rhs)
+  return platforms.switch("conv_kernel_grad", lhs, rhs, fast=fast, plain=plain)
+
+
+def _fast_conv(plain, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+               feature_group_count, batch_group_count, precision, preferred_element_type,
+               kernel_grad, lhs, rhs):
+  """The CPU convolution: lax's forward with `_kernel_grad`, or `_conv_im2col` for maps smaller
+  than the kernel; `plain` where neither applies or pays."""
   if lhs.ndim != 4:
-    return plain()
-  # Maps smaller than the kernel take the patches' matmul on CPU whatever the kernel's size.
-  tiny = (resolve_kernel_grad(kernel_grad) == "matmul"
-          and (lhs.shape[1] < rhs.shape[0] or lhs.shape[2] < rhs.shape[1]))
+    return plain(lhs, rhs)
+  # Maps smaller than the kernel take the patches' matmul whatever the kernel's size.
+  tiny = lhs.shape[1] < rhs.shape[0] or lhs.shape[2] < rhs.shape[1]
   if not tiny and resolve_kernel_grad(kernel_grad, kernel_shape=rhs.shape) == "xla":
-    return plain()
+    return plain(lhs, rhs)
   wanted = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
   given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   unit = lambda d: d is None or all(int(v) == 1 for v in d)
@@ -227,7 +242,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
       or feature_group_count != 1 or batch_group_count != 1 or precision is not None
       or preferred_element_type is not None or pads is None
       or min(p for pair in pads for p in pair) < 0):
-    return plain()
+    return plain(lhs, rhs)
   if tiny:
     return _conv_im2col(lhs, rhs, strides, pads)
   return _conv_matmul_grad(lhs, rhs, strides, pads)

@@ -1,0 +1,153 @@
+"""The one switch between the method's plain JAX path and the platform fast paths.
+
+The method (models, losses, inference) is written in plain JAX and flax. Where a platform is
+measurably faster, or lighter, with a different implementation of the same values, that
+implementation lives in `ciae_jax.fast_paths` and is chosen here, by `switch`, from the
+platform the program is *lowered for*: `jax.lax.platform_dependent` keeps, for a program lowered
+for one platform, only that platform's branch, and an export for several platforms carries each
+platform's branch and picks the one it runs on. Nothing reads the tracing host's default
+backend, so a program exported for `cuda` on a CPU host holds the GPU choices.
+
+`FAST_PATHS` is the table: each entry names the platforms a fast path serves, where its
+measurement is recorded, and what it changes. Every fast path has its plain path in the library
+beside it and a test that the two agree (the tests named in `FAST_PATHS`).
+
+The compute dtype `model.dtype="auto"` changes array types, which one program cannot switch per
+platform: it is resolved once, when a model is built, from the platforms its programs are built
+for (`resolve_dtype`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+
+# Platforms as `jax.jit(...).lower(lowering_platforms=...)` and `jax.export` name them.
+LOWERING_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+_DEVICE_TO_LOWERING = {"gpu": "cuda"}  # `Device.platform` says "gpu" for CUDA and ROCm.
+
+# model.dtype="auto": bfloat16 where the hardware computes it natively; float32 on CPU, where
+# XLA:CPU gains nothing from it (inference no faster, training slower: benchmarks/RESULTS.md).
+_AUTO_DTYPES = {"cpu": "float32", "cuda": "bfloat16", "rocm": "bfloat16", "tpu": "bfloat16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPath:
+  """A platform-specific implementation of a piece of the method (values equal to the plain
+  path's up to float32 rounding, or exactly, as `test` checks)."""
+  platforms: tuple[str, ...]  # Lowering platforms that take the fast path.
+  where: str  # The module of the fast path.
+  why: str  # What it buys, and where that was measured.
+  test: str  # The test that the fast and plain paths agree.
+
+
+_CPU = ("cpu",)
+_ACCELERATORS = ("cuda", "rocm", "tpu")
+
+FAST_PATHS: dict[str, FastPath] = {
+    "conv_kernel_grad": FastPath(
+        _CPU, "ciae_jax.fast_paths.conv",
+        "kernel gradients as per-tap matmuls: 1.6-2x faster R50 steps on XLA:CPU",
+        "tests/test_conv.py"),
+    "norm_grads": FastPath(
+        _CPU, "ciae_jax.fast_paths.norms",
+        "written GroupNorm / L2-normalisation gradients: smaller memory plan on XLA:CPU",
+        "tests/test_ops_memory.py"),
+    "segment_sums_loop": FastPath(
+        _CPU, "ciae_jax.fast_paths.segment_sums",
+        "segment sums as a loop of in-place scatter-adds: no extra copy of the embedding on "
+        "XLA:CPU", "tests/test_segment_sums.py"),
+    "segment_sums_matmul": FastPath(
+        _ACCELERATORS, "ciae_jax.fast_paths.segment_sums",
+        "segment sums as one one-hot matmul: one pass, deterministic (scatter-adds of floats "
+        "are not on GPUs)", "tests/test_segment_sums.py"),
+    "nms_fixed_point": FastPath(
+        _ACCELERATORS, "ciae_jax.fast_paths.nms",
+        "greedy NMS from one IoU matrix and a short fixed-point loop instead of "
+        "`max_detections` sequential steps", "tests/test_nms.py"),
+    "assign_bands": FastPath(
+        _CPU, "ciae_jax.fast_paths.assign",
+        "pixel assignment in row bands that stay in cache: 2.7x faster at 512 x 768 on CPU",
+        "tests/test_inference.py"),
+    "loss_small_chunks": FastPath(
+        _CPU, "ciae_jax.losses.engine",
+        "CIAE loss in chunks of 1024 pixels (cache-sized) instead of 32768",
+        "tests/test_loss_engine.py"),
+    "top_k_call": FastPath(
+        _CPU, "ciae_jax.fast_paths.top_k",
+        "keeps XLA:CPU's TopK call in the CIAE loss (a full sort otherwise, ~20x slower)",
+        "tests/test_loss_engine.py"),
+}
+
+
+def switch(name: str, *args: Any, fast: Callable[..., Any], plain: Callable[..., Any]) -> Any:
+  """`fast(*args)` when lowering for a platform of `FAST_PATHS[name]`, else `plain(*args)`.
+
+  Both must return the same shapes and dtypes; `args` are pytrees of arrays. Under autodiff
+  only the branch of the lowering platform is compiled (residuals included).
+  """
+  return select(*args, plain=plain, **{name: fast})
+
+
+def select(*args: Any, plain: Callable[..., Any], **fast: Callable[..., Any]) -> Any:
+  """`switch` with several fast paths (`{name in FAST_PATHS: function}`) for disjoint
+  platforms, e.g. one for CPU and one for accelerators; `plain` everywhere else."""
+  branches: dict[str, Callable[..., Any]] = {}
+  for name, fn in fast.items():
+    for platform in FAST_PATHS[name].platforms:
+      if platform in branches:
+        raise ValueError(f"platform {platform!r} has two fast paths: {sorted(fast)}")
+      branches[platform] = fn
+  return jax.lax.platform_dependent(*args, **branches, default=plain)
+
+
+def lowering_platform(platform: str) -> str:
+  """"cpu", "cuda", "rocm" or "tpu" for a device platform ("gpu" counts as "cuda") or a lowering
+  platform name; ValueError names an unknown one."""
+  name = _DEVICE_TO_LOWERING.get(platform.lower(), platform.lower())
+  if name not in LOWERING_PLATFORMS:
+    raise ValueError(f"unknown platform {platform!r}; expected one of {LOWERING_PLATFORMS} "
+                     "(or 'gpu')")
+  return name
+
+
+def platforms_of(devices: Iterable[Any] | None = None) -> tuple[str, ...]:
+  """The lowering platforms of `devices` (default: `jax.devices()`), without repeats."""
+  devices = jax.devices() if devices is None else devices
+  return tuple(dict.fromkeys(_device_lowering_platform(d) for d in devices))
+
+
+def _device_lowering_platform(device: Any) -> str:
+  if device.platform == "gpu":
+    version = str(getattr(device.client, "platform_version", "")).lower()
+    return "rocm" if "rocm" in version else "cuda"
+  return lowering_platform(device.platform)
+
+
+def choices(platform: str) -> dict[str, str]:
+  """`{fast path name: "fast" | "plain"}` as programs lowered for `platform` take them."""
+  platform = lowering_platform(platform)
+  return {name: "fast" if platform in path.platforms else "plain"
+          for name, path in FAST_PATHS.items()}
+
+
+def resolve_dtype(dtype: str, platforms: Sequence[str] | str | None = None) -> str:
+  """`model.dtype` for programs built for `platforms` (default: those of `jax.devices()`).
+
+  "auto" becomes bfloat16 on GPU and TPU and float32 on CPU; other values stay. ValueError when
+  "auto" means different dtypes on the given platforms (an export for both CPU and GPU): name
+  the dtype then.
+  """
+  if dtype != "auto":
+    return dtype
+  if platforms is None:
+    platforms = platforms_of()
+  elif isinstance(platforms, str):
+    platforms = (platforms,)
+  resolved = {_AUTO_DTYPES[lowering_platform(p)] for p in platforms}
+  if len(resolved) != 1:
+    raise ValueError(f"config.model.dtype='auto' means {sorted(resolved)} on platforms "
+                     f"{tuple(platforms)}: set model.dtype to one of them, or build for one "
+                     "platform")
+  return resolved.pop()
