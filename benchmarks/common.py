@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 from ciae_jax import hparams  # noqa: E402
 from ciae_jax import memory as memory_lib  # noqa: E402
+from ciae_jax import platforms  # noqa: E402
 from ciae_jax.models import ciae as ciae_model  # noqa: E402
 
 NUM_STUFF = 53  # COCO panoptic
@@ -201,10 +202,23 @@ def device_info() -> dict[str, Any]:
           "num_devices": jax.device_count(), "jax": jax.__version__,
           "python": platform.python_version(), "cpus": os.cpu_count(),
           "matmul_precision": str(jax.config.jax_default_matmul_precision),
+          "float32_mode": float32_mode(),
+          "fast_paths": platforms.choices(platforms.platforms_of()[0]),
           "date": datetime.date.today().isoformat()}
   if hasattr(os, "getloadavg"):
     info["load_avg"] = round(os.getloadavg()[0], 1)
   return info
+
+
+def float32_mode() -> str:
+  """What float32 matmuls and convolutions compute in on this device (docs/architecture.md,
+  "Platforms"): under JAX's default precision NVIDIA GPUs from Ampere on take TF32 (10-bit
+  mantissas), CPUs full float32; the similarity dots of the loss and of inference ask for
+  "highest" themselves."""
+  precision = str(jax.config.jax_default_matmul_precision or "default")
+  if jax.devices()[0].platform != "gpu" or precision in ("highest", "float32"):
+    return f"float32 (jax_default_matmul_precision={precision})"
+  return f"TF32 convolutions and matmuls (jax_default_matmul_precision={precision})"
 
 
 def peak_device_memory() -> dict[str, int] | None:

@@ -155,8 +155,9 @@ class LossHParams(_Group):
   merge_things: bool = True  # Table IV: all thing classes share one memory row.
   loss_stride: int = 1  # 1: full-resolution P as in the paper; s: pixels [::s, ::s] only.
   stop_query_gradient: bool = False  # No gradient through the instance means (paper silent).
-  # Pixels per chunk of the loss engine (`losses.engine`); None: the platform's
-  # (`losses.ciae.default_chunk_size`). Results depend on it only through float32 rounding.
+  # Pixels per chunk of the loss engine (`losses.engine`); None: the platform's (`losses.ciae`
+  # CPU_CHUNK_SIZE on CPU, else ACCELERATOR_CHUNK_SIZE). Results depend on it only through
+  # float32 rounding.
   chunk_size: int | None = None
   # Table III: weight of the semantic branch's cross-entropy (model.stuff_from='semantic').
   semantic_weight: float = 1.0

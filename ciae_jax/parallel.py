@@ -140,16 +140,21 @@ def to_varying(tree: Any) -> Any:
   """Marks replicated values as per-device before differentiating through them.
 
   Under `shard_map` (with `check_vma`), the gradient with respect to a replicated (`P()`) input
-  comes out already summed over devices. Casting the parameters to "varying" first gives each
-  device its own local gradient, as under `pmap`, so the same `pmean` follows in both modes.
-  Under `pmap` every value is per-device already and this is the identity.
+  comes out already summed over devices. Casting the parameters to "varying" first, with
+  `jax.lax.pcast(x, AXIS_NAME, to="varying")`, gives each device its own local gradient, as
+  under `pmap`, so the same `pmean` follows in both modes. Under `pmap` the cast changes
+  nothing. The values must be replicated (invariant over `AXIS_NAME`): JAX rejects the cast of
+  a value that varies already.
+
+  Raises RuntimeError if this JAX has no `jax.lax.pcast` (added in JAX 0.7): without the cast,
+  shard_map gradients would be summed over the devices, N times too large.
   """
-  def cast(x):
-    mat = getattr(jax.typeof(x), "mat", None)
-    if mat is None or AXIS_NAME in mat.varying:
-      return x
-    return jax.lax.pcast(x, AXIS_NAME, to="varying")
-  return jax.tree.map(cast, tree)
+  pcast = getattr(jax.lax, "pcast", None)
+  if pcast is None:
+    raise RuntimeError(
+        f"jax {jax.__version__} has no jax.lax.pcast, which the data-parallel train step needs "
+        "to take per-device gradients (install the JAX of requirements.txt)")
+  return jax.tree.map(lambda x: pcast(x, AXIS_NAME, to="varying"), tree)
 
 
 def first_copy(tree: Any, *, parallel: str = "pmap") -> Any:

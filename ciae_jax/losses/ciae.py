@@ -27,6 +27,7 @@ import numpy as np
 
 from ciae_jax import hparams
 from ciae_jax import ops
+from ciae_jax import platforms
 from ciae_jax import segments as segments_lib
 from ciae_jax.losses import engine
 from ciae_jax.losses import registry
@@ -36,20 +37,15 @@ from ciae_jax.segments import Segments
 
 Array = jax.Array
 
-# Pixels per chunk of the loss engine when `loss.chunk_size` is None, by platform. CPU: timed
-# with benchmarks/loss_speed.py --chunk_sizes on a 2-core AVX-512 CPU at 2 x 256 x 384 and
+# Pixels per chunk of the loss engine when `loss.chunk_size` is None, by the platform the
+# program is lowered for (`platforms`, "loss_small_chunks"). CPU: timed with
+# benchmarks/loss_speed.py --chunk_sizes on a 2-core AVX-512 CPU at 2 x 256 x 384 and
 # 2 x 512 x 768 (benchmarks/RESULTS.md, "CIAE loss"): 256-4096 are within the noise of each
 # other; smaller chunks pay the loop's per-iteration cost, larger ones leave the caches.
-# Accelerators: large chunks keep the sequential loop short (~33 iterations per image at
-# 800 x 1344) while the per-chunk [C, Q] arrays stay ~20 MiB each.
+# Accelerators: large chunks keep the sequential loop short (17 iterations per image at
+# 800 x 1344) while each per-chunk [C, Q] array stays ~40 MiB (Q ~ 150).
 CPU_CHUNK_SIZE = 1024
-ACCELERATOR_CHUNK_SIZE = 32768
-
-
-def default_chunk_size(platform: Optional[str] = None) -> int:
-  """The chunk size of `platform` (default: JAX's default backend)."""
-  platform = jax.default_backend() if platform is None else platform
-  return CPU_CHUNK_SIZE if platform == "cpu" else ACCELERATOR_CHUNK_SIZE
+ACCELERATOR_CHUNK_SIZE = 65536
 
 
 def class_means(embedding_prenorm: Array, segment_map: Array, seg_class: Array,
@@ -108,7 +104,7 @@ def ciae_loss(embedding: Optional[Array],
       `merge_things` (all thing classes share one memory row; must match `memory`),
       `loss_stride` (pixels `[::s, ::s]` only; instance means still use every pixel),
       `stop_query_gradient` (no gradient through the instance means; the paper does not say),
-      `chunk_size` (None: `default_chunk_size()`).
+      `chunk_size` (None: `CPU_CHUNK_SIZE` in programs for CPU, else `ACCELERATOR_CHUNK_SIZE`).
     num_stuff: number of stuff classes.
     stuff_pixels: False: stuff pixels take no part in L_CAE nor L_IAE (Table III, first row:
       a semantic branch segments stuff, CIAE things only; `num_pixels` counts thing pixels).
@@ -177,10 +173,16 @@ def ciae_loss(embedding: Optional[Array],
   iae_weight = jnp.where(valid, jnp.where(pixel_is_thing, hp.thing_weight, 1.0), 0.0)  # [P]
   iae = engine.Term(queries, iae_own, iae_weight, box=box_filter, query_valid=query_valid)
   # One loop over the pixels for both: their pixel gradients share one [P, D] buffer.
-  chunk_size = hp.chunk_size or default_chunk_size()
-  cae_sum, iae_sum, ciae_sum = sums_fn(
-      pixels, (cae, iae), (hp.cae_weight, hp.alpha), registry.bind(hp.kind, hp.params),
-      chunk_size=chunk_size, normalize_pixels=embedding is None)
+  loss = registry.bind(hp.kind, hp.params)
+  run = lambda chunk_size: lambda pixels, terms: sums_fn(
+      pixels, terms, (hp.cae_weight, hp.alpha), loss, chunk_size=chunk_size,
+      normalize_pixels=embedding is None)
+  if hp.chunk_size:
+    cae_sum, iae_sum, ciae_sum = run(hp.chunk_size)(pixels, (cae, iae))
+  else:
+    cae_sum, iae_sum, ciae_sum = platforms.switch(
+        "loss_small_chunks", pixels, (cae, iae), fast=run(CPU_CHUNK_SIZE),
+        plain=run(ACCELERATOR_CHUNK_SIZE))
   num_pixels = jnp.sum((cae_weight > 0).astype(jnp.float32))  # []
 
   return {

@@ -65,7 +65,9 @@ def pixel_losses(loss: PixelLossFn, pixels: Array, queries: Array, own: Array,
   """
   num_queries = queries.shape[0]
   own = jnp.clip(own, 0, num_queries - 1)  # [C] (weight-0 pixels may carry anything)
-  similarity = pixels @ queries.T  # [C, Q]
+  # Full float32 precision: GPUs would otherwise take TF32 (10-bit mantissas) for these cheap
+  # D-dimensional dots, and cosine similarities near the margin need more; on CPU a no-op.
+  similarity = jnp.dot(pixels, queries.T, precision=jax.lax.Precision.HIGHEST)  # [C, Q]
   is_own = own[:, None] == jnp.arange(num_queries, dtype=jnp.int32)[None, :]  # [C, Q]
   if box is not None:
     centre_x, centre_y, bounds, own_exempt = box

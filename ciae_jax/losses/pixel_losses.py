@@ -29,6 +29,8 @@ from typing import Callable, Dict
 import jax
 import jax.numpy as jnp
 
+from ciae_jax import ops
+
 Array = jax.Array
 
 
@@ -61,10 +63,7 @@ def top_k_sum(key: Array, value_fn: Callable[[Array], Array], top_k: int) -> Arr
   the `[C, K]` selected indices to their `[C, K]` values (computed on `K` columns only), which are
   summed in descending order of the key. Ties go to the lower index (`lax.top_k`).
   """
-  _, index = jax.lax.top_k(jax.lax.stop_gradient(key), min(top_k, key.shape[1]))  # [C, K]
-  # Keeps XLA:CPU from merging the column reads of `index` into top_k's own slice, which stops
-  # it from using its TopK call (a full sort instead, ~20x slower); a no-op elsewhere.
-  index = jax.lax.optimization_barrier(index)  # [C, K]
+  _, index = ops.top_k(jax.lax.stop_gradient(key), min(top_k, key.shape[1]))  # [C, K]
   return jnp.sum(value_fn(index), axis=1)  # [C]
 
 
