@@ -34,7 +34,8 @@ _DTYPES = ("float32", "bfloat16", "float16", "auto")
 # model.conv_kernel_grad (ciae_jax.models.conv.resolve_kernel_grad).
 KERNEL_GRADS = ("auto", "matmul", "xla")
 # model.dtype="auto": bfloat16 where the hardware computes it natively; float32 on CPU, where
-# XLA:CPU gains nothing from it (inference no faster, training slower: benchmarks/RESULTS.md).
+# XLA:CPU gains nothing from it (inference no faster, training slower: benchmarks/RESULTS.md,
+# "Tried, not adopted").
 _AUTO_DTYPES = {"gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16", "tpu": "bfloat16"}
 _logged_auto_dtypes: set[tuple[str, str]] = set()
 _POSITIVE_REGIONS = ("mask", "box")
