@@ -76,7 +76,7 @@ def _check_memory(memory: Any, num_stuff: int, embed_dim: int) -> Array:
 # Similarity elements per row band of `assign_pixels` (4 MiB of float32): a band's [rows, W, Q]
 # similarities stay in cache between the matmul, the box filter and the two reductions,
 # where the whole [H, W, Q] array would go to memory and back for each (2.7x slower at
-# 512 x 768 with 153 queries; benchmarks/RESULTS.md).
+# 512 x 768 with 153 queries; benchmarks/RESULTS.md, "Where the time goes").
 BAND_ELEMENTS = 2**20
 
 

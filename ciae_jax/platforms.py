@@ -28,7 +28,8 @@ LOWERING_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 _DEVICE_TO_LOWERING = {"gpu": "cuda"}  # `Device.platform` says "gpu" for CUDA and ROCm.
 
 # model.dtype="auto": bfloat16 where the hardware computes it natively; float32 on CPU, where
-# XLA:CPU gains nothing from it (inference no faster, training slower: benchmarks/RESULTS.md).
+# XLA:CPU gains nothing from it (inference no faster, training slower: benchmarks/RESULTS.md,
+# "Tried, not adopted").
 _AUTO_DTYPES = {"cpu": "float32", "cuda": "bfloat16", "rocm": "bfloat16", "tpu": "bfloat16"}
 
 

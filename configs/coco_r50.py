@@ -26,9 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variants = config_lib.parse_variants(arg, VARIANTS)
   # The defaults of ciae_jax/hparams.py are the paper's recipe (source coco, sizes 800 / 1333).
   # Among them `loss.params.include_own=True` (the paper's per-pixel loss, `loss.kind="ciae"`):
-  # Eq. 6 as written (the own query counts with d_neg = 0),
-  # kept because dropping it did not win on the main job or the COCO overfit (README "Eq. 6",
-  # docs/method.md); `--config.loss.params.include_own=False` trains the other reading.
+  # Eq. 6 as written (the own query counts with d_neg = 0), kept because dropping it did not win
+  # on the main job or the COCO overfit (docs/results.md "Eq. 6", docs/method.md);
+  # `--config.loss.params.include_own=False` trains the other reading.
   config = config_lib.base_config()
   if "r101" in variants:
     config.model.backbone = "resnet101"

@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.inference.max_detections = 20
   config.inference.instance_min_area = 16.0
   # From `tune_inference` on 32 train images held out of training (not val), the best by PQ of
-  # a 180-setting grid and then a finer 36-setting one around it (README "Tuning"):
+  # a 180-setting grid and then a finer 36-setting one around it (docs/tuning.md):
   #   python train.py --config configs/synthetic.py --workdir runs/tune_synthetic \
   #       --config.dataset.num_tuning_images=32
   #   python -m ciae_jax.tune_inference --config configs/synthetic.py \

@@ -1,6 +1,8 @@
-"""The speed benchmarks: they run at a tiny size without TensorFlow, their synthetic batch follows
-docs/interfaces.md, the peer is skipped with a line when torch is absent, and inference compiles
-once per padded image size.
+"""The user's benchmarks (benchmarks/*.py, figures in benchmarks/RESULTS.md): the speed scripts run
+at a tiny size without TensorFlow, their synthetic batch follows docs/interfaces.md, the peer is
+skipped with a line when torch is absent, inference compiles once per padded image size, and the
+PQ tool and input pipeline benchmarks run on a few small images. (The profiling probes of
+tools/profiling/ are only import-checked: tests/test_profiling_tools.py.)
 """
 import importlib.util
 import json
@@ -155,3 +157,29 @@ def test_inference_compiles_once_per_padded_size():
   b = batch((128, 256), (128, 256), (128, 256))
   jax.block_until_ready(predict(variables, memory, b))
   assert predict._cache_size() == 2  # pylint: disable=protected-access
+
+
+def _run_benchmark(args, timeout=300):
+  """Runs `python benchmarks/...` from the repository root; returns its stdout."""
+  env = xla_flags.env_with_device_count(1, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+  assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+  return result.stdout
+
+
+def test_pq_speed_runs_on_a_few_small_images():
+  """The three evaluators agree on 4 images of 64 x 64 (the script checks it) and are timed."""
+  out = _run_benchmark(["benchmarks/pq_speed.py", "--images", "4", "--size", "64", "--repeats",
+                        "1", "--workers", "1"])
+  for evaluator in ("panopticapi", "hotcoco", "ours", "ours_pillow"):
+    assert any(l.startswith(evaluator + " ") for l in out.splitlines()), (evaluator, out)
+
+
+@pytest.mark.slow  # ~10 s of CPU: TensorFlow's import and one decoded batch of 2 COCO images.
+def test_input_pipeline_runs_on_the_coco_sample(coco_sample_root):
+  out = _run_benchmark(["benchmarks/input_pipeline.py", "--root", str(coco_sample_root),
+                        "--threads", "1", "--repeats", "1", "--batch", "2", "--batches", "1",
+                        "--warmup", "1", "--num_images", "4"])
+  row = next(l for l in out.splitlines() if l.split("|")[0].strip() == "1")  # threads = 1
+  assert float(row.split("|")[1]) > 0, out  # images/s

@@ -22,10 +22,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def readme_demo_command() -> list[str]:
-  """The words of the README's demo command (its "## Demo" code block)."""
+  """The words of the README's demo command (the code block of "## Predicting and exporting"
+  that runs `ciae_jax.demo`)."""
   readme = (REPO_ROOT / "README.md").read_text()
-  section = readme[readme.index("## Demo"):]
-  block = re.search(r"```\n(.*?)```", section, re.S).group(1)
+  blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+  block, = (b for b in blocks if "-m ciae_jax.demo" in b)
   return shlex.split(block.replace("\\\n", " "))
 
 

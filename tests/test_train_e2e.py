@@ -4,7 +4,8 @@ The real entry point with the real input pipeline (the synthetic dataset is gene
 the test's temporary folder), the `configs/synthetic.py:small` config shrunk further by
 `--config.x=...` overrides, on the 8 fake CPU devices of tests/conftest.py under
 `parallel=shard_map` (the pmap path of the loop runs in tests/test_train_resume.py), with a
-per-pixel loss from a module of the user's own (README "Write a loss variant", as written there).
+per-pixel loss from a module of the user's own (docs/losses.md "Write a loss variant", as written
+there).
 """
 import json
 import math
@@ -18,7 +19,7 @@ import xla_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 6
-# README "Write a loss variant".
+# docs/losses.md, "Write a loss variant".
 USER_LOSS = """
 import jax.numpy as jnp
 

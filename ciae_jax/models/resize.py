@@ -4,7 +4,7 @@
 dense `[in, out]` weight matrix: `2 * in` FLOPs per output value and axis where bilinear
 interpolation needs two taps. For CIAE's last step, P2 (H/4 x W/4, 32 channels) to the full
 image, that is 0.55 GFLOP at 256 x 384, 4.4 GFLOP at 512 x 768 and ~27 GFLOP at 800 x 1344, in
-the forward pass and again in the backward pass (measurements: benchmarks/resize_micro.py).
+the forward pass and again in the backward pass (measurements: tools/profiling/resize_micro.py).
 
 `resize_bilinear` gives the same values (half-pixel centres, no antialiasing, edges clamped:
 PyTorch's `interpolate(mode="bilinear", align_corners=False)`) with two taps per output: an axis

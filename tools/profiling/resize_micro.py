@@ -7,7 +7,7 @@ at 32 channels), batch `--batch`. Per call, in one process, interleaved, medians
 the dense-matrix `jax.image.resize` ("dense") and the two-tap `resize_bilinear` ("two-tap"); XLA's
 FLOP estimate of each; the largest difference of values and of gradients between the two.
 
-  python benchmarks/resize_micro.py --size 256,384 --batch 2
+  python tools/profiling/resize_micro.py --size 256,384 --batch 2
 
 Prints a table and a one-line JSON (`resize_micro {...}`). No TensorFlow, no torch.
 """
@@ -17,7 +17,13 @@ import argparse
 import functools
 import os
 import statistics
+import sys
 from typing import Any
+
+# The user's benchmarks (benchmarks/common.py, the programs inference_speed.py and
+# train_speed.py time) are imported by name from benchmarks/, beside this script's folder.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "benchmarks"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

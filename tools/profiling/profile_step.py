@@ -30,9 +30,9 @@ the step; well above it means XLA overlaps or shares work between them in the fu
 Compile seconds and XLA's FLOP estimate of every piece are printed too. `--trace DIR` writes a
 `jax.profiler` trace of `--trace_steps` steps (open it in TensorBoard / Perfetto).
 
-  python benchmarks/profile_step.py --size 256,384 --repeats 3
-  python benchmarks/profile_step.py --size 256,384 --pieces forward,forward_backward,step
-  /opt/venv-torch/bin/python benchmarks/profile_step.py --size 256,384 --peer  # + torchvision
+  python tools/profiling/profile_step.py --size 256,384 --repeats 3
+  python tools/profiling/profile_step.py --size 256,384 --pieces forward,forward_backward,step
+  /opt/venv-torch/bin/python tools/profiling/profile_step.py --size 256,384 --peer  # + torchvision
 
 `--peer` adds torchvision FCOS-R50's training forward (losses) and whole step (forward,
 backward, SGD) to the rotation, with FLOPs from torch's counter (needs torch + torchvision).
@@ -43,8 +43,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from typing import Any, Callable
+
+# The user's benchmarks (benchmarks/common.py, the programs inference_speed.py and
+# train_speed.py time) are imported by name from benchmarks/, beside this script's folder.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "benchmarks"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

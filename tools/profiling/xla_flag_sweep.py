@@ -12,8 +12,8 @@ to the largest |output|), whether the optimized HLO differs (fingerprint), and w
 fusions XLA made (`__ynn_fusion`: YNNPACK, `__onednn...`: oneDNN). A setting XLA rejects is
 listed with its error. The `XLA_FLAGS` column gives the process-wide spelling of a setting.
 
-  python benchmarks/xla_flag_sweep.py --size 256,384 --repeats 5
-  python benchmarks/xla_flag_sweep.py --settings default,eigen --parts backbone --peer
+  python tools/profiling/xla_flag_sweep.py --size 256,384 --repeats 5
+  python tools/profiling/xla_flag_sweep.py --settings default,eigen --parts backbone --peer
 
 Prints a table and a one-line JSON (`xla_flag_sweep {...}`). No TensorFlow; torch only with
 --peer.
@@ -23,8 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from typing import Any
+
+# The user's benchmarks (benchmarks/common.py, the programs inference_speed.py and
+# train_speed.py time) are imported by name from benchmarks/, beside this script's folder.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "benchmarks"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--parts", default="network",
-                      help="comma-separated pieces of benchmarks/network_parts.py")
+                      help="comma-separated pieces of tools/profiling/network_parts.py")
   parser.add_argument("--settings", default=",".join(n for n in SETTINGS if n not in CRASHING))
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=1)

@@ -12,7 +12,7 @@ and checks that every variant returns the same arrays as `end_to_end` (max |diff
 `--dump DIR` writes each program's optimized HLO and a summary of its top-level instructions
 (library fusions, loop fusions, while loops, copies/transposes) so the programs can be diffed.
 
-  python benchmarks/e2e_fusion.py --size 256,384 --repeats 7
+  python tools/profiling/e2e_fusion.py --size 256,384 --repeats 7
 
 Prints a table and a one-line JSON (`e2e_fusion {...}`). No TensorFlow, no torch.
 """
@@ -23,8 +23,14 @@ import collections
 import os
 import re
 import statistics
+import sys
 import time
 from typing import Any
+
+# The user's benchmarks (benchmarks/common.py, the programs inference_speed.py and
+# train_speed.py time) are imported by name from benchmarks/, beside this script's folder.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "benchmarks"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -18,11 +18,11 @@ R50-FPN (frozen BN) in eval mode under `torch.inference_mode`, its `transform`, 
 
 All functions are timed in the same process, interleaved (one call of each per round, order
 rotated), `--repeats` rounds after `--warmup` rounds: medians of calls made under the same load.
-`--save` writes our pieces' outputs to an .npz (for comparing XLA flags: benchmarks/
+`--save` writes our pieces' outputs to an .npz (for comparing XLA flags: tools/profiling/
 xla_flag_sweep.py). Prints a table and a one-line JSON (`network_parts {...}`). No TensorFlow;
 runs with plain `python` (torch only with --peer).
 
-  python benchmarks/network_parts.py --size 256,384 --repeats 5 --peer
+  python tools/profiling/network_parts.py --size 256,384 --repeats 5 --peer
 """
 from __future__ import annotations
 
@@ -31,8 +31,14 @@ import hashlib
 import os
 import re
 import statistics
+import sys
 import time
 from typing import Any, Callable, Sequence
+
+# The user's benchmarks (benchmarks/common.py, the programs inference_speed.py and
+# train_speed.py time) are imported by name from benchmarks/, beside this script's folder.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "benchmarks"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

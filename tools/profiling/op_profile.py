@@ -17,7 +17,7 @@ Programs (`--program`): network (forward), network_grad (forward + backward, VJP
 params with cotangents of ones, as in training), inference (network + post-processing, as
 benchmarks/inference_speed.py), step (the train step of benchmarks/train_speed.py).
 
-  python benchmarks/op_profile.py --program network_grad --size 256,384 --batch 2
+  python tools/profiling/op_profile.py --program network_grad --size 256,384 --batch 2
 
 Prints tables and a one-line JSON (`op_profile {...}`). No TensorFlow, no torch.
 """
@@ -28,9 +28,15 @@ import collections
 import glob
 import os
 import re
+import sys
 import tempfile
 import time
 from typing import Any
+
+# The user's benchmarks (benchmarks/common.py, the programs inference_speed.py and
+# train_speed.py time) are imported by name from benchmarks/, beside this script's folder.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "benchmarks"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
