@@ -141,7 +141,7 @@ class LossHParams(_Group):
 
   The per-pixel loss is `kind` with `params` (`ciae_jax.losses.pixel_losses`): the paper's
   `ciae` has `margin` (Table IX, 0.15), `top_k` (Eq. 9, 5), `include_own` (Eq. 6's own-query
-  term, True: measured as good or better than leaving it out, README "Eq. 6") and `eps`.
+  term, True: measured as good or better than leaving it out, docs/results.md "Eq. 6") and `eps`.
   """
   # A name of `losses.pixel_losses.REGISTRY`, or "module:function" on the Python path.
   kind: str = "ciae"
@@ -228,7 +228,7 @@ class InferenceHParams(_Group):
   stuff_area: float = 4096.0  # Stuff segments smaller than this (original pixels) become void.
   instance_min_area: float = 64.0  # Instances with fewer pixels become void.
   # Detections scored below this take no pixels. The paper is silent; with every NMS survivor
-  # competing in the argmax (0.0), low-score duplicates split instances (README "Results").
+  # competing in the argmax (0.0), low-score duplicates split instances (docs/tuning.md).
   instance_score_thresh: float = 0.3
   category_from: str = "box"  # "memory": Table IV 'E' (needs loss.merge_things=False).
   box_expand_infer: float = 1.0  # Scale of the predicted boxes for the box filter.
