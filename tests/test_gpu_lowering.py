@@ -135,3 +135,33 @@ def test_loop_counter_on_known_programs():
   assert len(lowered_loops.colliding_float_scatters(sums(
       lambda x: jax.ops.segment_sum(x, ids, num_segments=3)))) == 1
   assert not lowered_loops.colliding_float_scatters(sums(lambda x: x.at[ids].set(0.0)))
+
+
+def test_an_export_for_cuda_made_on_this_host_holds_the_gpu_choices(tmp_path, load_config):
+  """`export_lib.write_export` for `cuda` on this CPU host: model.dtype="auto" is bfloat16 (the
+  GPU's, not this host's float32), and the program's loops are the GPU's (no greedy NMS loop,
+  no row bands)."""
+  from ciae_jax import export_lib  # pylint: disable=g-import-not-at-top
+  from ciae_jax.data import categories as categories_lib  # pylint: disable=g-import-not-at-top
+  config = load_config("synthetic", "small")
+  config.model.dtype = "auto"
+  config.dataset.canvas_sizes = ((256, 384),)
+  hp = hparams.HParams.from_config(config)
+  entries = [{"id": i + 1, "isthing": int(i >= 2), "name": f"c{i}"} for i in range(5)]
+  categories = categories_lib.categories_from_list(entries)
+  model = ciae_model.build_model(hp.model, categories.num_things, categories.num_stuff)
+  assert model.hp.dtype == "float32"  # this host's choice
+  variables = ciae_model.init_variables(model, jax.random.PRNGKey(0))
+  memory = jnp.ones((categories.num_stuff + 1, hp.model.embed_dim)) / hp.model.embed_dim ** 0.5
+  restored = predictor_lib.Restored(model, variables, memory, categories, 0)
+  manifest = export_lib.write_export(hp, restored, str(tmp_path), platforms=("cuda",),
+                                     log=lambda _: None)
+  (program,) = manifest["programs"]
+  exported = jax.export.deserialize(bytearray((tmp_path / program["file"]).read_bytes()))
+  assert exported.platforms == ("cuda",)
+  text = exported.mlir_module()
+  assert "bf16" in text  # the GPU's compute dtype
+  loops = lowered_loops.loop_counts(text)
+  assert loops.dynamic <= 1 and loops.static + loops.dynamic * NMS_FIXED_POINT_ITERATIONS <= (
+      INFERENCE_BUDGET), loops
+  assert loops.static < hp.inference.max_detections  # no greedy NMS loop
