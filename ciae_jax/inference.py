@@ -104,7 +104,7 @@ def assign_pixels(
 
   One expression over the whole image; on CPU it runs in row bands that stay in cache
   (`fast_paths.assign`, the same values). `band_elements` forces bands of about that many
-  similarities on every platform.
+  similarities on every platform (one that holds the whole image: the plain expression).
   """
   num_rows, num_cols, _ = embedding.shape
   num_stuff = stuff_queries.shape[0]

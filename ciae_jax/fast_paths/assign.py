@@ -28,12 +28,15 @@ def assign_in_bands(assign_rows: Callable[[Array, Array], Array], embedding: Arr
 
   `assign_rows` must treat each row on its own (as the per-pixel assignment does); it runs
   once per band of `rows = band_elements // (W * Q)` rows (at least 1), one loop step per
-  band; the last band is padded with rows that are computed, then dropped.
+  band; the last band is padded with rows that are computed, then dropped. A band that holds
+  the whole image is `assign_rows(embedding, row_in)` itself, no loop.
   """
   num_rows, num_cols, dim = embedding.shape
   num_queries = row_in.shape[1]
   rows = max(1, min(num_rows, band_elements // max(1, num_cols * num_queries)))
   num_bands = -(-num_rows // rows)
+  if num_bands == 1:
+    return assign_rows(embedding, row_in)  # [H, W]
   pad = num_bands * rows - num_rows
   banded_embedding = jnp.pad(embedding, ((0, pad), (0, 0), (0, 0))).reshape(
       num_bands, rows, num_cols, dim)  # [N, R, W, D]
