@@ -42,6 +42,20 @@ def box_iou_one_to_many(box: Array, boxes: Array) -> Array:
   return inter / jnp.maximum(union, _EPS)  # [N]
 
 
+def check_level_sizes(cls_logits: Sequence[Any], strides: Sequence[int],
+                      image_hw: tuple[int, int]) -> None:
+  """Each level must be the `ceil(H / stride) x ceil(W / stride)` map of the embedding's input."""
+  if len(cls_logits) != len(strides):
+    raise ValueError(f"outputs['cls_logits'] has {len(cls_logits)} levels; strides "
+                     f"{tuple(strides)} need {len(strides)}")
+  for level, (logits, stride) in enumerate(zip(cls_logits, strides)):
+    expected = (-(-image_hw[0] // stride), -(-image_hw[1] // stride))
+    if tuple(logits.shape[:2]) != expected:
+      raise ValueError(
+          f"outputs['cls_logits'][{level}] has shape {tuple(logits.shape)}; an embedding map "
+          f"{tuple(image_hw)} at stride {stride} needs [{expected[0]}, {expected[1]}, C]")
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. FCOS decoding.
 

@@ -227,7 +227,7 @@ def panoptic_inference(
            + (("semantic_logits",) if stuff_from == "semantic" else ()))
   embedding = _check_embedding(outputs, "embedding").astype(jnp.float32)  # [H, W, D]
   memory = _check_memory(memory, num_stuff, embedding.shape[-1]).astype(jnp.float32)
-  _check_level_sizes(outputs["cls_logits"], strides, embedding.shape[:2])
+  detection.check_level_sizes(outputs["cls_logits"], strides, embedding.shape[:2])
   num_things = outputs["cls_logits"][0].shape[-1]
   expected_rows = num_stuff + 1 if merge_things else num_stuff + num_things
   if memory.shape[0] != expected_rows:
@@ -294,20 +294,6 @@ def _assign_with_semantic(embedding: Array, semantic_logits: Array, thing_querie
       instance, thing_boxes, thing_usable, box_expand=hp.box_expand_infer,
       outside_box_similarity=hp.outside_box_similarity)  # [H, W]
   return semantic_stuff.combine(semantic, instance, reached, inside, num_stuff=num_stuff)
-
-
-def _check_level_sizes(cls_logits: Sequence[Any], strides: Sequence[int],
-                       image_hw: tuple[int, int]) -> None:
-  """Each level must be the `ceil(H / stride) x ceil(W / stride)` map of the embedding's input."""
-  if len(cls_logits) != len(strides):
-    raise ValueError(f"outputs['cls_logits'] has {len(cls_logits)} levels; strides "
-                     f"{tuple(strides)} need {len(strides)}")
-  for level, (logits, stride) in enumerate(zip(cls_logits, strides)):
-    expected = (-(-image_hw[0] // stride), -(-image_hw[1] // stride))
-    if tuple(logits.shape[:2]) != expected:
-      raise ValueError(
-          f"outputs['cls_logits'][{level}] has shape {tuple(logits.shape)}; an embedding map "
-          f"{tuple(image_hw)} at stride {stride} needs [{expected[0]}, {expected[1]}, C]")
 
 
 def finish(assignment: Array, inside: Array, *, num_stuff: int, thing_usable: Array,

@@ -18,6 +18,7 @@ from ciae_jax import detection
 from ciae_jax import hparams
 from ciae_jax import inference
 from ciae_jax import ops
+from ciae_jax import platforms
 from ciae_jax.fast_paths import assign
 from ciae_jax.segments import Segments
 
@@ -364,12 +365,18 @@ def reference_panoptic(outputs, memory, image_size, *, num_stuff, strides, pre_n
   return panoptic, kept
 
 
+@pytest.mark.parametrize("accelerator_paths", [False, True])
 @pytest.mark.parametrize("seed, options", [
     (0, dict()),
     (1, dict(outside_box_similarity=-np.inf, box_expand_infer=1.5, instance_score_thresh=0.08,
              resize_scale=0.8)),
 ])
-def test_random_scene_matches_numpy_reference(seed, options):
+def test_random_scene_matches_numpy_reference(seed, options, accelerator_paths, monkeypatch):
+  if accelerator_paths:  # What programs for accelerators choose, run here on CPU.
+    for name, served in (("nms_fixed_point", ("cpu",)), ("assign_bands", ())):
+      monkeypatch.setitem(platforms.FAST_PATHS, name,
+                          dataclasses.replace(platforms.FAST_PATHS[name], platforms=served))
+    assert platforms.choices("cpu")["nms_fixed_point"] == "fast"
   rng = np.random.default_rng(seed)
   num_stuff, num_things, embed_dim = 3, 3, 6
   outputs = empty_outputs(embed_dim, num_things)

@@ -1,8 +1,9 @@
 """The per-pixel assignment of `inference.assign_pixels` in row bands, for XLA:CPU;
 `assign_pixels` switches to it (`ciae_jax.platforms`, "assign_bands").
 
-The plain path computes the whole `[H, W, Q]` similarity array at once (one expression,
-what a GPU wants: ~0.86 GB per image at 800 x 1344 with Q ~ 200, no sequential steps). On a
+The plain path computes the whole `[H, W, Q]` similarity array at once (one expression and
+no sequential steps, what a GPU wants; 0.66 GB of float32 per image at 800 x 1344 with the
+153 queries of COCO, 0.86 GB with 200, times the images of a vmapped batch). On a
 CPU that array goes to memory and back for each of the matmul, the box filter and the two
 reductions; in bands of `BAND_ELEMENTS` similarities it stays in cache (2.7x faster at
 512 x 768 with 153 queries; benchmarks/RESULTS.md). Every pixel's result is the same
