@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from ciae_jax import hparams
+from ciae_jax import platforms
+from ciae_jax.fast_paths import nms as nms_fast
 
 Array = jax.Array
 
@@ -38,6 +40,20 @@ def box_iou_one_to_many(box: Array, boxes: Array) -> Array:
   areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [N]
   union = area + areas - inter  # [N]
   return inter / jnp.maximum(union, _EPS)  # [N]
+
+
+def check_level_sizes(cls_logits: Sequence[Any], strides: Sequence[int],
+                      image_hw: tuple[int, int]) -> None:
+  """Each level must be the `ceil(H / stride) x ceil(W / stride)` map of the embedding's input."""
+  if len(cls_logits) != len(strides):
+    raise ValueError(f"outputs['cls_logits'] has {len(cls_logits)} levels; strides "
+                     f"{tuple(strides)} need {len(strides)}")
+  for level, (logits, stride) in enumerate(zip(cls_logits, strides)):
+    expected = (-(-image_hw[0] // stride), -(-image_hw[1] // stride))
+    if tuple(logits.shape[:2]) != expected:
+      raise ValueError(
+          f"outputs['cls_logits'][{level}] has shape {tuple(logits.shape)}; an embedding map "
+          f"{tuple(image_hw)} at stride {stride} needs [{expected[0]}, {expected[1]}, C]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,14 +167,15 @@ def class_nms(
 
   Greedy NMS visits boxes by decreasing score and keeps a box unless a kept box of the same
   class overlaps it with IoU > `nms_thresh`; its survivors come out in score order, so the
-  first `max_detections` of them are exactly "NMS, then top-k". The loop below produces them
-  directly: `max_detections` times, take the best live box and kill the live boxes of its class
-  that overlap it. Work O(N * max_detections), memory O(N). Ties in score go to the lower index
-  (as a stable sort would).
+  first `max_detections` of them are exactly "NMS, then top-k". The loop of `_class_nms_loop`
+  produces them directly: `max_detections` times, take the best live box and kill the live
+  boxes of its class that overlap it. Work O(N * max_detections), memory O(N). Ties in score
+  go to the lower index (as a stable sort would). On accelerators the same survivors come from
+  one IoU matrix and a short fixed-point loop (`fast_paths.nms`), not K sequential steps.
 
   Args:
     boxes: `[N, 4]` (x0, y0, x1, y1).
-    scores: `[N]`.
+    scores: `[N]`, not NaN.
     classes: `[N]` int, NMS runs within each class.
     valid: `[N]` bool, invalid boxes are never kept.
     nms_thresh: IoU above which a lower-scored box of the same class is suppressed.
@@ -166,11 +183,23 @@ def class_nms(
 
   Returns:
     `keep [K] int32` indices into the inputs, by decreasing score, and `keep_valid [K] bool`
-    (false for the slots left over when fewer than K boxes survive; their index is arbitrary).
+    (false for the slots left over when fewer than K boxes survive; their index is 0).
   """
-  boxes = jnp.asarray(boxes, jnp.float32)  # [N, 4]
-  classes = jnp.asarray(classes)  # [N]
-  live_scores = jnp.where(valid, jnp.asarray(scores, jnp.float32), -jnp.inf)  # [N]
+  nms_thresh, max_detections = float(nms_thresh), int(max_detections)
+  args = (jnp.asarray(boxes, jnp.float32), jnp.asarray(scores, jnp.float32),
+          jnp.asarray(classes), jnp.asarray(valid, bool))
+  return platforms.switch(
+      "nms_fixed_point", *args,
+      fast=lambda *a: nms_fast.class_nms_fixed_point(
+          *a, nms_thresh=nms_thresh, max_detections=max_detections),
+      plain=lambda *a: _class_nms_loop(*a, nms_thresh=nms_thresh,
+                                       max_detections=max_detections))
+
+
+def _class_nms_loop(boxes: Array, scores: Array, classes: Array, valid: Array, *,
+                    nms_thresh: float, max_detections: int) -> tuple[Array, Array]:
+  """`class_nms` as `max_detections` greedy steps (the reference the fast path equals)."""
+  live_scores = jnp.where(valid, scores, -jnp.inf)  # [N]
 
   def keep_next(slot, carry):
     live_scores, keep, keep_valid = carry

@@ -34,6 +34,7 @@ instance query `num_stuff + k` belongs to segment row `k`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import functools
 from typing import Any
 
 import jax
@@ -43,8 +44,10 @@ import jax.numpy as jnp
 from ciae_jax import detection
 from ciae_jax import hparams
 from ciae_jax import ops
+from ciae_jax import platforms
 from ciae_jax import segments as segments_lib
 from ciae_jax import semantic_stuff
+from ciae_jax.fast_paths import assign
 
 Array = jax.Array
 
@@ -73,13 +76,6 @@ def _check_memory(memory: Any, num_stuff: int, embed_dim: int) -> Array:
   return memory
 
 
-# Similarity elements per row band of `assign_pixels` (4 MiB of float32): a band's [rows, W, Q]
-# similarities stay in cache between the matmul, the box filter and the two reductions,
-# where the whole [H, W, Q] array would go to memory and back for each (2.7x slower at
-# 512 x 768 with 153 queries; benchmarks/RESULTS.md, "Where the time goes").
-BAND_ELEMENTS = 2**20
-
-
 def first_argmax(values: Array, axis: int = -1) -> Array:
   """`jnp.argmax(values, axis)` (first index of the maximum; a NaN counts as the maximum) from
   a max and a min reduction, which XLA:CPU vectorises, where argmax's (value, index) reduction
@@ -102,18 +98,17 @@ def assign_pixels(
     *,
     box_expand: float,
     outside_box_similarity: float,
-    band_elements: int = BAND_ELEMENTS,
+    band_elements: int | None = None,
 ) -> tuple[Array, Array]:
   """Per-pixel argmax of S = P V^T with the box filter; returns (query index, inside image).
 
-  Computed in bands of rows holding about `band_elements` similarities each (one loop step
-  per band), so that `[H, W, Q]` is never materialised; every pixel's result is the one of
-  the whole-image expression.
+  One expression over the whole image; on CPU it runs in row bands that stay in cache
+  (`fast_paths.assign`, the same values). `band_elements` forces bands of about that many
+  similarities on every platform (one that holds the whole image: the plain expression).
   """
-  num_rows, num_cols, dim = embedding.shape
+  num_rows, num_cols, _ = embedding.shape
   num_stuff = stuff_queries.shape[0]
   queries = jnp.concatenate([stuff_queries, thing_queries], axis=0)  # [Q, D]
-  num_queries = queries.shape[0]
   boxes = ops.expand_boxes(thing_boxes, box_expand)  # [K, 4]
   pixel_y = jnp.arange(num_rows, dtype=jnp.float32) + 0.5  # [H]
   pixel_x = jnp.arange(num_cols, dtype=jnp.float32) + 0.5  # [W]
@@ -130,25 +125,21 @@ def assign_pixels(
                            axis=1)  # [W, Q]
   usable = jnp.concatenate([stuff_true, thing_usable])  # [Q]
 
-  def band(args: tuple[Array, Array]) -> Array:
-    band_embedding, band_row_in = args  # [R, W, D], [R, Q]
-    similarity = jnp.einsum("hwd,qd->hwq", band_embedding, queries,
-                            precision=lax.Precision.HIGHEST)  # [R, W, Q]
-    in_box = band_row_in[:, None, :] & col_in[None, :, :]  # [R, W, Q]
+  def assign_rows(rows_embedding: Array, rows_in: Array) -> Array:
+    similarity = jnp.einsum("hwd,qd->hwq", rows_embedding, queries,
+                            precision=lax.Precision.HIGHEST)  # [R, W, Q], no TF32 on GPUs
+    in_box = rows_in[:, None, :] & col_in[None, :, :]  # [R, W, Q]
     # Paper IV-B: outside its box, a pixel's similarity to an instance is 0 (not -inf).
     similarity = jnp.where(in_box, similarity, outside_box_similarity)  # [R, W, Q]
     similarity = jnp.where(usable, similarity, -jnp.inf)  # [R, W, Q]
     return first_argmax(similarity, axis=-1)  # [R, W]
 
-  rows = max(1, min(num_rows, band_elements // max(1, num_cols * num_queries)))
-  num_bands = -(-num_rows // rows)
-  pad = num_bands * rows - num_rows  # Padded rows are computed, then dropped.
-  banded_embedding = jnp.pad(embedding, ((0, pad), (0, 0), (0, 0))).reshape(
-      num_bands, rows, num_cols, dim)  # [N, R, W, D]
-  banded_row_in = jnp.pad(row_in, ((0, pad), (0, 0))).reshape(
-      num_bands, rows, num_queries)  # [N, R, Q]
-  assignment = lax.map(band, (banded_embedding, banded_row_in))  # [N, R, W]
-  assignment = assignment.reshape(num_bands * rows, num_cols)[:num_rows]  # [H, W]
+  if band_elements is not None:
+    assignment = assign.assign_in_bands(assign_rows, embedding, row_in, band_elements)
+  else:
+    assignment = platforms.switch("assign_bands", embedding, row_in,
+                                  fast=functools.partial(assign.assign_in_bands, assign_rows),
+                                  plain=assign_rows)  # [H, W]
   inside = (jnp.arange(num_rows)[:, None] < height) & (jnp.arange(num_cols)[None, :] < width)
   return assignment.astype(jnp.int32), inside  # [H, W], [H, W]
 
@@ -236,7 +227,7 @@ def panoptic_inference(
            + (("semantic_logits",) if stuff_from == "semantic" else ()))
   embedding = _check_embedding(outputs, "embedding").astype(jnp.float32)  # [H, W, D]
   memory = _check_memory(memory, num_stuff, embedding.shape[-1]).astype(jnp.float32)
-  _check_level_sizes(outputs["cls_logits"], strides, embedding.shape[:2])
+  detection.check_level_sizes(outputs["cls_logits"], strides, embedding.shape[:2])
   num_things = outputs["cls_logits"][0].shape[-1]
   expected_rows = num_stuff + 1 if merge_things else num_stuff + num_things
   if memory.shape[0] != expected_rows:
@@ -262,7 +253,8 @@ def panoptic_inference(
   stuff_queries = ops.l2_normalize(memory[:num_stuff])  # [num_stuff, D]
   if hp.category_from == "memory":
     thing_memory = ops.l2_normalize(memory[num_stuff:])  # [C_th, D]
-    det_category = jnp.argmax(thing_queries @ thing_memory.T, axis=-1)  # [K]
+    det_category = jnp.argmax(jnp.matmul(thing_queries, thing_memory.T,
+                                         precision=lax.Precision.HIGHEST), axis=-1)  # [K]
   else:
     det_category = det_thing_class  # [K]
 
@@ -302,20 +294,6 @@ def _assign_with_semantic(embedding: Array, semantic_logits: Array, thing_querie
       instance, thing_boxes, thing_usable, box_expand=hp.box_expand_infer,
       outside_box_similarity=hp.outside_box_similarity)  # [H, W]
   return semantic_stuff.combine(semantic, instance, reached, inside, num_stuff=num_stuff)
-
-
-def _check_level_sizes(cls_logits: Sequence[Any], strides: Sequence[int],
-                       image_hw: tuple[int, int]) -> None:
-  """Each level must be the `ceil(H / stride) x ceil(W / stride)` map of the embedding's input."""
-  if len(cls_logits) != len(strides):
-    raise ValueError(f"outputs['cls_logits'] has {len(cls_logits)} levels; strides "
-                     f"{tuple(strides)} need {len(strides)}")
-  for level, (logits, stride) in enumerate(zip(cls_logits, strides)):
-    expected = (-(-image_hw[0] // stride), -(-image_hw[1] // stride))
-    if tuple(logits.shape[:2]) != expected:
-      raise ValueError(
-          f"outputs['cls_logits'][{level}] has shape {tuple(logits.shape)}; an embedding map "
-          f"{tuple(image_hw)} at stride {stride} needs [{expected[0]}, {expected[1]}, C]")
 
 
 def finish(assignment: Array, inside: Array, *, num_stuff: int, thing_usable: Array,

@@ -13,6 +13,8 @@ import dataclasses
 import functools
 import re
 
+import jax
+
 _FUNC = re.compile(r"^\s*func\.func (?:public |private )?@([\w.$-]+)\(")
 _CALL = re.compile(r"(?:func\.)?call @([\w.$-]+)\(")
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -131,3 +133,24 @@ def colliding_float_scatters(text: str) -> list[str]:
     if _elements(types[-1][0]) > _elements(out_shape):
       found.append(end.strip())
   return found
+
+
+_WHILE = re.compile(r"stablehlo\.while\(")
+_STATIC_COND = re.compile(
+    r"cond \{\s*(%\S+) = stablehlo\.constant dense<(\d+)> : tensor<i32>\s*"
+    r"%\S+ = stablehlo\.compare\s+LT, %iterArg\S*, \1, SIGNED : \(tensor<i32>, tensor<i32>\)")
+
+
+def num_loops(text: str) -> int:
+  """How many `stablehlo.while` loops the program holds (nested ones included)."""
+  return len(_WHILE.findall(text))
+
+
+def static_trip_counts(text: str) -> list[int]:
+  """The trip counts of the program's loops with a static one, in the order of the text."""
+  return [int(count) for _, count in _STATIC_COND.findall(text)]
+
+
+def lowered_text(fn, *args, platform: str) -> str:
+  """StableHLO of `jax.jit(fn)` for `platform` ("cpu", "cuda", ...; no device needed)."""
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()

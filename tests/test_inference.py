@@ -4,11 +4,13 @@ Hand-made model outputs carry only the keys inference reads: `cls_logits`, `cent
 `box_reg` (lists over levels) and `embedding` for prediction; `embedding` and
 `embedding_prenorm` for the oracle. Images are 32 x 32 with two levels (strides 8, 16).
 """
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import lowered_loops
 import numpy as np
 import pytest
 
@@ -16,6 +18,8 @@ from ciae_jax import detection
 from ciae_jax import hparams
 from ciae_jax import inference
 from ciae_jax import ops
+from ciae_jax import platforms
+from ciae_jax.fast_paths import assign
 from ciae_jax.segments import Segments
 
 SIZE = 32
@@ -361,12 +365,18 @@ def reference_panoptic(outputs, memory, image_size, *, num_stuff, strides, pre_n
   return panoptic, kept
 
 
+@pytest.mark.parametrize("accelerator_paths", [False, True])
 @pytest.mark.parametrize("seed, options", [
     (0, dict()),
     (1, dict(outside_box_similarity=-np.inf, box_expand_infer=1.5, instance_score_thresh=0.08,
              resize_scale=0.8)),
 ])
-def test_random_scene_matches_numpy_reference(seed, options):
+def test_random_scene_matches_numpy_reference(seed, options, accelerator_paths, monkeypatch):
+  if accelerator_paths:  # What programs for accelerators choose, run here on CPU.
+    for name, served in (("nms_fixed_point", ("cpu",)), ("assign_bands", ())):
+      monkeypatch.setitem(platforms.FAST_PATHS, name,
+                          dataclasses.replace(platforms.FAST_PATHS[name], platforms=served))
+    assert platforms.choices("cpu")["nms_fixed_point"] == "fast"
   rng = np.random.default_rng(seed)
   num_stuff, num_things, embed_dim = 3, 3, 6
   outputs = empty_outputs(embed_dim, num_things)
@@ -558,3 +568,59 @@ def test_first_argmax_equals_argmax(axis):
   values[4, 3, :] = np.nan
   np.testing.assert_array_equal(np.asarray(jax.jit(inference.first_argmax, static_argnums=1)(
       values, axis)), np.argmax(values, axis=axis))
+
+
+def test_platform_paths_of_the_assignment_agree_exactly():
+  """CPU takes bands of `BAND_ELEMENTS` (here 3 of 455 rows, the last one padded); the plain
+  path (accelerators) is the whole-image expression. Same expression per pixel: equal."""
+  rng = np.random.default_rng(11)
+  embedding, stuff, things, boxes, usable = random_assignment_inputs(rng, 1200, 48, 3, 45)
+  embedding[7, 5] = np.nan
+  kwargs = dict(box_expand=1.1, outside_box_similarity=0.0)
+  args = (embedding, stuff, things, boxes, usable, 1190, 47)
+  banded, inside = run_jitted(inference.assign_pixels, *args, **kwargs)
+  whole, _ = run_jitted(inference.assign_pixels, *args, band_elements=10**12, **kwargs)
+  np.testing.assert_array_equal(banded, whole)
+  np.testing.assert_array_equal(whole, np.asarray(jax.jit(functools.partial(
+      whole_image_assignment, **kwargs))(*args[:5])))
+  assert (whole == 0).any() and len(np.unique(whole)) > 10  # stuff 0 wins its ties
+  assert inside.sum() == 1190 * 47
+  band_rows = assign.BAND_ELEMENTS // (48 * 48)
+  text = {elements: lowered_loops.lowered_text(functools.partial(
+      inference.assign_pixels, band_elements=elements, **kwargs), *args, platform="cpu")
+          for elements in (None, 10**12)}
+  assert lowered_loops.static_trip_counts(text[None]) == [-(-1200 // band_rows)] == [3]
+  assert lowered_loops.num_loops(text[10**12]) == 0
+
+
+@pytest.mark.parametrize("stuff_from, category_from", [
+    ("embedding", "box"), ("semantic", "box"), ("embedding", "memory")])
+def test_cuda_program_at_800_by_1344_has_no_band_loop_and_no_nms_steps(stuff_from,
+                                                                       category_from):
+  """The whole inference program, lowered (not run) for cuda and cpu from array shapes; its
+  similarity dots at full float32 precision (no TF32)."""
+  height, width, num_stuff, num_things, dim = 800, 1344, 53, 80, 32
+  hp = dataclasses.replace(hparams.InferenceHParams(), category_from=category_from)
+  merge_things = category_from == "box"
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  levels = [(-(-height // s), -(-width // s)) for s in hparams.LEVEL_STRIDES]
+  outputs = {"cls_logits": [f32(h, w, num_things) for h, w in levels],
+             "centerness": [f32(h, w) for h, w in levels],
+             "box_reg": [f32(h, w, 4) for h, w in levels],
+             "embedding": f32(height, width, dim),
+             "semantic_logits": f32(height // 4, width // 4, num_stuff + 1)}
+  infer = functools.partial(inference.panoptic_inference, hp=hp, num_stuff=num_stuff,
+                            merge_things=merge_things, stuff_from=stuff_from)
+  memory = f32(num_stuff + (1 if merge_things else num_things), dim)
+  text = {platform: lowered_loops.lowered_text(
+      infer, outputs, memory, jax.ShapeDtypeStruct((2,), jnp.int32),
+      platform=platform) for platform in ("cpu", "cuda")}
+  queries = (0 if stuff_from == "semantic" else num_stuff) + hp.max_detections
+  band_rows = assign.BAND_ELEMENTS // (width * queries)
+  assert sorted(lowered_loops.static_trip_counts(text["cpu"])) == sorted(
+      [hp.max_detections, -(-height // band_rows)])
+  assert lowered_loops.static_trip_counts(text["cuda"]) == []
+  assert lowered_loops.num_loops(text["cuda"]) == 1  # NMS's fixed point
+  dots = text["cuda"].count("stablehlo.dot_general")
+  assert dots == (2 if category_from == "memory" else 1)
+  assert text["cuda"].count("precision = [HIGHEST, HIGHEST]") == dots
