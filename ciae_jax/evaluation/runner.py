@@ -42,6 +42,7 @@ from ciae_jax.evaluation import gather
 from ciae_jax.evaluation import pq as pq_lib
 from ciae_jax.models import ciae as ciae_model
 
+
 def make_predict_fn(model: ciae_model.CIAE, hp: hparams.HParams, num_stuff: int) -> Any:
   """`predictor.predict_fn` jitted for one device: `(variables, memory, batch) -> results`."""
   return jax.jit(predictor_lib.predict_fn(model, hp, num_stuff))
