@@ -323,7 +323,7 @@ def evaluate_checkpoint(hp: hparams.HParams, workdir: str, *,
 
   Returns the metrics and the output folder (default `workdir/eval/<step>`).
   """
-  restored = restore_for_inference(hp, workdir, checkpoint_step)
+  restored = predictor_lib.restore_for_inference(hp, workdir, checkpoint_step)
   output_dir = output_dir or os.path.join(workdir, "eval", str(restored.step))
   if jax.process_index() == 0:
     logging.info("Evaluating step %d of %s into %s (%d processes, %d devices)", restored.step,
