@@ -7,7 +7,7 @@ Writes OUTPUT/export.json (categories, canvases, the resize rule and the normali
 program's file, inputs and outputs), OUTPUT/weights.npz (variables and memory, the programs'
 first argument) and one `canvas_HxW.jaxexport` per canvas of the config, lowered for every
 platform in `--platforms` (`ciae_jax/export_lib.py`). Read them back with
-`Predictor.from_export(OUTPUT)`, or without this package with `examples/serve_exported.py`.
+`export_lib.ExportedPredictor(OUTPUT)`, or without this package with `examples/serve_exported.py`.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Serialised inference: the whole prediction as `jax.export` (StableHLO) programs, and back.
 
   write_export(hp, restored, "exported/")          # what `python -m ciae_jax.export` runs
-  predictor = Predictor.from_export("exported/")   # `ExportedPredictor`: the same predictions
+  predictor = ExportedPredictor("exported/")      # the same predictions as the checkpoint
 
 One program per canvas of the dataset (`data.canvas.canvases`), each lowered for every asked
 platform in one artifact (`jax.export` picks the one it runs on). A program is the function the
@@ -192,26 +192,26 @@ def read_manifest(directory: str) -> dict[str, Any]:
   return content
 
 
-class ExportedPredictor(predictor_lib.Predictor):
-  """A `Predictor` whose compiled call is a deserialised program (`Predictor.from_export`).
+class ExportedPredictor(predictor_lib.BasePredictor):
+  """A predictor whose compiled call is a deserialised program of `directory`.
 
   Same preprocessing (`preprocess.Preprocessor` with the manifest's rule and canvases) and the
-  same post-processing (`Predictor.to_prediction`, `predict_batch`) as a predictor of the
-  checkpoint: only `run` differs. One device, `batch_size` images per call.
+  same post-processing (`BasePredictor.to_prediction`, `predict_batch`) as a `Predictor` of the
+  checkpoint: no checkpoint, config or model code needed. One device, `batch_size` images per
+  call.
   """
 
-  def __init__(self, directory: str):  # pylint: disable=super-init-not-called
-    self.directory = directory
-    self.manifest = read_manifest(directory)
-    resize = self.manifest["resize"]
-    self.hp, self.model, self.oracle = None, None, False
-    self.categories = categories_lib.categories_from_list(
-        self.manifest["categories"], source=os.path.join(directory, MANIFEST))
-    self.step = self.manifest.get("checkpoint_step")
-    self.per_device_batch = int(self.manifest["batch_size"])
-    canvases = tuple(tuple(int(v) for v in p["canvas"]) for p in self.manifest["programs"])
-    self.preprocessor = preprocess.Preprocessor.from_rule(
-        resize["eval_min_size"], resize["eval_max_size"], canvases)
+  def __init__(self, directory: str):
+    manifest = read_manifest(directory)
+    resize = manifest["resize"]
+    canvases = tuple(tuple(int(v) for v in p["canvas"]) for p in manifest["programs"])
+    super().__init__(
+        preprocessor=preprocess.Preprocessor.from_rule(
+            resize["eval_min_size"], resize["eval_max_size"], canvases),
+        categories=categories_lib.categories_from_list(
+            manifest["categories"], source=os.path.join(directory, MANIFEST)),
+        per_device_batch=int(manifest["batch_size"]), step=manifest.get("checkpoint_step"))
+    self.directory, self.manifest = directory, manifest
     weights_file = os.path.join(directory, self.manifest["weights"]["file"])
     if not os.path.isfile(weights_file):
       raise FileNotFoundError(f"{directory}/{MANIFEST}: weights file {weights_file} not found")

@@ -153,7 +153,85 @@ class Prediction:
   embedding: np.ndarray | None = None
 
 
-class Predictor:
+class BasePredictor:
+  """What every predictor shares: preprocessing, batching per canvas, post-processing.
+
+  Subclasses give `rows_per_call` and `run` (one compiled call on up to `rows_per_call` images
+  of one canvas): `Predictor` (a restored checkpoint) and `export_lib.ExportedPredictor`
+  (deserialised programs).
+  """
+
+  def __init__(self, *, preprocessor: preprocess.Preprocessor, categories: Any,
+               per_device_batch: int, step: int | None, oracle: bool = False):
+    self.preprocessor, self.categories, self.step = preprocessor, categories, step
+    self.per_device_batch, self.oracle = per_device_batch, oracle
+
+  @property
+  def rows_per_call(self) -> int:
+    """Images one call of `run` takes."""
+    raise NotImplementedError
+
+  def run(self, canvas: Sequence[int], prepared: Sequence[preprocess.Prepared | None], *,
+          segments: Sequence[Mapping[str, np.ndarray] | None] | None = None,
+          with_embedding: bool = False) -> list[dict[str, np.ndarray] | None]:
+    """One compiled call on up to `rows_per_call` images of `canvas`; None rows are blank."""
+    raise NotImplementedError
+
+  def __call__(self, image: ImageLike, *, with_embedding: bool = False) -> Prediction:
+    """The prediction of one image: a path, or an RGB uint8 array `[H, W, 3]`."""
+    return self.predict_batch([image], with_embedding=with_embedding)[0]
+
+  def predict_batch(self, images: Sequence[ImageLike], *,
+                    with_embedding: bool = False) -> list[Prediction]:
+    """Predictions of many images (any sizes), in their order; batched per canvas."""
+    if self.oracle:
+      raise ValueError("inference.oracle=True needs the ground truth of each image: it runs in "
+                       "evaluation (evaluate.py), not on plain images")
+    prepared = [self.preprocessor(preprocess.load_rgb(image)) for image in images]
+    out: list[Prediction | None] = [None] * len(prepared)
+    for canvas in dict.fromkeys(p.canvas for p in prepared):
+      index = [i for i, p in enumerate(prepared) if p.canvas == canvas]
+      for start in range(0, len(index), self.rows_per_call):
+        chunk = index[start:start + self.rows_per_call]
+        raws = self.run(canvas, [prepared[i] for i in chunk], with_embedding=with_embedding)
+        for i, raw in zip(chunk, raws):
+          out[i] = self.to_prediction(raw, prepared[i])
+    return out
+
+  def _image_batch(self, canvas: Sequence[int], prepared: Sequence[preprocess.Prepared | None]
+                   ) -> tuple[tuple[int, int], dict[str, np.ndarray]]:
+    """`(canvas, batch)`: the images and sizes of one call of `run`, `rows_per_call` rows."""
+    canvas = tuple(int(v) for v in canvas)
+    rows = self.rows_per_call
+    if len(prepared) > rows or any(p is not None and p.canvas != canvas for p in prepared):
+      raise ValueError(f"run takes at most {rows} images of canvas {canvas}")
+    batch = {"image": np.zeros((rows, *canvas, 3), np.float32),  # [L, H, W, 3]
+             # Blank rows claim the whole canvas: finite scales, no empty regions.
+             "image_size": np.tile(np.asarray(canvas, np.int32), (rows, 1)),  # [L, 2]
+             "orig_size": np.tile(np.asarray(canvas, np.int32), (rows, 1))}  # [L, 2]
+    for row, item in enumerate(prepared):
+      if item is not None:
+        batch["image"][row] = item.image
+        batch["image_size"][row], batch["orig_size"][row] = item.image_size, item.orig_size
+    return canvas, batch
+
+  def to_prediction(self, raw: Mapping[str, np.ndarray],
+                    prepared: preprocess.Prepared) -> Prediction:
+    """`run`'s result of one image at the image's own size."""
+    coco_ids = self.categories.coco_ids
+    id_map, segments = coco_format.to_coco_panoptic(raw, prepared.image_size, prepared.orig_size,
+                                                    coco_ids, with_scores=True)
+    detections = coco_format.detections_to_coco(raw, 0, image_scale(prepared), coco_ids)
+    for detection in detections:
+      del detection["image_id"]
+    embedding = None
+    if "embedding" in raw:
+      height, width = prepared.image_size
+      embedding = np.asarray(raw["embedding"][:height, :width])  # [h, w, D]
+    return Prediction(id_map, segments, detections, embedding)
+
+
+class Predictor(BasePredictor):
   """A restored CIAE that predicts panoptic segmentations of images (see the module docstring).
 
   Args:
@@ -171,10 +249,10 @@ class Predictor:
                memory: Any, categories: Any, devices: Sequence[Any] | None = None,
                per_device_batch: int | None = None, step: int | None = None,
                program_cache: str | None = None):
-    self.hp, self.model, self.categories, self.step = hp, model, categories, step
-    self.oracle = hp.inference.oracle
-    self.preprocessor = preprocess.Preprocessor(hp.dataset)
-    self.per_device_batch = per_device_batch or hp.inference.per_device_batch
+    super().__init__(preprocessor=preprocess.Preprocessor(hp.dataset), categories=categories,
+                     per_device_batch=per_device_batch or hp.inference.per_device_batch,
+                     step=step, oracle=hp.inference.oracle)
+    self.hp, self.model = hp, model
     self._local_devices = list(devices) if devices else jax.local_devices()
     self._mesh = None
     if hp.parallel == "shard_map":
@@ -215,39 +293,10 @@ class Predictor:
     restored = restore_for_inference(hp, workdir, step, kwargs.get("program_cache"))
     return cls.from_restored(hp, restored, **kwargs)
 
-  @classmethod
-  def from_export(cls, directory: str) -> Predictor:
-    """The programs `python -m ciae_jax.export` wrote into `directory`, deserialised
-    (`export_lib.ExportedPredictor`): no checkpoint, config or model code needed, the same
-    predictions as `from_workdir` on the exported checkpoint."""
-    from ciae_jax import export_lib  # pylint: disable=g-import-not-at-top
-    return export_lib.ExportedPredictor(directory)
-
   @property
   def rows_per_call(self) -> int:
     """Images one compiled call takes on this process (local devices x per-device batch)."""
     return len(self._local_devices) * self.per_device_batch
-
-  def __call__(self, image: ImageLike, *, with_embedding: bool = False) -> Prediction:
-    """The prediction of one image: a path, or an RGB uint8 array `[H, W, 3]`."""
-    return self.predict_batch([image], with_embedding=with_embedding)[0]
-
-  def predict_batch(self, images: Sequence[ImageLike], *,
-                    with_embedding: bool = False) -> list[Prediction]:
-    """Predictions of many images (any sizes), in their order; batched per canvas."""
-    if self.oracle:
-      raise ValueError("inference.oracle=True needs the ground truth of each image: it runs in "
-                       "evaluation (evaluate.py), not on plain images")
-    prepared = [self.preprocessor(preprocess.load_rgb(image)) for image in images]
-    out: list[Prediction | None] = [None] * len(prepared)
-    for canvas in dict.fromkeys(p.canvas for p in prepared):
-      index = [i for i, p in enumerate(prepared) if p.canvas == canvas]
-      for start in range(0, len(index), self.rows_per_call):
-        chunk = index[start:start + self.rows_per_call]
-        raws = self.run(canvas, [prepared[i] for i in chunk], with_embedding=with_embedding)
-        for i, raw in zip(chunk, raws):
-          out[i] = self.to_prediction(raw, prepared[i])
-    return out
 
   def run(self, canvas: Sequence[int], prepared: Sequence[preprocess.Prepared | None], *,
           segments: Sequence[Mapping[str, np.ndarray] | None] | None = None,
@@ -282,38 +331,6 @@ class Predictor:
     host = {k: v.reshape(rows, *v.shape[2:]) for k, v in host.items()}  # [L, ...]
     return [None if item is None else {k: v[row] for k, v in host.items()}
             for row, item in enumerate(prepared)]
-
-  def _image_batch(self, canvas: Sequence[int], prepared: Sequence[preprocess.Prepared | None]
-                   ) -> tuple[tuple[int, int], dict[str, np.ndarray]]:
-    """`(canvas, batch)`: the images and sizes of one call of `run`, `rows_per_call` rows."""
-    canvas = tuple(int(v) for v in canvas)
-    rows = self.rows_per_call
-    if len(prepared) > rows or any(p is not None and p.canvas != canvas for p in prepared):
-      raise ValueError(f"run takes at most {rows} images of canvas {canvas}")
-    batch = {"image": np.zeros((rows, *canvas, 3), np.float32),  # [L, H, W, 3]
-             # Blank rows claim the whole canvas: finite scales, no empty regions.
-             "image_size": np.tile(np.asarray(canvas, np.int32), (rows, 1)),  # [L, 2]
-             "orig_size": np.tile(np.asarray(canvas, np.int32), (rows, 1))}  # [L, 2]
-    for row, item in enumerate(prepared):
-      if item is not None:
-        batch["image"][row] = item.image
-        batch["image_size"][row], batch["orig_size"][row] = item.image_size, item.orig_size
-    return canvas, batch
-
-  def to_prediction(self, raw: Mapping[str, np.ndarray],
-                    prepared: preprocess.Prepared) -> Prediction:
-    """`run`'s result of one image at the image's own size."""
-    coco_ids = self.categories.coco_ids
-    id_map, segments = coco_format.to_coco_panoptic(raw, prepared.image_size, prepared.orig_size,
-                                                    coco_ids, with_scores=True)
-    detections = coco_format.detections_to_coco(raw, 0, image_scale(prepared), coco_ids)
-    for detection in detections:
-      del detection["image_id"]
-    embedding = None
-    if "embedding" in raw:
-      height, width = prepared.image_size
-      embedding = np.asarray(raw["embedding"][:height, :width])  # [h, w, D]
-    return Prediction(id_map, segments, detections, embedding)
 
 
 def image_scale(prepared: preprocess.Prepared) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""`python -m ciae_jax.export`, `Predictor.from_export` and `examples/serve_exported.py`.
+"""`python -m ciae_jax.export`, `export_lib.ExportedPredictor` and `examples/serve_exported.py`.
 
 One export (the CLI, in a subprocess, for cpu and cuda) of a checkpoint of the small synthetic
 model at its initialisation; then the deserialised programs must predict what the checkpoint's
@@ -73,12 +73,12 @@ def test_the_export_describes_its_programs(run):
   assert manifest["normalize"]["std"] == [0.229, 0.224, 0.225]
 
 
-def test_from_export_predicts_what_the_checkpoint_predicts(run):
+def test_the_exported_predictor_predicts_what_the_checkpoint_predicts(run):
   images = run["images"] + [_odd_image(run["folder"])]
   expected = predictor_lib.Predictor.from_workdir(
       run["hp"], str(run["folder"] / "workdir"), devices=jax.local_devices()[:1],
       per_device_batch=1).predict_batch(images)
-  exported = predictor_lib.Predictor.from_export(str(run["out"]))
+  exported = export_lib.ExportedPredictor(str(run["out"]))
   assert isinstance(exported, predictor_lib.Predictor) and exported.step == 7
   got = exported.predict_batch(images)
   assert got[-1].panoptic.shape == (77, 201)
@@ -118,7 +118,7 @@ def test_the_serving_script_needs_no_ciae_jax(run, tmp_path):
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600,
                           check=False)
   assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-  expected = predictor_lib.Predictor.from_export(str(run["out"]))(str(image))
+  expected = export_lib.ExportedPredictor(str(run["out"]))(str(image))
   id_map = panoptic_png.read_panoptic_png(tmp_path / "out.png")
   np.testing.assert_array_equal(id_map, expected.panoptic)
   segments = json.loads((tmp_path / "out.json").read_text())["segments_info"]
@@ -127,7 +127,7 @@ def test_the_serving_script_needs_no_ciae_jax(run, tmp_path):
 
 def test_bad_exports_are_named(run, tmp_path):
   with pytest.raises(FileNotFoundError, match="export.json"):
-    predictor_lib.Predictor.from_export(str(tmp_path))
+    export_lib.ExportedPredictor(str(tmp_path))
   copy = tmp_path / "copy"
   shutil.copytree(run["out"], copy)
   manifest = json.loads((copy / "export.json").read_text())
@@ -135,7 +135,7 @@ def test_bad_exports_are_named(run, tmp_path):
   (copy / "export.json").write_text(json.dumps(manifest))
   with pytest.raises(ValueError, match="format_version"):
     export_lib.read_manifest(str(copy))
-  exported = predictor_lib.Predictor.from_export(str(run["out"]))
+  exported = export_lib.ExportedPredictor(str(run["out"]))
   with pytest.raises(ValueError, match="canvas"):
     exported.program((64, 64))
   code = subprocess.run([sys.executable, "-I", str(REPO_ROOT / "examples" / "serve_exported.py"),
