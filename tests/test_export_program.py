@@ -79,7 +79,7 @@ def test_the_exported_predictor_predicts_what_the_checkpoint_predicts(run):
       run["hp"], str(run["folder"] / "workdir"), devices=jax.local_devices()[:1],
       per_device_batch=1).predict_batch(images)
   exported = export_lib.ExportedPredictor(str(run["out"]))
-  assert isinstance(exported, predictor_lib.Predictor) and exported.step == 7
+  assert isinstance(exported, predictor_lib.BasePredictor) and exported.step == 7
   got = exported.predict_batch(images)
   assert got[-1].panoptic.shape == (77, 201)
   for want, have in zip(expected, got):
