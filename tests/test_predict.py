@@ -27,6 +27,7 @@ from ciae_jax.evaluation import image_inputs
 from ciae_jax.evaluation import pq as pq_lib
 from ciae_jax.evaluation import predict_files
 from ciae_jax.evaluation import runner
+import test_reliability_helpers as rh
 import xla_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -300,3 +301,35 @@ def test_the_documented_commands_run_as_written(user_folder):
       a["segments_info"] for a in info["annotations"]]
   assert len(list((user_folder / "predictions" / "val" / "overlays").glob("*.jpg"))) == 2
   assert re.search(r"All\s+\|", outputs[-1]), outputs[-1][-2000:]  # The PQ table.
+
+
+def test_two_processes_write_what_one_process_writes(run, tmp_path):
+  """`--coordinator_address ... --num_processes=2`: each process (1 device, 1 image per call)
+  predicts its rows of every batch in lockstep; the files equal those of one process with the
+  same per-call arithmetic (an in-process run on 1 device, 1 image per call), byte for byte."""
+  out = tmp_path / "two"
+  args = [*_checkpoint_flags(run), "--config.inference.per_device_batch=1",
+          f"--input={run['photos']}", f"--output_dir={out}"]
+  port = rh.free_port()
+  env = xla_flags.env_with_device_count(1, JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+                                        CIAE_JAX_CACHE="0")
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "ciae_jax.predict", *args, f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={index}"], cwd=REPO_ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+  for process in processes:
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-4000:]
+    assert "4 images predicted, 0 already written, 0 failed" in output, output[-2000:]
+  predictor = predictor_lib.Predictor.from_restored(run["hp"], run["restored"],
+                                                    devices=jax.local_devices()[:1],
+                                                    per_device_batch=1)
+  one = tmp_path / "one"
+  predict_files.predict_files(predictor, image_inputs.list_images(str(run["photos"])), str(one))
+  assert (out / predict_files.PREDICTIONS_JSON).read_bytes() == (
+      one / predict_files.PREDICTIONS_JSON).read_bytes()
+  names = sorted(p.name for p in (one / predict_files.PNG_FOLDER).iterdir())
+  assert names == sorted(p.name for p in (out / predict_files.PNG_FOLDER).iterdir())
+  for name in names:
+    assert ((out / predict_files.PNG_FOLDER / name).read_bytes()
+            == (one / predict_files.PNG_FOLDER / name).read_bytes()), name
