@@ -15,17 +15,18 @@ image-info JSON (`images` with `id`, `file_name`, `height`, `width`, e.g.
 `image_info_test-dev2017.json`) whose images are read from `--image_dir`. Image ids are the
 JSON's; a folder's or a glob's images are numbered 1, 2, ... in sorted file-name order.
 
-Writes, under `--output_dir` OUT, what `evaluate.py` writes: `panoptic_predictions.json`
-(COCO panoptic `annotations`, `images`, `categories`; written atomically at the end) and
-`panoptic_predictions/<stem>.png`; with `--overlays`, `overlays/<stem>.jpg` (segments and
-boxes over each image). Predicts on every local device (`--config.inference.per_device_batch`
-images each per call; an export takes its own batch size on one device), and on several hosts
-with the multi-host flags of evaluate.py (`--multihost`, or `--coordinator_address=HOST:PORT
---num_processes=N --process_id=I`; OUT on a filesystem all hosts see). Logs images/s and the
-time left. An image that cannot be read is named and counted, the others are predicted, and the
-command exits with status 1 at the end (`OUT/failed_images.json` lists them). Run it again into
-the same OUT to resume: images already written are skipped (`ciae_jax/evaluation/
-predict_files.py`).
+Writes, under `--output_dir` OUT, the panoptic files `evaluate.py` writes:
+`panoptic_predictions.json` (COCO panoptic `annotations`, `images`, `categories`; written
+atomically at the end) and `panoptic_predictions/<stem>.png`; with `--overlays`,
+`overlays/<stem>.jpg` (segments and boxes over each image). Predicts on every local device
+(`--config.inference.per_device_batch` images each per call; an export takes its own batch size
+on one device), and on several hosts with the multi-host flags of evaluate.py (`--multihost`, or
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`; OUT on a filesystem all
+hosts see). Logs images/s and the time left. An image that cannot be read is named and counted,
+the others are predicted, and the command exits with status 1 at the end
+(`OUT/failed_images.json` lists them). Run it again into the same OUT to resume: images already
+written are skipped. The library: `ciae_jax/evaluation/predict_files.py`; the guide:
+docs/predict.md.
 """
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def check_arguments() -> list:
     if _CONFIG.value is None:
       raise app.UsageError("--workdir needs --config (the training config)")
     launch.check_checkpoint(_WORKDIR.value, _STEP.value)
+  elif _CONFIG.value is not None or _STEP.value is not None:
+    raise app.UsageError("--export takes no --config or --checkpoint_step (the export holds "
+                         "its model, preprocessing and categories)")
   elif not os.path.isfile(os.path.join(_EXPORT.value, "export.json")):
     raise app.UsageError(f"--export {_EXPORT.value}: no export.json there (export first: "
                          "python -m ciae_jax.export --config ... --workdir ... --output DIR)")

@@ -241,6 +241,9 @@ def test_wrong_arguments_are_named_before_anything_runs(run, tmp_path):
   code, output = _cli([f"--export={tmp_path}", f"--input={run['photos']}",
                        f"--output_dir={tmp_path / 'out'}"])
   assert code != 0 and "no export.json" in output, output[-2000:]
+  code, output = _cli([f"--export={tmp_path}", f"--config={CONFIG}", f"--input={run['photos']}",
+                       f"--output_dir={tmp_path / 'out'}"])
+  assert code != 0 and "--export takes no --config" in output, output[-2000:]
   assert "xla_bridge" not in output and not (tmp_path / "out").exists()
 
 
