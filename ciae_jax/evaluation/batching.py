@@ -71,6 +71,10 @@ def load_batches(plan: Sequence[PlannedBatch], load: Callable[[int], Any],
 class Progress:
   """Images done, images/s and the time left, logged by process 0 every `every` images.
 
+  The rate is measured from the end of the first batch on: the first call compiles the program
+  of its canvas (seconds to minutes), which would make the first lines' estimates of the time
+  left many times too long. Until a second batch is done it is the rate over the first.
+
   Args:
     total: images to do.
     every: a line every N images (and at the end).
@@ -80,14 +84,19 @@ class Progress:
   def __init__(self, total: int, every: int, label: str = "evaluation"):
     self.total, self.every, self.label, self.done = total, max(1, every), label, 0
     self.start = time.time()
+    self.first: tuple[float, int] | None = None  # (time, images) at the end of the first batch
 
   def update(self, images: int) -> None:
     before, self.done = self.done, self.done + images
+    now = time.time()
+    if self.first is None and images:
+      self.first = (now, self.done)
     if jax.process_index() or not images:
       return
     if self.done // self.every == before // self.every and self.done != self.total:
       return
-    rate = self.done / max(time.time() - self.start, 1e-9)
+    since, done_then = self.first if self.done > self.first[1] else (self.start, 0)
+    rate = (self.done - done_then) / max(now - since, 1e-9)
     left = (self.total - self.done) / max(rate, 1e-9)
     logging.info("%s: %d/%d images (%.1f images/s, %d s left)", self.label, self.done,
                  self.total, rate, round(left))
