@@ -157,6 +157,35 @@ def display_scale(height: int, width: int, min_side: int = MIN_SIDE) -> int:
   return max(1, math.ceil(min_side / max(height, width)))
 
 
+def _scaled_overlay(image: np.ndarray, prediction: Any, categories: Any, min_score: float,
+                    min_side: int) -> tuple[np.ndarray, np.ndarray]:
+  """(the image, the segments and boxes over it), both scaled by `display_scale`."""
+  scale = display_scale(*image.shape[:2], min_side)
+  height, width = image.shape[0] * scale, image.shape[1] * scale
+  big = np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
+  id_map = np.repeat(np.repeat(prediction.panoptic, scale, 0), scale, 1)  # [H, W]
+  colours = dict(zip(categories.coco_ids, categories.colors))
+  names = dict(zip(categories.coco_ids, categories.names))
+  things = frozenset(c for c, t in zip(categories.coco_ids, categories.isthing) if t)
+  boxes = [dict(d, bbox=[v * scale for v in d["bbox"]]) for d in prediction.detections
+           if d["score"] >= min_score]
+  return big, draw_panoptic(big, id_map, prediction.segments_info, colours, names, things, boxes)
+
+
+def overlay(image: np.ndarray, prediction: Any, categories: Any, *, min_score: float = 0.0,
+            min_side: int = MIN_SIDE) -> np.ndarray:
+  """The panoptic segments over the image, with the boxes scored `min_score` or more (the
+  middle picture of `panel`), scaled up by an integer factor to at least `min_side`.
+
+  Args:
+    image, prediction, categories, min_score, min_side: as `panel`'s (the embedding is unused).
+
+  Returns:
+    `[H, W, 3]` uint8.
+  """
+  return _scaled_overlay(image, prediction, categories, min_score, min_side)[1]
+
+
 def panel(image: np.ndarray, prediction: Any, categories: Any, *, min_score: float = 0.0,
           min_side: int = MIN_SIDE) -> np.ndarray:
   """input | panoptic | embedding PCA, side by side with titles (one row of paper Fig. 5).
@@ -172,18 +201,9 @@ def panel(image: np.ndarray, prediction: Any, categories: Any, *, min_score: flo
   Returns:
     `[H, W, 3]` uint8.
   """
-  scale = display_scale(*image.shape[:2], min_side)
-  height, width = image.shape[0] * scale, image.shape[1] * scale
-  big = np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
-  id_map = np.repeat(np.repeat(prediction.panoptic, scale, 0), scale, 1)  # [H, W]
-  colours = dict(zip(categories.coco_ids, categories.colors))
-  names = dict(zip(categories.coco_ids, categories.names))
-  things = frozenset(c for c, t in zip(categories.coco_ids, categories.isthing) if t)
-  boxes = [dict(d, bbox=[v * scale for v in d["bbox"]]) for d in prediction.detections
-           if d["score"] >= min_score]
-  pictures = [("input", big), (f"panoptic ({len(prediction.segments_info)} segments)",
-                               draw_panoptic(big, id_map, prediction.segments_info, colours,
-                                             names, things, boxes))]
+  big, drawn = _scaled_overlay(image, prediction, categories, min_score, min_side)
+  height, width = big.shape[:2]
+  pictures = [("input", big), (f"panoptic ({len(prediction.segments_info)} segments)", drawn)]
   if prediction.embedding is not None:
     pca = embedding_pca_rgb(prediction.embedding)  # [h, w, 3] input resolution
     pictures.append(("embedding PCA", np.asarray(

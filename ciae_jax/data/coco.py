@@ -201,7 +201,7 @@ def _index_images(data: dict[str, Any], json_path: str
   return images, annotations
 
 
-def _read_rgb(path: str, image_id: int, what: str) -> np.ndarray:
+def read_rgb(path: str, image_id: int, what: str) -> np.ndarray:
   """Reads an image file as uint8 RGB; ValueError naming file and image id."""
   if not os.path.isfile(path):
     raise ValueError(f"{path}: {what} missing (image id {image_id})")
@@ -235,8 +235,8 @@ def decode_example(record: ImageRecord,
       an unknown category id.
   """
   iid = record.image_id
-  image = _read_rgb(record.image_path, iid, "image")  # [h, w, 3]
-  pan = _read_rgb(record.png_path, iid, "panoptic PNG")  # [h, w, 3]
+  image = read_rgb(record.image_path, iid, "image")  # [h, w, 3]
+  pan = read_rgb(record.png_path, iid, "panoptic PNG")  # [h, w, 3]
   if image.shape != pan.shape:
     raise ValueError(f"{record.png_path}: size {pan.shape[:2]} differs from "
                      f"image {record.image_path} {image.shape[:2]} (image id "

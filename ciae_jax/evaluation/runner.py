@@ -7,23 +7,22 @@ folder and prepared on the host as the demo prepares them (`ciae_jax.preprocess`
 predicted data-parallel: one program per canvas, `inference.per_device_batch` images per
 device and call.
 
-With several processes every process runs the same plan of global batches (`eval_plan`: the
-images grouped by canvas, in image-id order, the last batch of each canvas padded with blank
-rows) and predicts its slice of each: the program spans all devices, so the processes must make
-the same calls. Each process scores its own images (PQ counts, COCO annotation, detections) and
-writes their PNGs into the one output folder (file names are the images', so processes never
-clash); `gather.all_gather` brings the per-image results to every process, and process 0 adds
-the PQ counts in image-id order (the same float sums for any number of hosts and devices),
-computes box AP and writes the JSON files; `gather.broadcast` gives its metrics to all.
+With several processes every process runs the same plan of global batches
+(`batching.eval_plan`: the images grouped by canvas, in image-id order, the last batch of each
+canvas padded with blank rows) and predicts its slice of each: the program spans all devices,
+so the processes must make the same calls. Each process scores its own images (PQ counts, COCO
+annotation, detections) and writes their PNGs into the one output folder (file names are the
+images', so processes never clash); `gather.all_gather` brings the per-image results to every
+process, and process 0 adds the PQ counts in image-id order (the same float sums for any number
+of hosts and devices), computes box AP and writes the JSON files; `gather.broadcast` gives its
+metrics to all.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import os
-import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from absl import logging
 import jax
@@ -36,6 +35,7 @@ from ciae_jax import preprocess
 from ciae_jax import visualize
 from ciae_jax.data import coco
 from ciae_jax.data import dataset as dataset_lib
+from ciae_jax.evaluation import batching
 from ciae_jax.evaluation import box_ap as box_ap_lib
 from ciae_jax.evaluation import coco_format
 from ciae_jax.evaluation import gather
@@ -46,32 +46,6 @@ from ciae_jax.models import ciae as ciae_model
 def make_predict_fn(model: ciae_model.CIAE, hp: hparams.HParams, num_stuff: int) -> Any:
   """`predictor.predict_fn` jitted for one device: `(variables, memory, batch) -> results`."""
   return jax.jit(predictor_lib.predict_fn(model, hp, num_stuff))
-
-
-@dataclasses.dataclass(frozen=True)
-class PlannedBatch:
-  """One global batch: a canvas and, per global row, an index into the records (or None)."""
-  canvas: tuple[int, int]
-  rows: tuple[int | None, ...]
-
-  def local(self, rows_per_process: int, process: int) -> tuple[int | None, ...]:
-    return self.rows[process * rows_per_process:(process + 1) * rows_per_process]
-
-
-def eval_plan(sizes: Sequence[tuple[int, int]], preprocessor: preprocess.Preprocessor, *,
-              rows_per_process: int, num_processes: int) -> list[PlannedBatch]:
-  """Global batches over images of original `sizes`: grouped by canvas (canvases in the order
-  of `preprocessor.canvases`), images in their order, each canvas's last batch padded."""
-  by_canvas: dict[tuple[int, int], list[int]] = {c: [] for c in preprocessor.canvases}
-  for index, size in enumerate(sizes):
-    by_canvas[preprocessor.plan(size)[0]].append(index)
-  global_rows = rows_per_process * num_processes
-  plan = []
-  for canvas, indices in by_canvas.items():
-    for start in range(0, len(indices), global_rows):
-      rows = indices[start:start + global_rows]
-      plan.append(PlannedBatch(canvas, tuple(rows) + (None,) * (global_rows - len(rows))))
-  return plan
 
 
 class GroundTruth:
@@ -126,9 +100,10 @@ def evaluate(hp: hparams.HParams, *, variables: Any, memory: Any,
                    rows_per_process=predictor.rows_per_call, num_processes=jax.process_count())
   png_folder = os.path.join(output_dir, "panoptic_predictions") if output_dir else None
   scorer = _Scorer(predictor, ground_truth, categories, png_folder, hp.dataset.max_segments)
-  progress = _Progress(len(records), log_every)
+  progress = batching.Progress(len(records), log_every)
   results, pictures = [], {}
-  for batch, items in _load_batches(plan, records, scorer, predictor.rows_per_call):
+  for batch, items in batching.load_batches(plan, lambda r: scorer.load(records[r]),
+                                            predictor.rows_per_call):
     want_pictures = len(pictures) < num_pictures and jax.process_index() == 0
     raws = predictor.run(batch.canvas, [i and i.prepared for i in items],
                          segments=[i and i.segments for i in items],
@@ -230,47 +205,6 @@ class _Scorer:
     prediction = self.predictor.to_prediction(raw, item.prepared)
     return visualize.panel(item.example["image"], prediction, self.categories,
                            min_score=self.predictor.hp.inference.instance_score_thresh)
-
-
-def _load_batches(plan: Sequence[PlannedBatch], records: Sequence[coco.ImageRecord],
-                  scorer: _Scorer, rows_per_process: int
-                  ) -> Iterator[tuple[PlannedBatch, list[_Item | None]]]:
-  """This process's rows of each planned batch, loaded in threads one batch ahead (PIL and
-  NumPy release the GIL while the devices predict the previous batch)."""
-  process = jax.process_index()
-  workers = min(16, os.cpu_count() or 1)
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
-      concurrent.futures.ThreadPoolExecutor(1) as ahead:
-
-    def load(batch):
-      rows = batch.local(rows_per_process, process)
-      return list(pool.map(lambda r: None if r is None else scorer.load(records[r]), rows))
-
-    pending = ahead.submit(load, plan[0]) if plan else None
-    for index, batch in enumerate(plan):
-      items = pending.result()
-      if index + 1 < len(plan):
-        pending = ahead.submit(load, plan[index + 1])
-      yield batch, items
-
-
-class _Progress:
-  """Images done, images/s and the time left, on process 0."""
-
-  def __init__(self, total: int, every: int):
-    self.total, self.every, self.done = total, max(1, every), 0
-    self.start = time.time()
-
-  def update(self, images: int) -> None:
-    before, self.done = self.done, self.done + images
-    if jax.process_index() or not images:
-      return
-    if self.done // self.every == before // self.every and self.done != self.total:
-      return
-    rate = self.done / max(time.time() - self.start, 1e-9)
-    left = (self.total - self.done) / max(rate, 1e-9)
-    logging.info("evaluation: %d/%d images (%.1f images/s, %d s left)", self.done, self.total,
-                 rate, round(left))
 
 
 def _combine(gathered: list[dict[str, Any]], ground_truth: GroundTruth, gt_json: str, *,

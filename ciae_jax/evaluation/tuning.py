@@ -32,6 +32,7 @@ from ciae_jax import parallel
 from ciae_jax import preprocess
 from ciae_jax.data import coco
 from ciae_jax.data import dataset as dataset_lib
+from ciae_jax.evaluation import batching
 from ciae_jax.evaluation import coco_format
 from ciae_jax.evaluation import pq as pq_lib
 from ciae_jax.evaluation import runner
@@ -202,7 +203,7 @@ def tune(hp: hparams.HParams, *, variables: Any, memory: Any, grid: Grid,
   preprocessor = preprocess.Preprocessor(dataset)
   settings = grid.settings()
   accumulators = [pq_lib.PQAccumulator(ground_truth.categories) for _ in settings]
-  plan = runner.eval_plan([(r.height, r.width) for r in records], preprocessor,
+  plan = batching.eval_plan([(r.height, r.width) for r in records], preprocessor,
                           rows_per_process=programs.rows, num_processes=1)
   progress = _Progress(len(records) * len(settings), log_every_s)
   logging.info("tuning: %d settings on %d held-out train images (ids %d..%d)", len(settings),
