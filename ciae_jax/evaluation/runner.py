@@ -96,7 +96,7 @@ def evaluate(hp: hparams.HParams, *, variables: Any, memory: Any,
   model = ciae_model.build_model(hp.model, categories.num_things, categories.num_stuff)
   predictor = predictor_lib.Predictor(hp, model=model, variables=variables, memory=memory,
                                       categories=categories, devices=devices)
-  plan = eval_plan([(r.height, r.width) for r in records], predictor.preprocessor,
+  plan = batching.eval_plan([(r.height, r.width) for r in records], predictor.preprocessor,
                    rows_per_process=predictor.rows_per_call, num_processes=jax.process_count())
   png_folder = os.path.join(output_dir, "panoptic_predictions") if output_dir else None
   scorer = _Scorer(predictor, ground_truth, categories, png_folder, hp.dataset.max_segments)
