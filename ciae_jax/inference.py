@@ -76,17 +76,6 @@ def _check_memory(memory: Any, num_stuff: int, embed_dim: int) -> Array:
   return memory
 
 
-def first_argmax(values: Array, axis: int = -1) -> Array:
-  """`jnp.argmax(values, axis)` (first index of the maximum; a NaN counts as the maximum) from
-  a max and a min reduction, which XLA:CPU vectorises, where argmax's (value, index) reduction
-  runs one element at a time."""
-  axis = axis % values.ndim
-  maximum = jnp.max(values, axis=axis, keepdims=True)
-  index = lax.broadcasted_iota(jnp.int32, values.shape, axis)
-  hit = (values == maximum) | jnp.isnan(values)
-  return jnp.min(jnp.where(hit, index, values.shape[axis]), axis=axis)
-
-
 def assign_pixels(
     embedding: Array,
     stuff_queries: Array,
@@ -132,7 +121,9 @@ def assign_pixels(
     # Paper IV-B: outside its box, a pixel's similarity to an instance is 0 (not -inf).
     similarity = jnp.where(in_box, similarity, outside_box_similarity)  # [R, W, Q]
     similarity = jnp.where(usable, similarity, -jnp.inf)  # [R, W, Q]
-    return first_argmax(similarity, axis=-1)  # [R, W]
+    return platforms.switch(
+        "argmax_reductions", similarity, fast=functools.partial(assign.first_argmax, axis=-1),
+        plain=functools.partial(jnp.argmax, axis=-1))  # [R, W]
 
   if band_elements is not None:
     assignment = assign.assign_in_bands(assign_rows, embedding, row_in, band_elements)

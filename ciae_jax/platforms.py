@@ -71,6 +71,10 @@ FAST_PATHS: dict[str, FastPath] = {
         _CPU, "ciae_jax.fast_paths.assign",
         "pixel assignment in row bands that stay in cache: 2.7x faster at 512 x 768 on CPU",
         "tests/test_inference.py"),
+    "argmax_reductions": FastPath(
+        _CPU, "ciae_jax.fast_paths.assign",
+        "the assignment's argmax as a max and a min reduction, which XLA:CPU vectorises",
+        "tests/test_inference.py"),
     "loss_small_chunks": FastPath(
         _CPU, "ciae_jax.losses.engine",
         "CIAE loss in chunks of 1024 pixels (cache-sized) instead of 65536",

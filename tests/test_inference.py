@@ -566,7 +566,7 @@ def test_first_argmax_equals_argmax(axis):
   values[2, 2, 2] = np.nan
   values[3, :, 4] = np.inf
   values[4, 3, :] = np.nan
-  np.testing.assert_array_equal(np.asarray(jax.jit(inference.first_argmax, static_argnums=1)(
+  np.testing.assert_array_equal(np.asarray(jax.jit(assign.first_argmax, static_argnums=1)(
       values, axis)), np.argmax(values, axis=axis))
 
 

@@ -48,3 +48,14 @@ def assign_in_bands(assign_rows: Callable[[Array, Array], Array], embedding: Arr
   assignment = lax.map(lambda band: assign_rows(*band),
                        (banded_embedding, banded_row_in))  # [N, R, W]
   return assignment.reshape(num_bands * rows, num_cols)[:num_rows]  # [H, W]
+
+
+def first_argmax(values: Array, axis: int = -1) -> Array:
+  """`jnp.argmax(values, axis)` (first index of the maximum; a NaN counts as the maximum) from
+  a max and a min reduction, which XLA:CPU vectorises, where argmax's (value, index) reduction
+  runs one element at a time."""
+  axis = axis % values.ndim
+  maximum = jnp.max(values, axis=axis, keepdims=True)
+  index = lax.broadcasted_iota(jnp.int32, values.shape, axis)
+  hit = (values == maximum) | jnp.isnan(values)
+  return jnp.min(jnp.where(hit, index, values.shape[axis]), axis=axis)
