@@ -7,6 +7,7 @@ single pass (no accumulation loop); the memory plan of 16 images in 8 micro-batc
 near that of 2 images; bad values are HParamsErrors naming the field.
 """
 import functools
+import shutil
 
 import jax
 import numpy as np
@@ -22,6 +23,7 @@ from ciae_jax.training import accumulate
 from ciae_jax.training import loop
 from ciae_jax.training import workdir as workdir_lib
 import test_train_helpers as helpers
+import test_train_resume
 
 NUM_DEVICES = 2
 PER_DEVICE = 2
@@ -165,3 +167,21 @@ def test_a_record_without_the_field_still_resumes():
   assert workdir_lib.config_differences(
       dict(saved, grad_accum_steps=1), current) == []
   assert workdir_lib.config_differences(dict(saved, batch_size=8), current)
+
+
+@pytest.mark.slow  # Two short runs of the loop on the tiny model: ~2-3 min of CPU.
+def test_resume_with_micro_batches_is_bit_exact(tmp_path):
+  # The loop with 2 micro-batches per device: a run resumed from its step-2 checkpoint ends with
+  # exactly the state of the uninterrupted run (checkpoints fall between updates), and the
+  # input restarts at update 2 (the batches of K = 1: one global batch per update).
+  config = test_train_resume._config(tmp_path).replace(  # pylint: disable=protected-access
+      batch_size=2 * jax.local_device_count(), grad_accum_steps=2)
+  input_a, input_b = test_train_resume.FakeInput(), test_train_resume.FakeInput()
+  final_a = loop.train_and_evaluate(config, str(tmp_path / "a"), input_fn=input_a,
+                                    evaluate_fn=test_train_resume.FakeEvaluate())
+  shutil.copytree(tmp_path / "a" / "checkpoints" / "2", tmp_path / "b" / "checkpoints" / "2")
+  final_b = loop.train_and_evaluate(config, str(tmp_path / "b"), input_fn=input_b,
+                                    evaluate_fn=test_train_resume.FakeEvaluate())
+  runs = dict(final_a=final_a, final_b=final_b, input_a=input_a, input_b=input_b)
+  test_train_resume._check_resume_is_bit_exact(runs)  # pylint: disable=protected-access
+  test_train_resume._check_input_continues_where_the_run_stopped(runs)  # pylint: disable=protected-access
