@@ -20,10 +20,15 @@ things. Skipped with a printed line when torch or torchvision is not installed.
   python benchmarks/train_speed.py                               # R50, 2 x 800 x 1344 per device
   python benchmarks/train_speed.py --size 256,384 --backbone resnet18 --steps 2  # CPU
   python benchmarks/train_speed.py --compile_only                # XLA's memory plan only
+  python benchmarks/train_speed.py --compile_only --per_device_batch 16 --grad_accum_steps 8
+                                   # the paper's batch of 16 on one device, 8 micro-batches of 2
 
-`--pad_multiple` (default 32, the smallest the network takes; FCOS targets use ceil-sized
-levels) pads `--size` up. Without ml_collections / clu (the GPU image) the step is bound from
-`ciae_jax.training.step.train_step`'s paper defaults instead of the config, and a line says so.
+`--grad_accum_steps K` (`config.grad_accum_steps`) splits each device's `--per_device_batch`
+images into K micro-batches whose gradients are summed before the one update
+(`ciae_jax.training.accumulate`). `--pad_multiple` (default 32, the smallest the network
+takes; FCOS targets use ceil-sized levels) pads `--size` up. Without ml_collections / clu (the
+GPU image) the step is bound from `ciae_jax.training.step.train_step`'s paper defaults instead
+of the config, and a line says so.
 Prints a table and a one-line JSON summary (`train_speed {...}`). Imports no TensorFlow.
 """
 from __future__ import annotations
@@ -50,10 +55,11 @@ TOTAL_STEPS = 90_000  # The paper's schedule (sets the memory momentum; no effec
 
 
 def make_step(model: ciae_model.CIAE, params: Any, *, global_batch: int, loss_stride: int = 1,
-              loss_kind: str = "ciae", loss_params: dict[str, Any] | None = None
-              ) -> tuple[Callable, Any, str]:
+              loss_kind: str = "ciae", loss_params: dict[str, Any] | None = None,
+              grad_accum_steps: int = 1) -> tuple[Callable, Any, str]:
   """(per-device step, optimizer, where it came from) with the paper's hyper-parameters."""
   hp = hparams.HParams(batch_size=global_batch, total_steps=TOTAL_STEPS,
+                       grad_accum_steps=grad_accum_steps,
                        loss=hparams.LossHParams(loss_stride=loss_stride, kind=loss_kind,
                                                 params=loss_params or {}))
   optimizer, schedule = optim.create(hp.optimizer, params, batch_size=hp.batch_size)
@@ -69,7 +75,8 @@ def bench_ours(args: argparse.Namespace, dtype: str, size: tuple[int, int]) -> d
   params, model_state = ciae_model.split_variables(common.init_variables(model))
   step, optimizer, source = make_step(model, params, global_batch=global_batch,
                                       loss_stride=args.loss_stride, loss_kind=args.loss_kind,
-                                      loss_params=args.loss_params)
+                                      loss_params=args.loss_params,
+                                      grad_accum_steps=args.grad_accum_steps)
   memory = memory_lib.init_memory(jax.random.PRNGKey(1), common.NUM_STUFF + 1,
                                   model.hp.embed_dim)  # [M, D]
   host_state = train_state_lib.create_train_state(
@@ -87,7 +94,8 @@ def bench_ours(args: argparse.Namespace, dtype: str, size: tuple[int, int]) -> d
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   result = {"dtype": dtype, "step_source": source, "devices": devices,
-            "global_batch": global_batch, "compile_s": time.perf_counter() - start,
+            "global_batch": global_batch, "grad_accum_steps": args.grad_accum_steps,
+            "compile_s": time.perf_counter() - start,
             "xla_memory_plan": common.compiled_memory(compiled)}
   if args.compile_only:
     return result
@@ -207,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       help="config.loss.kind: a shipped per-pixel loss or module:function")
   parser.add_argument("--loss_params", type=json.loads, default={},
                       help="config.loss.params as JSON, e.g. '{\"temperature\": 0.05}'")
+  parser.add_argument("--grad_accum_steps", type=int, default=1,
+                      help="config.grad_accum_steps: micro-batches per device and update")
   parser.add_argument("--compile_only", action="store_true",
                       help="compile the step and print XLA's memory plan; run nothing")
   parser.add_argument("--skip_peer", action="store_true")
@@ -218,8 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   size = common.round_up(args.size, args.pad_multiple)
   info = common.device_info()
   print(f"train speed: {args.backbone}, {args.per_device_batch} x {size[0]}x{size[1]} per "
-        f"device, {args.parallel}, {args.repeats} runs of {args.steps} steps after "
-        f"{args.warmup} warm-up steps; {info}")
+        f"device in {args.grad_accum_steps} micro-batch(es), {args.parallel}, {args.repeats} "
+        f"runs of {args.steps} steps after {args.warmup} warm-up steps; {info}")
 
   ours = {dtype: bench_ours(args, dtype, size) for dtype in dtypes}
   peer = None
@@ -253,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
                       "parallel": args.parallel, "loss_stride": args.loss_stride,
                       "loss_kind": args.loss_kind, "loss_params": args.loss_params,
+                      "grad_accum_steps": args.grad_accum_steps,
                       "conv_kernel_grad": args.conv_kernel_grad},
              "info": info, "ours": ours, "peer": peer,
              "ratio_images_per_s": {

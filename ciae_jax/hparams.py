@@ -311,7 +311,9 @@ class HParams(_Group):
   seed: int = 0
   parallel: str = "pmap"  # or "shard_map": the same step under jax.shard_map + jax.jit.
   total_steps: int = 90_000
-  batch_size: int = 16  # Global, over all devices and hosts.
+  batch_size: int = 16  # Global, over all devices and hosts: the images of one update.
+  # Micro-batches per device and update, their gradients summed (`training.accumulate`).
+  grad_accum_steps: int = 1
   log_every_steps: int = 50
   checkpoint_every_steps: int = 5_000
   keep_checkpoints: int = 3
@@ -340,6 +342,9 @@ class HParams(_Group):
              f"must be one of {PARALLEL_MODES}, got {self.parallel!r}")
     _require(self.total_steps > 0, "total_steps", f"must be > 0, got {self.total_steps}")
     _require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+    _require(self.grad_accum_steps >= 1 and not self.batch_size % self.grad_accum_steps,
+             "grad_accum_steps", f"must be >= 1 and divide batch_size {self.batch_size}, got "
+             f"{self.grad_accum_steps}")
     _require(self.log_every_steps > 0, "log_every_steps",
              f"must be > 0, got {self.log_every_steps}")
     _require(self.checkpoint_every_steps > 0, "checkpoint_every_steps",

@@ -30,6 +30,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # on the main job or the COCO overfit (docs/results.md "Eq. 6", docs/method.md);
   # `--config.loss.params.include_own=False` trains the other reading.
   config = config_lib.base_config()
+  # The paper's global batch of 16 per update. On fewer devices than it was trained on
+  # (e.g. one GPU), `--config.grad_accum_steps=8` runs it as 8 micro-batches of 2 per update:
+  # the same updates at about the memory of a batch of 2 (docs/architecture.md).
+  config.batch_size = 16
+  config.grad_accum_steps = 1
   if "r101" in variants:
     config.model.backbone = "resnet101"
   if "long" in variants:

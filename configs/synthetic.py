@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.total_steps = 1800
   config.batch_size = 8
+  config.grad_accum_steps = 1  # Micro-batches per device and update.
   config.log_every_steps = 20
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2

@@ -114,7 +114,8 @@ def numpy_params(model: ciae_model.CIAE, seed: int = 0) -> Any:
   return jax.tree_util.tree_map_with_path(init, shapes)
 
 
-def initial_state(model: ciae_model.CIAE, *, lr: float = 0.01, seed: int = 0):
+def initial_state(model: ciae_model.CIAE, *, lr: float = 0.01, seed: int = 0,
+                  grad_accum_steps: int = 1):
   """(host TrainState at step 0, per-device step function) for the tiny model."""
   params = numpy_params(model, seed)
   optimizer, schedule = optim.create(OPTIMIZER.replace(lr=lr), params, batch_size=1)
@@ -124,20 +125,21 @@ def initial_state(model: ciae_model.CIAE, *, lr: float = 0.01, seed: int = 0):
                   jnp.float32))  # [M, D]
   state = train_state_lib.create_train_state(params=params, optimizer=optimizer, memory=memory,
                                              rng=jax.random.PRNGKey(seed))
-  step_fn = step_lib.make_train_step(STEP_HPARAMS, model, optimizer, schedule,
-                                     num_stuff=NUM_STUFF)
+  step_fn = step_lib.make_train_step(STEP_HPARAMS.replace(grad_accum_steps=grad_accum_steps),
+                                     model, optimizer, schedule, num_stuff=NUM_STUFF)
   return jax.device_get(state), step_fn
 
 
-def step_runner(mode: str, num_devices: int, per_device: int):
-  """One compiled step of the tiny model under `mode` on the first `num_devices` devices.
+def step_runner(mode: str, num_devices: int, per_device: int, grad_accum_steps: int = 1):
+  """One compiled step of the tiny model under `mode` on the first `num_devices` devices,
+  each device's `per_device` images in `grad_accum_steps` micro-batches.
 
   Returns `run(host_state, t) -> (device state, host metrics)`: the state (a host TrainState
   after t - 1 steps) is replicated, then one step runs on `make_batch(t - 1, (num_devices *
   per_device,))` split over the devices, so runs that split the same global batch differently
   see the same images at step t.
   """
-  _, step_fn = initial_state(tiny_model())
+  _, step_fn = initial_state(tiny_model(), grad_accum_steps=grad_accum_steps)
   devices = jax.devices()[:num_devices]
   mesh = parallel.make_mesh(devices)
   run_step = parallel.parallelize(step_fn, parallel=mode, mesh=mesh, devices=devices)

@@ -79,6 +79,33 @@ def expanded_box_mask(centre_x: Array, centre_y: Array, seg_box: Array,
   return (x_lo <= cx) & (cx <= x_hi) & (y_lo <= cy) & (cy <= y_hi)  # [P, S]
 
 
+def _loss_pixels(segment_map: Array, seg_class: Array, seg_is_thing: Array, seg_is_crowd: Array,
+                 seg_valid: Array, loss_stride: int, stuff_pixels: bool) -> Tuple[Array, ...]:
+  """(segment row, valid, class, is_thing), each `[P]`, of the loss pixels `[::s, ::s]`."""
+  pixel_seg = segment_map[::loss_stride, ::loss_stride].reshape(-1).astype(jnp.int32)  # [P]
+  row = jnp.maximum(pixel_seg - 1, 0)  # [P] segment row (garbage on void, masked below)
+  valid = (pixel_seg > 0) & seg_valid[row] & ~seg_is_crowd[row]  # [P]
+  pixel_class = seg_class.astype(jnp.int32)[row]  # [P]
+  pixel_is_thing = seg_is_thing[row]  # [P]
+  if not stuff_pixels:
+    valid = valid & pixel_is_thing  # [P]
+  return row, valid, pixel_class, pixel_is_thing
+
+
+def num_loss_pixels(segments: Segments, hp: hparams.LossHParams, *,
+                    stuff_pixels: bool = True) -> Array:
+  """The `num_pixels` of `ciae_loss` (float32 scalar) from the ground truth alone.
+
+  Lets a caller that splits a batch into micro-batches know the loss's global normaliser
+  before any forward pass (`training.accumulate`).
+  """
+  segment_map, seg_class, seg_is_thing, seg_is_crowd, _, seg_valid = (
+      jnp.asarray(getattr(segments, key)) for key in SEGMENT_KEYS)
+  _, valid, _, _ = _loss_pixels(segment_map, seg_class, seg_is_thing, seg_is_crowd, seg_valid,
+                                hp.loss_stride, stuff_pixels)  # [P]
+  return jnp.sum(valid.astype(jnp.float32))  # []
+
+
 def ciae_loss(embedding: Optional[Array],
               embedding_prenorm: Array,
               segments: Segments,
@@ -140,13 +167,9 @@ def ciae_loss(embedding: Optional[Array],
 
   source = embedding_prenorm if embedding is None else embedding  # [H, W, D]
   pixels = source[::loss_stride, ::loss_stride].reshape(-1, dim)  # [P, D]
-  pixel_seg = segment_map[::loss_stride, ::loss_stride].reshape(-1).astype(jnp.int32)  # [P]
-  row = jnp.maximum(pixel_seg - 1, 0)  # [P] segment row (garbage on void, masked below)
-  valid = (pixel_seg > 0) & seg_valid[row] & ~seg_is_crowd[row]  # [P]
-  pixel_class = seg_class.astype(jnp.int32)[row]  # [P]
-  pixel_is_thing = seg_is_thing[row]  # [P]
-  if not stuff_pixels:
-    valid = valid & pixel_is_thing  # [P]
+  row, valid, pixel_class, pixel_is_thing = _loss_pixels(
+      segment_map, seg_class, seg_is_thing, seg_is_crowd, seg_valid, loss_stride,
+      stuff_pixels)  # each [P]
 
   # L_CAE (Eq. 10): memory rows as queries, no filter.
   cae_own = memory_index(pixel_class, num_stuff, merge_things)  # [P]

@@ -73,6 +73,13 @@ def semantic_loss_sums(logits: Array, segments: Segments, *, num_stuff: int
   }
 
 
+def num_labelled_cells(segments: Segments, *, num_stuff: int, stride: int) -> Array:
+  """The `semantic_pixels` of `semantic_loss_sums` (float32 scalar) from the ground truth alone,
+  for logits at `stride` (known before the forward pass: `training.accumulate`)."""
+  _, labelled = semantic_labels(segments, num_stuff=num_stuff, stride=stride)  # [h, w]
+  return jnp.sum(labelled.astype(jnp.float32))  # []
+
+
 def semantic_total(sums: Mapping[str, Array], weight: float) -> Dict[str, Array]:
   """`loss_semantic = weight * loss_semantic_sum / max(semantic_pixels, 1)` from summed sums."""
   pixels = jnp.maximum(jnp.asarray(sums["semantic_pixels"], jnp.float32), 1.0)  # []

@@ -59,6 +59,11 @@ class CIAE(nn.Module):
     """Strides of the proposal head's levels P3..P7."""
     return hparams.LEVEL_STRIDES
 
+  @property
+  def semantic_stride(self) -> int:
+    """Stride of `semantic_logits` (the embedding branch's 1/4-scale aggregate)."""
+    return embedding_lib.AGGREGATE_STRIDE
+
   def _check(self, images: jax.Array) -> None:
     if self.num_thing_classes < 1:
       raise ValueError(f"num_thing_classes must be >= 1, got {self.num_thing_classes}")

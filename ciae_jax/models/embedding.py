@@ -9,6 +9,8 @@ from ciae_jax.fast_paths import conv as conv_lib
 from ciae_jax.models import layers
 
 SEMANTIC_LEVELS = (2, 3, 4, 5)  # P2..P5, strides 4..32
+# Stride of the aggregate, P' + P'' and the semantic logits: that of P2.
+AGGREGATE_STRIDE = 4
 
 
 class EmbeddingBranch(nn.Module):

@@ -37,6 +37,7 @@ from ciae_jax.data import pipeline
 from ciae_jax.evaluation import pq as pq_lib
 from ciae_jax.evaluation import runner as eval_runner
 from ciae_jax.models import ciae as ciae_model
+from ciae_jax.training import accumulate
 from ciae_jax.training import metrics as metrics_lib
 from ciae_jax.training import nonfinite as nonfinite_lib
 from ciae_jax.training import preemption
@@ -83,6 +84,8 @@ def _check_devices(hp: hparams.HParams) -> None:
   if hp.batch_size % num_devices:
     raise ValueError(f"config.batch_size {hp.batch_size} must be divisible by the "
                      f"{num_devices} devices")
+  # Before anything is built: the step would raise the same error only when traced.
+  accumulate.check_divisible(hp.batch_size // num_devices, hp.grad_accum_steps)
 
 
 def _tensorboard_hparams(hp: hparams.HParams) -> dict[str, Any]:
@@ -182,8 +185,9 @@ def _train_and_evaluate(hp, workdir, *, evaluate_fn, input_fn, watcher):
                                    for name, picture in pictures.items()})
       logging.info("Evaluation at step %d: %s", step, scalars)
 
-  logging.info("Training from step %d to %d (%s, %d devices, global batch %d)", start_step,
-               hp.total_steps, hp.parallel, jax.device_count(), hp.batch_size)
+  logging.info("Training from step %d to %d (%s, %d devices, global batch %d in %d "
+               "micro-batch(es) per update)", start_step, hp.total_steps, hp.parallel,
+               jax.device_count(), hp.batch_size, hp.grad_accum_steps)
   loop = _Steps(hp, workdir, step_fn=step_fn, batches=batches, mesh=mesh, writer=writer,
                 manager=manager, report_progress=report_progress,
                 run_evaluation=run_evaluation, watcher=watcher)

@@ -15,6 +15,11 @@ One step at iteration t (state.step = t - 1 updates done):
      schedule, the memory momentum (Eq. 13) and the logged rate all read it, so a skipped step
      moves all of them on together (`training.optim`).
 
+Gradient accumulation (`config.grad_accum_steps = K > 1`, `training.accumulate`): every count
+of 1. and 2. is taken over the whole global batch first; then 2. and the class sums of 4. run on
+K micro-batches `[b / K, ...]` of the device's batch one after the other, summed; 3., the
+memory update and 5. run once. K = 1 is the single pass above.
+
 Normalisation: each device's losses are its share of the global-batch loss (sum over local
 locations / global count). The objective differentiated on a device is that share times the
 number of devices, so that the `pmean` of the gradients is the gradient of the global loss;
@@ -38,6 +43,7 @@ from ciae_jax.losses import semantic as semantic_losses
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.segments import BATCH_KEYS
 from ciae_jax.segments import Segments
+from ciae_jax.training import accumulate
 from ciae_jax.training import optim
 from ciae_jax.training.train_state import TrainState
 
@@ -83,6 +89,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   the new state and a dict of global scalar metrics (identical on every device).
   """
   num_devices = jax.lax.axis_size(AXIS_NAME)
+  num_micro = hp.grad_accum_steps
+  accumulate.check_divisible(batch["image"].shape[0], num_micro)
   images = batch["image"]  # [b, H, W, 3]
   segments = Segments.from_batch(batch)  # [b, ...] each
 
@@ -100,17 +108,21 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     return ciae_losses.ciae_loss(None, prenorm, image_segments, state.memory, hp.loss,
                                  num_stuff=num_stuff, stuff_pixels=not semantic_branch)
 
-  def loss_fn(params):
+  def global_count(local, name, totals):
+    # A normaliser over the global batch: given when accumulating, else summed over devices.
+    return totals[name] if name in totals else jax.lax.psum(local, AXIS_NAME)
+
+  def loss_fn(params, images, segments, targets, totals):
     variables = {"params": params, **state.model_state}
     outputs = model.apply(variables, images)
     fcos = fcos_lib.fcos_losses(
         ciae_model.flatten_levels(outputs["cls_logits"]),  # [b, N, C_th]
         ciae_model.flatten_levels(outputs["box_reg"]),  # [b, N, 4]
         ciae_model.flatten_levels(outputs["centerness"]),  # [b, N]
-        targets, normalizers["num_positives"], normalizers["centerness_target_sum"], hp.fcos)
+        targets, totals["num_positives"], totals["centerness_target_sum"], hp.fcos)
     sums = jax.vmap(ciae_per_image)(outputs["embedding_prenorm"], segments)  # each [b]
     sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)  # each []
-    sums["num_pixels"] = jax.lax.psum(sums["num_pixels"], AXIS_NAME)  # global valid pixels
+    sums["num_pixels"] = global_count(sums["num_pixels"], "num_pixels", totals)  # valid pixels
     ciae = ciae_losses.ciae_total(sums)
     shares = {**fcos, **ciae}
     if semantic_branch:
@@ -119,7 +131,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
           outputs["semantic_logits"], segments)  # each [b]
       semantic = jax.tree.map(lambda x: jnp.sum(x, axis=0), semantic)  # each []
       # Global labelled cells, as num_pixels above.
-      semantic["semantic_pixels"] = jax.lax.psum(semantic["semantic_pixels"], AXIS_NAME)
+      semantic["semantic_pixels"] = global_count(semantic["semantic_pixels"], "semantic_pixels",
+                                                 totals)
       shares.update(semantic_losses.semantic_total(semantic, hp.loss.semantic_weight))
     share = shares["loss_cls"] + shares["loss_reg"] + shares["loss_ctr"] + shares["loss_ciae"]
     if semantic_branch:
@@ -133,7 +146,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     return share * num_devices, (shares, class_sums)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, (shares, (emb_sums, counts))), grads = grad_fn(parallel.to_varying(state.params))
+  if num_micro == 1:
+    (_, (shares, (emb_sums, counts))), grads = grad_fn(
+        parallel.to_varying(state.params), images, segments, targets, normalizers)
+  else:
+    grads, (shares, (emb_sums, counts)) = _accumulated_grads(
+        grad_fn, parallel.to_varying(state.params), images, segments, targets, normalizers,
+        hp=hp, num_stuff=num_stuff, semantic_stride=model.semantic_stride)
   grads = jax.lax.pmean(grads, AXIS_NAME)
   losses = jax.lax.psum(shares, AXIS_NAME)  # global-batch losses
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -172,6 +191,23 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             memory=memory, rng=new_rng)
   return new_state, metrics
+
+
+def _accumulated_grads(grad_fn, params, images, segments, targets, normalizers, *, hp,
+                       num_stuff, semantic_stride):
+  """(gradients, aux) of `grad_fn` summed over `hp.grad_accum_steps` micro-batches.
+
+  Every count that normalises a loss is taken over the whole global batch first, so that each
+  micro-batch's loss is its share of the full-batch loss (`training.accumulate`).
+  """
+  totals = dict(normalizers, **jax.lax.psum(accumulate.loss_counts(
+      segments, hp, num_stuff=num_stuff, semantic_stride=semantic_stride), AXIS_NAME))
+
+  def micro_step(params, micro):
+    (_, aux), grads = grad_fn(params, *micro, totals)
+    return grads, aux
+  return accumulate.accumulate(micro_step, params, accumulate.split(
+      (images, segments, targets), hp.grad_accum_steps))
 
 
 def make_train_step(hp: hparams.HParams, model: ciae_model.CIAE,

@@ -28,10 +28,12 @@ from ciae_jax.losses import registry
 
 CONFIG_FILE = "config.json"
 # Fields that may change between the starts of one run: they do not change the parameters
-# trained (logging, checkpoint and evaluation cadence, the device layout, input threads,
-# inference). Names are dotted paths; a group name covers all its fields.
+# trained (logging, checkpoint and evaluation cadence, the device layout and the split of an
+# update into micro-batches, which change float32 rounding only, input threads, inference).
+# Names are dotted paths; a group name covers all its fields.
 RESUME_IGNORED_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                         "eval_every_steps", "parallel", "max_consecutive_nonfinite",
+                         "eval_every_steps", "parallel", "grad_accum_steps",
+                         "max_consecutive_nonfinite",
                          "allow_resume_with_other_config", "inference",
                          "profile_first_step", "profile_num_steps",
                          "dataset.num_parallel_calls", "dataset.prefetch")
