@@ -34,10 +34,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ciae_jax import detection  # noqa: E402
 from ciae_jax import hparams  # noqa: E402
-from ciae_jax import inference  # noqa: E402
 from ciae_jax import ops  # noqa: E402
+from ciae_jax.inference import detection  # noqa: E402
+from ciae_jax.inference import panoptic  # noqa: E402
 import common  # noqa: E402  pylint: disable=g-bad-import-order
 
 OUTPUT_KEYS = ("cls_logits", "centerness", "box_reg", "embedding")
@@ -52,7 +52,7 @@ def postprocess_fn(*, num_stuff: int) -> Callable[..., dict[str, jax.Array]]:
 
   def postprocess(outputs, memory, image_size):
     outputs = {k: outputs[k] for k in OUTPUT_KEYS}
-    return jax.vmap(lambda o, size: inference.panoptic_inference(
+    return jax.vmap(lambda o, size: panoptic.panoptic_inference(
         o, memory, size, INFERENCE, num_stuff=num_stuff, merge_things=True))(outputs, image_size)
   return postprocess
 
@@ -102,11 +102,11 @@ def make_fusion(*, num_stuff: int) -> Callable[..., dict[str, jax.Array]]:
     query_y = jnp.clip(location[:, 1], 0, height - 1)  # [K]
     thing_queries = ops.l2_normalize(embedding[query_y, query_x])  # [K, D]
     stuff_queries = ops.l2_normalize(memory[:num_stuff])  # [num_stuff, D]
-    assignment, inside = inference.assign_pixels(
+    assignment, inside = panoptic.assign_pixels(
         embedding, stuff_queries, thing_queries, box, valid, height, width,
         box_expand=INFERENCE.box_expand_infer,
         outside_box_similarity=INFERENCE.outside_box_similarity)
-    return inference.finish(
+    return panoptic.finish(
         assignment, inside, num_stuff=num_stuff, thing_usable=valid,
         thing_class=num_stuff + thing_class, thing_score=score, thing_box=box, hp=INFERENCE,
         resize_scale=1.0)

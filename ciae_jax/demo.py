@@ -57,9 +57,9 @@ def run_demo(hp, workdir: str, image_path: str, output: str,
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  from ciae_jax import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
-  from ciae_jax import preprocess  # pylint: disable=g-import-not-at-top
   from ciae_jax import visualize  # pylint: disable=g-import-not-at-top
+  from ciae_jax.inference import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
+  from ciae_jax.inference import preprocess  # pylint: disable=g-import-not-at-top
   check_arguments(workdir, image_path, checkpoint_step)
   # One image: one device, one row per call.
   # Traced programs are kept beside the compiled ones: a second demo neither traces nor

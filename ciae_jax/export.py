@@ -6,7 +6,7 @@ r"""Exports a trained CIAE as serialised JAX programs (StableHLO), one per canva
 Writes OUTPUT/export.json (categories, canvases, the resize rule and the normalisation, each
 program's file, inputs and outputs), OUTPUT/weights.npz (variables and memory, the programs'
 first argument) and one `canvas_HxW.jaxexport` per canvas of the config, lowered for every
-platform in `--platforms` (`ciae_jax/export_lib.py`). Read them back with
+platform in `--platforms` (`ciae_jax/inference/export_lib.py`). Read them back with
 `export_lib.ExportedPredictor(OUTPUT)`, or without this package with `examples/serve_exported.py`.
 """
 from __future__ import annotations
@@ -44,9 +44,9 @@ def main(argv: Sequence[str]) -> None:
   launch.check_checkpoint(_WORKDIR.value, _STEP.value)
   console.configure()
   launch.start()
-  from ciae_jax import export_lib  # pylint: disable=g-import-not-at-top
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
-  from ciae_jax import predictor  # pylint: disable=g-import-not-at-top
+  from ciae_jax.inference import export_lib  # pylint: disable=g-import-not-at-top
+  from ciae_jax.inference import predictor  # pylint: disable=g-import-not-at-top
   hp = hparams.HParams.from_config(_CONFIG.value)
   restored = predictor.restore_for_inference(hp, _WORKDIR.value, _STEP.value)
   print(f"exporting step {restored.step} of {_WORKDIR.value} for {','.join(_PLATFORMS.value)}",

@@ -82,10 +82,10 @@ def main(argv: Sequence[str]) -> int:
   images = check_arguments()
   console.configure()
   launch.start()
-  from ciae_jax import export_lib  # pylint: disable=g-import-not-at-top
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
-  from ciae_jax import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
   from ciae_jax.evaluation import predict_files  # pylint: disable=g-import-not-at-top
+  from ciae_jax.inference import export_lib  # pylint: disable=g-import-not-at-top
+  from ciae_jax.inference import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
   if _EXPORT.value:
     predictor = export_lib.ExportedPredictor(_EXPORT.value)
   else:

@@ -52,8 +52,8 @@ def main(argv):
   launch.enable_compilation_cache(flags.FLAGS.compilation_cache)
   from ciae_jax import files  # pylint: disable=g-import-not-at-top
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
-  from ciae_jax import predictor  # pylint: disable=g-import-not-at-top
   from ciae_jax.evaluation import tuning  # pylint: disable=g-import-not-at-top
+  from ciae_jax.inference import predictor  # pylint: disable=g-import-not-at-top
   hp = hparams.HParams.from_config(_CONFIG.value)
   grid = tuning.default_grid(hp.inference, _floats("score_threshs", _SCORES.value),
                              _floats("nms_threshs", _NMS.value),

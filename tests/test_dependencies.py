@@ -26,13 +26,14 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith(("ciae_jax", "ten
 # (modules imported, module prefixes they must not load)
 CASES = {
     "device code": (["ciae_jax.models.ciae", "ciae_jax.losses.ciae", "ciae_jax.losses.fcos",
-                     "ciae_jax.targets", "ciae_jax.memory", "ciae_jax.inference"],
+                     "ciae_jax.targets", "ciae_jax.memory", "ciae_jax.inference.panoptic",
+                     "ciae_jax.inference.detection"],
                     ["tensorflow", "ciae_jax.training", "ciae_jax.evaluation", "ciae_jax.data",
-                     "ciae_jax.predictor"]),
+                     "ciae_jax.inference.predictor"]),
     "train step": (["ciae_jax.training.step", "ciae_jax.training.train_state"],
                    ["tensorflow", "ciae_jax.evaluation", "ciae_jax.training.loop",
                     "ciae_jax.data.pipeline"]),
-    "inference and evaluation": (["ciae_jax.predictor", "ciae_jax.export_lib",
+    "inference and evaluation": (["ciae_jax.inference.predictor", "ciae_jax.inference.export_lib",
                                   "ciae_jax.evaluation.runner", "ciae_jax.evaluation.tuning"],
                                  ["tensorflow", "ciae_jax.training"]),
 }

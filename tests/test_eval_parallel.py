@@ -16,13 +16,13 @@ import pytest
 from ciae_jax import checkpoint as checkpoint_lib
 from ciae_jax import hparams
 from ciae_jax import panoptic_png
-from ciae_jax import predictor as predictor_lib
 from ciae_jax.data import dataset as dataset_lib
 from ciae_jax.data import pipeline
 from ciae_jax.evaluation import box_ap as box_ap_lib
 from ciae_jax.evaluation import coco_format
 from ciae_jax.evaluation import pq as pq_lib
 from ciae_jax.evaluation import runner
+from ciae_jax.inference import predictor as predictor_lib
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import train_state as train_state_lib
 

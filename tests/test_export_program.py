@@ -16,11 +16,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from ciae_jax import export_lib
 from ciae_jax import hparams
 from ciae_jax import panoptic_png
-from ciae_jax import predictor as predictor_lib
 from ciae_jax.data import dataset as dataset_lib
+from ciae_jax.inference import export_lib
+from ciae_jax.inference import predictor as predictor_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/synthetic.py:small"

@@ -24,7 +24,7 @@ import pytest
 
 from ciae_jax import hparams
 from ciae_jax import parallel
-from ciae_jax import predictor as predictor_lib
+from ciae_jax.inference import predictor as predictor_lib
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import optim
 from ciae_jax.training import step as step_lib
@@ -142,8 +142,8 @@ def test_an_export_for_cuda_made_on_this_host_holds_the_gpu_choices(tmp_path, lo
   """`export_lib.write_export` for `cuda` on this CPU host: model.dtype="auto" is bfloat16 (the
   GPU's, not this host's float32), and the program's loops are the GPU's (no greedy NMS loop,
   no row bands)."""
-  from ciae_jax import export_lib  # pylint: disable=g-import-not-at-top
   from ciae_jax.data import categories as categories_lib  # pylint: disable=g-import-not-at-top
+  from ciae_jax.inference import export_lib  # pylint: disable=g-import-not-at-top
   config = load_config("synthetic", "small")
   config.model.dtype = "auto"
   config.dataset.canvas_sizes = ((256, 384),)

@@ -14,12 +14,12 @@ import lowered_loops
 import numpy as np
 import pytest
 
-from ciae_jax import detection
 from ciae_jax import hparams
-from ciae_jax import inference
 from ciae_jax import ops
 from ciae_jax import platforms
 from ciae_jax.fast_paths import assign
+from ciae_jax.inference import detection
+from ciae_jax.inference import panoptic as inference
 from ciae_jax.segments import Segments
 
 SIZE = 32

@@ -9,8 +9,8 @@ import lowered_loops
 import numpy as np
 import pytest
 
-from ciae_jax import detection
 from ciae_jax.fast_paths import nms
+from ciae_jax.inference import detection
 
 
 def reference_iou(box_a: np.ndarray, box_b: np.ndarray) -> float:

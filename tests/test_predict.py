@@ -19,14 +19,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from ciae_jax import export_lib
 from ciae_jax import hparams
 from ciae_jax import panoptic_png
-from ciae_jax import predictor as predictor_lib
 from ciae_jax.evaluation import image_inputs
 from ciae_jax.evaluation import pq as pq_lib
 from ciae_jax.evaluation import predict_files
 from ciae_jax.evaluation import runner
+from ciae_jax.inference import export_lib
+from ciae_jax.inference import predictor as predictor_lib
 import test_reliability_helpers as rh
 import xla_flags
 

@@ -1,12 +1,12 @@
-"""`ciae_jax.predictor.Predictor`: images of any size, one program per canvas, COCO outputs."""
+"""`inference.predictor.Predictor`: images of any size, one program per canvas, COCO outputs."""
 import jax
 import numpy as np
 from PIL import Image
 import pytest
 
 from ciae_jax import hparams
-from ciae_jax import predictor as predictor_lib
 from ciae_jax.data import categories as categories_lib
+from ciae_jax.inference import predictor as predictor_lib
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.training import train_state as train_state_lib
 

@@ -1,4 +1,4 @@
-"""The TF-free host preprocessing (`ciae_jax.preprocess`) against the tf.data evaluation input.
+"""The TF-free host preprocessing (`inference.preprocess`) against the tf.data evaluation input.
 
 The predictor, the demo and evaluation prepare images with NumPy; the training and the former
 evaluation input prepare them with TensorFlow. Both must give the model the same input: the
@@ -11,11 +11,11 @@ import pytest
 import tensorflow as tf
 
 from ciae_jax import hparams
-from ciae_jax import preprocess
 from ciae_jax.data import coco
 from ciae_jax.data import dataset as dataset_lib
 from ciae_jax.data import pipeline
 from ciae_jax.data import synthetic
+from ciae_jax.inference import preprocess
 from ciae_jax.segments import SEGMENT_KEYS
 
 # float32 both ways, one operation after the other; TF's kernel could contract a multiply-add

@@ -14,10 +14,10 @@ import pytest
 
 from ciae_jax import config_lib
 from ciae_jax import hparams
-from ciae_jax import inference
 from ciae_jax import ops
 from ciae_jax import parallel
-from ciae_jax import predictor as predictor_lib
+from ciae_jax.inference import panoptic
+from ciae_jax.inference import predictor as predictor_lib
 from ciae_jax.losses import ciae as ciae_losses
 from ciae_jax.losses import semantic as semantic_losses
 from ciae_jax.models import ciae
@@ -257,7 +257,7 @@ def test_train_step_with_the_semantic_branch():
 def _panoptic(outputs, memory, image_size, *, num_stuff, strides, resize_scale=1.0,
               stuff_from="embedding", **fields):
   """`panoptic_inference` with the keyword fields of `InferenceHParams` (as test_inference.py)."""
-  return inference.panoptic_inference(outputs, memory, image_size,
+  return panoptic.panoptic_inference(outputs, memory, image_size,
                                       hparams.InferenceHParams(**fields), num_stuff=num_stuff,
                                       merge_things=True, strides=strides,
                                       resize_scale=resize_scale, stuff_from=stuff_from)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 from absl import logging
 import jax
 
-from ciae_jax import preprocess
+from ciae_jax.inference import preprocess
 
 
 @dataclasses.dataclass(frozen=True)

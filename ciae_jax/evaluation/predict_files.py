@@ -41,14 +41,14 @@ import numpy as np
 from PIL import Image
 
 from ciae_jax import files
-from ciae_jax import predictor as predictor_lib
-from ciae_jax import preprocess
 from ciae_jax import visualize
 from ciae_jax.data import coco
 from ciae_jax.evaluation import batching
 from ciae_jax.evaluation import coco_format
 from ciae_jax.evaluation import gather
 from ciae_jax.evaluation import image_inputs
+from ciae_jax.inference import predictor as predictor_lib
+from ciae_jax.inference import preprocess
 
 PREDICTIONS_JSON = "panoptic_predictions.json"
 PNG_FOLDER = "panoptic_predictions"

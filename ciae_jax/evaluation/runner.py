@@ -3,7 +3,7 @@ COCO-format export.
 
 `evaluate(hp, ...)` is called by `evaluate.py` (a restored checkpoint) and by the training loop
 (the periodic evaluation, in memory, without files). The images are read from the split's
-folder and prepared on the host as the demo prepares them (`ciae_jax.preprocess`), then
+folder and prepared on the host as the demo prepares them (`ciae_jax.inference.preprocess`), then
 predicted data-parallel: one program per canvas, `inference.per_device_batch` images per
 device and call.
 
@@ -30,8 +30,6 @@ import numpy as np
 
 from ciae_jax import files
 from ciae_jax import hparams
-from ciae_jax import predictor as predictor_lib
-from ciae_jax import preprocess
 from ciae_jax import visualize
 from ciae_jax.data import coco
 from ciae_jax.data import dataset as dataset_lib
@@ -40,6 +38,8 @@ from ciae_jax.evaluation import box_ap as box_ap_lib
 from ciae_jax.evaluation import coco_format
 from ciae_jax.evaluation import gather
 from ciae_jax.evaluation import pq as pq_lib
+from ciae_jax.inference import predictor as predictor_lib
+from ciae_jax.inference import preprocess
 from ciae_jax.models import ciae as ciae_model
 
 

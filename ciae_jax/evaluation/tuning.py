@@ -7,7 +7,7 @@ that the thresholds are chosen neither on training images nor on val, the split 
 reported on.
 
 The network runs once per image: its outputs stay on the devices, and only the post-processing
-(`inference.panoptic_inference`: decoding, NMS, the pixel assignment, the area filter) runs
+(`panoptic.panoptic_inference`: decoding, NMS, the pixel assignment, the area filter) runs
 again per setting. The three thresholds are traced arguments of that program (they enter only
 array comparisons), so it compiles once per canvas for the whole grid. Each setting has its own
 `pq.PQAccumulator` against the held-out images' ground truth (the train split's JSON and
@@ -27,15 +27,15 @@ import jax
 import numpy as np
 
 from ciae_jax import hparams
-from ciae_jax import inference
 from ciae_jax import parallel
-from ciae_jax import preprocess
 from ciae_jax.data import coco
 from ciae_jax.data import dataset as dataset_lib
 from ciae_jax.evaluation import batching
 from ciae_jax.evaluation import coco_format
 from ciae_jax.evaluation import pq as pq_lib
 from ciae_jax.evaluation import runner
+from ciae_jax.inference import panoptic
+from ciae_jax.inference import preprocess
 from ciae_jax.models import ciae as ciae_model
 
 # The grid's defaults; the config's own value is always added (the table ranks it too).
@@ -130,7 +130,7 @@ class _Programs:
       def one(outputs, size, scale, thresholds):
         setting = infer.replace(instance_score_thresh=thresholds[0], nms_thresh=thresholds[1],
                                 stuff_area=thresholds[2])
-        return inference.panoptic_inference(
+        return panoptic.panoptic_inference(
             outputs, consts[1], size, setting, num_stuff=num_stuff,
             merge_things=hp.loss.merge_things, strides=model.strides, resize_scale=scale,
             stuff_from=stuff_from)

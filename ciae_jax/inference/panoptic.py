@@ -1,7 +1,7 @@
 """CIAE panoptic inference on device: detections -> queries -> S = P V^T -> segments (IV-C, Eq. 16).
 
 Jittable, static shapes, one image at a time (the caller vmaps; `image_size` may be traced):
-  `panoptic_inference`  FCOS detections (`ciae_jax.detection`) -> queries V -> S = P V^T ->
+  `panoptic_inference`  FCOS detections (`inference.detection`) -> queries V -> S = P V^T ->
                         box filter -> argmax -> the segment filters.
   `oracle_inference`    the same assignment with ground-truth boxes, masks and classes (Table V).
 Turning the result into COCO files is the evaluation's job (`evaluation.coco_format`).
@@ -41,13 +41,13 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from ciae_jax import detection
 from ciae_jax import hparams
 from ciae_jax import ops
 from ciae_jax import platforms
 from ciae_jax import segments as segments_lib
-from ciae_jax import semantic_stuff
 from ciae_jax.fast_paths import assign
+from ciae_jax.inference import detection
+from ciae_jax.inference import semantic_stuff
 
 Array = jax.Array
 
@@ -203,7 +203,7 @@ def panoptic_inference(
     resize_scale: input size / original size; scales the area thresholds by its square.
     stuff_from: `model.stuff_from`. "semantic" (Table III, first row): stuff pixels come from
       `outputs["semantic_logits"] [H/4, W/4, num_stuff + 1]`, thing pixels go to the instance
-      queries alone (the rule of `ciae_jax.semantic_stuff`); the stuff queries stay in the
+      queries alone (the rule of `ciae_jax.inference.semantic_stuff`); the stuff queries stay in the
       output, and the same filters apply.
 
   Returns:

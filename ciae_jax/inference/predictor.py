@@ -25,13 +25,13 @@ import numpy as np
 
 from ciae_jax import checkpoint as checkpoint_lib
 from ciae_jax import hparams
-from ciae_jax import inference
 from ciae_jax import memory as memory_lib
 from ciae_jax import parallel
-from ciae_jax import preprocess
-from ciae_jax import program_cache as program_cache_lib
 from ciae_jax.data import dataset as dataset_lib
 from ciae_jax.evaluation import coco_format
+from ciae_jax.inference import panoptic
+from ciae_jax.inference import preprocess
+from ciae_jax.inference import program_cache as program_cache_lib
 from ciae_jax.models import ciae as ciae_model
 from ciae_jax.segments import SEGMENT_KEYS
 from ciae_jax.segments import Segments
@@ -48,7 +48,7 @@ def predict_fn(model: ciae_model.CIAE, hp: hparams.HParams,
 
   `batch` holds `image [B, H, W, 3]`, `image_size [B, 2]`, `orig_size [B, 2]` and, in oracle
   mode (`hp.inference.oracle`, paper Table V), the ground-truth segment arrays. The results are
-  `inference.panoptic_inference`'s (or `oracle_inference`'s) plus `embedding [B, H, W, D]`.
+  `panoptic.panoptic_inference`'s (or `oracle_inference`'s) plus `embedding [B, H, W, D]`.
   """
   infer = hp.inference
   stuff_from = hp.model.stuff_from
@@ -63,11 +63,11 @@ def predict_fn(model: ciae_model.CIAE, hp: hparams.HParams,
     outputs = {k: outputs[k] for k in keys}
     scale = batch["image_size"][:, 0] / batch["orig_size"][:, 0]  # [B]
     if infer.oracle:
-      results = jax.vmap(lambda o, s, size, r: inference.oracle_inference(
+      results = jax.vmap(lambda o, s, size, r: panoptic.oracle_inference(
           o, memory, s, infer, image_size=size, num_stuff=num_stuff, resize_scale=r))(
               outputs, Segments.from_batch(batch), batch["image_size"], scale)
     else:
-      results = jax.vmap(lambda o, size, r: inference.panoptic_inference(
+      results = jax.vmap(lambda o, size, r: panoptic.panoptic_inference(
           o, memory, size, infer, num_stuff=num_stuff, merge_things=hp.loss.merge_things,
           strides=model.strides, resize_scale=r, stuff_from=stuff_from))(
               outputs, batch["image_size"], scale)

@@ -29,10 +29,10 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from ciae_jax import predictor as predictor_lib
-from ciae_jax import preprocess
 from ciae_jax.data import canvas as canvas_lib
 from ciae_jax.data import categories as categories_lib
+from ciae_jax.inference import predictor as predictor_lib
+from ciae_jax.inference import preprocess
 from ciae_jax.models import ciae as ciae_model
 
 FORMAT = "ciae-jax-export"
