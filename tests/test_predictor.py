@@ -119,7 +119,7 @@ def test_a_program_cache_serves_a_second_predictor_without_tracing(predictor, tm
     raise AssertionError("the model was traced again")
 
   # A new predictor (as in a new process) must take the stored program, not trace inference.
-  monkeypatch.setattr(predictor_lib.inference, "panoptic_inference", no_tracing)
+  monkeypatch.setattr(predictor_lib.panoptic, "panoptic_inference", no_tracing)
   second = _predictor(_hp(), devices=jax.local_devices()[:2], program_cache=str(tmp_path))
   again = second(image)
   np.testing.assert_array_equal(again.panoptic, expected.panoptic)

@@ -185,14 +185,15 @@ def class_nms(
     `keep [K] int32` indices into the inputs, by decreasing score, and `keep_valid [K] bool`
     (false for the slots left over when fewer than K boxes survive; their index is 0).
   """
-  nms_thresh, max_detections = float(nms_thresh), int(max_detections)
+  max_detections = int(max_detections)
+  # The threshold may be traced (evaluation.tuning scores a grid of them in one program).
   args = (jnp.asarray(boxes, jnp.float32), jnp.asarray(scores, jnp.float32),
-          jnp.asarray(classes), jnp.asarray(valid, bool))
+          jnp.asarray(classes), jnp.asarray(valid, bool), jnp.asarray(nms_thresh, jnp.float32))
   return platforms.switch(
       "nms_fixed_point", *args,
       fast=lambda *a: nms_fast.class_nms_fixed_point(
-          *a, nms_thresh=nms_thresh, max_detections=max_detections),
-      plain=lambda *a: _class_nms_loop(*a, nms_thresh=nms_thresh,
+          *a[:4], nms_thresh=a[4], max_detections=max_detections),
+      plain=lambda *a: _class_nms_loop(*a[:4], nms_thresh=a[4],
                                        max_detections=max_detections))
 
 
