@@ -18,6 +18,7 @@ GPU_DIR = REPO_ROOT / "benchmarks" / "gpu"
 sys.path.insert(0, str(GPU_DIR))
 import run as gpu_run  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import stages  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import summary  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 BLOCKED = ("tensorflow", "clu", "ml_collections", "pycocotools")
 # On PYTHONPATH before site-packages, so every Python process of the run loads it first:
@@ -44,7 +45,9 @@ def peer_installed() -> bool:
   return all(importlib.util.find_spec(name) is not None for name in ("torch", "torchvision"))
 
 
-@pytest.mark.slow  # Compiles the tiny train step twice (speed stages, correctness) on the CPU.
+# ~2.5 min of CPU (6.5 min on a loaded 2-core machine): ten processes, each compiling its
+# programs (inference 2 x 5, the tiny train step 2 x, the correctness model's step and inference).
+@pytest.mark.slow
 def test_tiny_run_without_tensorflow_writes_every_stage(tmp_path):
   env = blocked_env(tmp_path)
   out = tmp_path / "out"
@@ -121,3 +124,43 @@ def test_pool_fraction_never_exceeds_11_gib(card_gib):
   pool = float(f"{fraction:.4f}") * card  # What the allocator reads from the variable's text.
   # Rounded down to 4 decimals: at most 1e-4 of the card (< 14 MiB of 140 GiB) under 11 GiB.
   assert 11 * 2**30 - 1e-4 * card <= pool <= 11 * 2**30
+
+
+def _write(folder: pathlib.Path, name: str, payload: dict) -> None:
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / f"{name}.json").write_text(json.dumps({"status": "ok", "stage": name, **payload}))
+
+
+def test_summary_says_which_targets_are_met(tmp_path):
+  part1, part2 = tmp_path / "part1", tmp_path / "part2"
+  timing = {"median_ms": 10.0}
+  for dtype, fps in (("float32", 70.0), ("bfloat16", 90.0)):
+    _write(part1, f"inference_{dtype}", {
+        "fps": fps, "end_to_end": {"median_ms": 1e3 / fps}, "network": timing,
+        "detection": timing, "fusion": timing, "size": [800, 1344]})
+  _write(part1, "inference_peer", {"float32": {"fps": 30.0}, "bfloat16": {"fps": 50.0}})
+  _write(part1, "train_peer", {"frozen_bn": {"float32": {"images_per_s": 10.0},
+                                             "bfloat16": {"images_per_s": 10.0}},
+                               "literal": {"float32": {"images_per_s": 8.0},
+                                           "bfloat16": {"images_per_s": 9.0}}})
+  for dtype, rate in (("float32", 13.0), ("bfloat16", 12.0)):
+    _write(part2, f"train_{dtype}", {
+        "images_per_s": rate, "step_ms": 2e3 / rate, "compile_s": 60.0,
+        "peak_memory": {"peak_bytes": 9 * 2**30}, "per_device_batch": 2, "size": [800, 1344]})
+  _write(part2, "pool_float32", {"runs": True, "peak_bytes": 10 * 2**30, "within_target": True,
+                                 "mem_fraction": 0.1381})
+  _write(part2, "pool_bfloat16", {"runs": False, "error": "RESOURCE_EXHAUSTED: out of memory"})
+  text = summary.render([part1, part2])
+  lines = text.splitlines()
+  assert ("| float32 | 70.0 | 14.29 | 10.00 | 10.00 | 10.00 | 30.0 | 2.33 | >= 60 fps: met | "
+          ">= 2x peer: met |") in lines
+  # 90 fps bfloat16: under 100 fps, and 1.8x the peer's 50 fps.
+  assert ("| bfloat16 | 90.0 | 11.11 | 10.00 | 10.00 | 10.00 | 50.0 | 1.80 | >= 100 fps: "
+          "**not met** | >= 2x peer: **not met** |") in lines
+  assert "| float32 | 13.00 | 153.8 | 9.00 GiB | 60 | 10.00 | 8.00 | 1.30 | >= 1.3x: met |" in lines
+  assert any(l.startswith("| bfloat16 | 12.00 |") and "1.20 | >= 1.3x: **not met**" in l
+             for l in lines)
+  assert "| float32 | 0.138 | yes | 10.00 GiB | <= 11 GiB: met |" in lines
+  assert any(l.startswith("| bfloat16 | n/a | no: RESOURCE_EXHAUSTED") and "**not met**" in l
+             for l in lines)
+  assert "not passed: not run" in text  # No correctness stage in either folder.

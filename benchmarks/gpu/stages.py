@@ -102,15 +102,27 @@ def stage_env(args: argparse.Namespace) -> dict[str, Any]:
       "blocked_importable": {m: importlib.util.find_spec(m) is not None for m in BLOCKED},
       "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE",
                                              "XLA_PYTHON_CLIENT_MEM_FRACTION", "JAX_PLATFORMS")}}
-  try:  # jaxlib's CUDA bindings (private; absent on CPU-only installs).
-    from jax._src.lib import cuda_versions  # pylint: disable=g-import-not-at-top
-    result["cuda"] = {name: getattr(cuda_versions, f)() for name, f in (
-        ("runtime", "cuda_runtime_get_version"), ("driver", "cuda_driver_get_version"),
-        ("cudnn", "cudnn_get_version"), ("cublas", "cublas_get_version"))
-        if cuda_versions is not None and hasattr(cuda_versions, f)}
-  except Exception as e:  # pylint: disable=broad-except
-    result["cuda"] = f"not readable: {type(e).__name__}: {e}"
+  result["cuda"] = cuda_versions()
   return result
+
+
+def cuda_versions() -> dict[str, Any] | str:
+  """Every `*_get_version` of jaxlib's CUDA bindings (runtime, driver, cuDNN, cuBLAS, ... as the
+  installed jaxlib names them; private API, so each is read where it answers)."""
+  try:
+    from jax._src.lib import cuda_versions as module  # pylint: disable=g-import-not-at-top
+  except Exception as e:  # pylint: disable=broad-except
+    return f"not readable: {type(e).__name__}: {e}"
+  if module is None:
+    return "no CUDA bindings (CPU-only jaxlib)"
+  versions: dict[str, Any] = {}
+  for name in sorted(dir(module)):
+    if name.endswith("_get_version") and callable(getattr(module, name)):
+      try:
+        versions[name.removesuffix("_get_version")] = getattr(module, name)()
+      except Exception as e:  # pylint: disable=broad-except
+        versions[name.removesuffix("_get_version")] = f"{type(e).__name__}: {e}"
+  return versions
 
 
 def _namespace(**kwargs: Any) -> argparse.Namespace:
