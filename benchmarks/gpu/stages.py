@@ -81,6 +81,14 @@ def nvidia_smi() -> list[dict[str, str]] | None:
           for line in out.splitlines() if line.strip()]
 
 
+def _memory_stats(device: Any) -> dict[str, Any]:
+  """The allocator's statistics ({} where the backend has none, e.g. the CPU)."""
+  try:
+    return device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    return {}
+
+
 def stage_env(args: argparse.Namespace) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -91,7 +99,7 @@ def stage_env(args: argparse.Namespace) -> dict[str, Any]:
       "python": sys.version.split()[0], "versions": {p: version(p) for p in PACKAGES},
       "backend": jax.default_backend(), "num_devices": len(devices),
       "devices": [{"platform": d.platform, "kind": getattr(d, "device_kind", ""),
-                   "bytes_limit": (d.memory_stats() or {}).get("bytes_limit")}
+                   "bytes_limit": _memory_stats(d).get("bytes_limit")}
                   for d in devices],
       "platform_version": str(getattr(devices[0].client, "platform_version", "")),
       "platforms": list(lowering),
