@@ -47,9 +47,10 @@ SEED = 0
 # accumulated rounding).
 LOSS_RTOL = 1e-3
 # Pixels whose panoptic id may differ: the CPU reference counts the pixels that change when
-# the input image is perturbed by PERTURBATION (relative, i.e. ~1e-4 of its unit scale), three
-# draws, the largest count. Float32 at full precision differs between backends by ~1e-6
-# relative, far less, so a GPU map that differs in more pixels than that is wrong.
+# the input image, the stepped weights and the memory are each perturbed by PERTURBATION
+# (relative Gaussian noise), three draws, the largest count. Float32 at full precision differs
+# between backends by ~1e-6 relative (summation orders; two steps of different rounding in the
+# weights), far less, so a GPU map that differs in more pixels than that is wrong.
 PERTURBATION = 1e-4
 PERTURBATION_DRAWS = 3
 
@@ -121,8 +122,8 @@ def run(inputs: dict[str, np.ndarray], *, noise_seeds: tuple[int, ...] = ()
   Returns per step the loss metrics (`loss*` keys, floats), the norm of the two steps' update
   of each top-level module of `params` (`update_norms`), and the inference results
   (`panoptic [2, H, W]`, `query_valid [2, Q]`); with `noise_seeds`, also `noisy_panoptic`: the
-  maps of the same inference with the images perturbed by `PERTURBATION` (relative Gaussian
-  noise, one draw per seed; the references' sensitivity count).
+  maps of the same inference with the images, weights and memory perturbed by `PERTURBATION`
+  (relative Gaussian noise, one draw per seed; the references' sensitivity count).
   """
   hp = hyper_params()
   devices = jax.local_devices()[:1]
@@ -159,17 +160,19 @@ def run(inputs: dict[str, np.ndarray], *, noise_seeds: tuple[int, ...] = ()
     variables = {"params": stepped.params, **(stepped.model_state or {})}
     predict = jax.jit(predictor_lib.predict_fn(model, hp, NUM_STUFF))
 
-    def infer(image):
-      results = predict(variables, stepped.memory,
-                        {"image": image, "image_size": host["image_size"],
-                         "orig_size": host["orig_size"]})
+    def infer(image, variables, memory):
+      results = predict(variables, memory, {"image": image, "image_size": host["image_size"],
+                                            "orig_size": host["orig_size"]})
       return jax.device_get({k: results[k] for k in ("panoptic", "query_valid")})
 
-    results = infer(host["image"])
+    results = infer(host["image"], variables, stepped.memory)
     noisy = []
     for seed in noise_seeds:
-      noise = np.random.default_rng(seed).standard_normal(host["image"].shape)  # [B, H, W, 3]
-      noisy.append(infer(host["image"] + PERTURBATION * noise.astype(np.float32))["panoptic"])
+      rng = np.random.default_rng(seed)
+      perturb = lambda x, rng=rng: (np.asarray(x) * (1 + PERTURBATION * rng.standard_normal(
+          np.shape(x)))).astype(np.asarray(x).dtype)
+      noisy.append(infer(perturb(host["image"]), jax.tree.map(perturb, variables),
+                         perturb(stepped.memory))["panoptic"])
   return {"losses": losses, "update_norms": update_norms,
           "panoptic": np.asarray(results["panoptic"], np.int32),
           "query_valid": np.asarray(results["query_valid"]), "noisy_panoptic": noisy}
@@ -224,8 +227,9 @@ def compare(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]
           "panoptic_pixels": int(reference["panoptic"].size),
           "panoptic_differing_pixels": differing, "panoptic_allowed_pixels": allowed,
           "panoptic_allowed_why": (
-              f"pixels that change on the CPU when the input is perturbed by {PERTURBATION} "
-              f"(relative, largest of {PERTURBATION_DRAWS} draws): argmax near-ties; float32 "
+              f"pixels that change on the CPU when the input, weights and memory are perturbed "
+              f"by {PERTURBATION} (relative, largest of {PERTURBATION_DRAWS} draws): argmax "
+              "near-ties; float32 "
               "at full precision differs between backends by far less"),
           "panoptic_ok": bool(pixels_ok),
           "segments": int(np.sum(result["query_valid"])),

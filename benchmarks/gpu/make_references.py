@@ -3,14 +3,15 @@ r"""Writes benchmarks/gpu/references.npz, the CPU values the GPU run's correctne
 Run on the CPU (it refuses another backend), from the repository root:
 
   PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/gpu/make_references.py \
-      [--sample /work/shared/data/coco_panoptic_sample] [--out benchmarks/gpu/references.npz]
+      [--sample PATH/coco_panoptic_sample] [--out benchmarks/gpu/references.npz]
 
 The COCO sample root defaults to $CIAE_COCO_SAMPLE, else `../shared/data/coco_panoptic_sample`
 beside the repository (as the tests find it). The file holds the two sample images resized to
 the model input as uint8 with their ground-truth segment arrays (so the GPU machine needs
 nothing but the working tree), the losses of two train steps, the panoptic maps of the
-inference with the stepped weights, and how many pixels flip under a 1e-4 input perturbation
-(the allowance; `correctness.py`). Deterministic: the same file on every run on one machine.
+inference with the stepped weights, and how many pixels flip when the input, the weights and the
+memory are perturbed by 1e-4 (the allowance; `correctness.py`). Deterministic: the same values
+on every run on one machine.
 """
 from __future__ import annotations
 

@@ -154,8 +154,10 @@ def render(dirs: Sequence[str | pathlib.Path]) -> str:
   check = stages.get("correctness")
   lines += ["## Correctness against the CPU references (precision 'highest')", ""]
   if _ok(check):
-    worst = max((r.get("relative_difference", 0.0) for r in check["losses"]), default=None)
-    lines += _table(["losses (max relative difference)", "panoptic pixels differing",
+    worst = max((r.get("relative_difference") or 0.0
+                 for r in check["losses"] + check.get("update_norms", [])), default=None)
+    lines += _table(["losses and update norms (max relative difference)",
+                     "panoptic pixels differing",
                      "result"],
                     [[f"{_f(worst, '.2e')} (tolerance {check['loss_rtol']:.0e}): "
                       f"{'ok' if check['losses_ok'] else 'NOT OK'}",
