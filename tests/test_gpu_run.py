@@ -45,8 +45,9 @@ def peer_installed() -> bool:
   return all(importlib.util.find_spec(name) is not None for name in ("torch", "torchvision"))
 
 
-# ~2.5 min of CPU (6.5 min on a loaded 2-core machine): ten processes, each compiling its
-# programs (inference 2 x 5, the tiny train step 2 x, the correctness model's step and inference).
+# ~140 s of CPU (measured 131 s user, 144 s wall; 4-7 min on a loaded 2-core machine): ten
+# processes, each compiling its programs (inference 2 x 5, the tiny train step 2 x, the
+# correctness model's step and inference).
 @pytest.mark.slow
 def test_tiny_run_without_tensorflow_writes_every_stage(tmp_path):
   env = blocked_env(tmp_path)
