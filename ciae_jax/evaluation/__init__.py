@@ -12,3 +12,4 @@
 
 Submodules are imported on use; `pq`, `pq_counts`, `pq_runs`, `box_ap` and `coco_format` import
 no JAX.
+"""
