@@ -178,20 +178,55 @@ def test_auto_takes_the_matmul_on_cpu_and_lax_elsewhere():
 
 
 NETWORK_IMAGES = (2, 64, 96, 3)  # P6 1 x 2 and P7 1 x 1: maps smaller than the 3 x 3 kernels
+# One conv3x3 + GN + ReLU per head tower (4 in the paper): each tower layer is the same code on
+# the same five maps, so one of them exercises what four do, at a fraction of the compile time
+# of the network's backward pass (the tower runs once per FPN level).
+NETWORK_HEAD_CONVS = 1
 
 
-def _network_outputs_and_grads(norm, kernel_grad):
-  images = jax.random.normal(jax.random.PRNGKey(5), NETWORK_IMAGES)
-  model = ciae.build_model(hparams.ModelHParams(
-      backbone="resnet_tiny", norm=norm, fpn_dim=32, semantic_dim=16, embed_dim=8,
-      conv_kernel_grad=kernel_grad), 3)
-  params, rest = ciae.split_variables(ciae.init_variables(model, jax.random.PRNGKey(0)))
+class _Network:
+  """One norm's network: variables and lax's outputs and gradients, computed once per module.
 
-  def loss(p):
-    outputs = model.apply({"params": p, **rest}, images)
-    return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(outputs)), outputs
-  (value, outputs), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-  return value, outputs, grads
+  The variables do not depend on `conv_kernel_grad` (it picks how a kernel gradient is computed,
+  not what the model holds), so both kernel-gradient paths start from the same ones.
+  """
+
+  def __init__(self, norm: str):
+    self.norm = norm
+    self.images = jax.random.normal(jax.random.PRNGKey(5), NETWORK_IMAGES)
+    # The "unsafe_rbg" generator compiles the initialisation ~4x faster than threefry on CPU
+    # (benchmarks/common.py); the test needs random weights of the right shapes and scales.
+    self.params, self.rest = ciae.split_variables(
+        ciae.init_variables(self._model("xla"), jax.random.key(0, impl="unsafe_rbg")))
+    self.reference = None  # (loss, outputs, grads) of conv_kernel_grad="xla".
+
+  def _model(self, kernel_grad):
+    return ciae.build_model(hparams.ModelHParams(
+        backbone="resnet_tiny", norm=self.norm, fpn_dim=32, semantic_dim=16, embed_dim=8,
+        head_convs=NETWORK_HEAD_CONVS, conv_kernel_grad=kernel_grad), 3)
+
+  def outputs_and_grads(self, kernel_grad):
+    model = self._model(kernel_grad)
+
+    def loss(p):
+      outputs = model.apply({"params": p, **self.rest}, self.images)
+      return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(outputs)), outputs
+    (value, outputs), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(self.params)
+    return value, outputs, grads
+
+
+@pytest.fixture(scope="module", params=["gn", "frozen_bn"])
+def network(request):
+  """A `_Network` whose reference was computed with neither matmul path traced."""
+  net = _Network(request.param)
+  traced = []
+  with pytest.MonkeyPatch.context() as patch:
+    kernel_grad_fn, im2col_fn = conv._kernel_grad, conv._conv_im2col
+    patch.setattr(conv, "_kernel_grad", lambda *a: traced.append(1) or kernel_grad_fn(*a))
+    patch.setattr(conv, "_conv_im2col", lambda *a: traced.append(2) or im2col_fn(*a))
+    net.reference = net.outputs_and_grads("xla")
+  assert not traced  # "xla" is lax's convolution and gradient everywhere.
+  return net
 
 
 def _assert_grads_close(grads, grads_ref, tolerance, floor=0.0):
@@ -209,8 +244,7 @@ def _assert_grads_close(grads, grads_ref, tolerance, floor=0.0):
   return checked
 
 
-@pytest.mark.parametrize("norm", ["gn", "frozen_bn"])
-def test_network_gradients_match_xla(norm, monkeypatch):
+def test_network_gradients_match_xla(network, monkeypatch):
   """The whole CIAE network: same outputs, parameter gradients within 1e-5 of their scale.
 
   The maps smaller than the kernel go to lax here (their patches' matmul changes the forward's
@@ -219,23 +253,21 @@ def test_network_gradients_match_xla(norm, monkeypatch):
   kernel_grad_fn = conv._kernel_grad
   monkeypatch.setattr(conv, "_kernel_grad", lambda *a: traced.append(1) or kernel_grad_fn(*a))
   monkeypatch.setattr(conv, "_conv_im2col", lambda x, w, s, p: traced.append(2) or _lax(x, w, s, p))
-  loss_ref, _, grads_ref = _network_outputs_and_grads(norm, "xla")
-  assert not traced
-  loss, _, grads = _network_outputs_and_grads(norm, "matmul")
+  loss_ref, _, grads_ref = network.reference  # "xla" traced neither (the fixture checks)
+  loss, _, grads = network.outputs_and_grads("matmul")
   assert float(loss) == float(loss_ref)
   checked = _assert_grads_close(grads, grads_ref, 1e-5)
   assert checked >= 20  # the backbone's, FPN's, head's and embedding branch's kernels
   assert len(traced) >= checked and 2 in traced  # every trainable kernel took a matmul path
 
 
-@pytest.mark.parametrize("norm", ["gn", "frozen_bn"])
-def test_network_with_tiny_map_matmuls_close_to_xla(norm):
+def test_network_with_tiny_map_matmuls_close_to_xla(network):
   """With the patches' matmul on P6 / P7: outputs and gradients within 1e-3 of their scale.
 
   Each such convolution is within 1e-5 of lax (`test_tiny_maps_match_lax`); GroupNorm over a
   1 x 1 map divides by the standard deviation of 8 values, which amplifies that rounding."""
-  _, outputs_ref, grads_ref = _network_outputs_and_grads(norm, "xla")
-  _, outputs, grads = _network_outputs_and_grads(norm, "matmul")
+  _, outputs_ref, grads_ref = network.reference
+  _, outputs, grads = network.outputs_and_grads("matmul")
   for ours, ref in zip(jax.tree_util.tree_leaves(outputs), jax.tree_util.tree_leaves(outputs_ref)):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0,
                                atol=1e-3 * float(jnp.abs(ref).max()) + 1e-30)
