@@ -183,7 +183,7 @@ def _train_namespace(args: argparse.Namespace, dtype: str, **overrides: Any
                 conv_kernel_grad="auto", loss_stride=1, loss_kind="ciae", loss_params={},
                 parallel="shard_map", compile_only=False, dtypes=dtype,
                 steps=s["train_steps"], repeats=s["train_repeats"], warmup=s["train_warmup"],
-                size=s["train_size"], peer_literal=False)
+                size=s["train_size"], peer_literal=False, grad_accum_steps=1)
   kwargs.update(overrides)
   return _namespace(**kwargs)
 
