@@ -1,4 +1,4 @@
-"""The per-pixel assignment of `inference.assign_pixels` in row bands, for XLA:CPU;
+"""The per-pixel assignment of `inference.panoptic.assign_pixels` in row bands, for XLA:CPU;
 `assign_pixels` switches to it (`ciae_jax.platforms`, "assign_bands").
 
 The plain path computes the whole `[H, W, Q]` similarity array at once (one expression and

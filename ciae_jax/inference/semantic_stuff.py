@@ -1,7 +1,7 @@
 """Stuff from the semantic branch at inference (paper V-F.1, Table III, first row).
 
 With `model.stuff_from="semantic"` the model predicts `semantic_logits [H/4, W/4, N_st + 1]`
-(stuff classes, then one merged "thing" class) and `inference.panoptic_inference` combines
+(stuff classes, then one merged "thing" class) and `inference.panoptic.panoptic_inference` combines
 them with the embedding's instance assignment:
   * a pixel whose (nearest-upsampled) semantic argmax is stuff class c takes stuff query c;
   * a pixel whose argmax is "thing" takes the instance query of highest similarity, among the
@@ -45,7 +45,7 @@ def instance_reaches(instance: Array, thing_boxes: Array, thing_usable: Array, *
                      box_expand: float, outside_box_similarity: float) -> Array:
   """`[H, W]` bool: whether the similarity of each pixel to its argmax instance was finite.
 
-  `instance [H, W]` is the argmax over the instance queries alone (`inference.assign_pixels`
+  `instance [H, W]` is the argmax over the instance queries alone (`panoptic.assign_pixels`
   with no stuff query): the first index when every instance is at -inf. So the pixel was
   reached iff its argmax instance is usable and, when the outside-box similarity is -inf,
   the pixel lies inside that instance's (expanded) box: no `[H, W, K]` array is needed.

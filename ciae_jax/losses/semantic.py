@@ -25,7 +25,7 @@ def semantic_labels(segments: Segments, *, num_stuff: int, stride: int) -> tuple
   A cell takes the label of the full-resolution pixel `(s * i + s // 2, s * j + s // 2)`: the
   location FCOS gives a stride-s cell (`targets.fcos_locations`), and a pixel of the s x s
   block `[s * i, s * i + s)` that nearest upsampling at inference hands the cell's prediction
-  (`inference.panoptic_inference`), so training and inference read the same pixel. The top-left
+  (`inference.panoptic`), so training and inference read the same pixel. The top-left
   pixel `[::s, ::s]` would bias labels towards the segments above and left of every boundary.
   """
   segment_map = jnp.asarray(segments.segment_map)
