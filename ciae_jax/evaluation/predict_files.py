@@ -84,7 +84,7 @@ class _Item:
   error: str | None = None
 
 
-def predict_files(predictor: predictor_lib.Predictor, images: Sequence[image_inputs.InputImage],
+def predict_files(predictor: predictor_lib.BasePredictor, images: Sequence[image_inputs.InputImage],
                   output_dir: str, *, overlays: bool = False, log_every: int = 50) -> Summary:
   """Predicts `images` into COCO panoptic files under `output_dir` (see the module docstring).
 
@@ -170,14 +170,14 @@ def _log_failed(failed: list[dict[str, Any]], limit: int = 50) -> None:
 class _Writer:
   """Per-image work on the process of the image: loading, the PNG, the overlay, the journal."""
 
-  def __init__(self, predictor: predictor_lib.Predictor, output_dir: str, overlays: bool):
+  def __init__(self, predictor: predictor_lib.BasePredictor, output_dir: str, overlays: bool):
     self.predictor, self.output_dir, self.overlays = predictor, output_dir, overlays
     journal = os.path.join(output_dir, JOURNAL_PATTERN.replace("*", f"{jax.process_index():05d}"))
     self.journal = open(journal, "a")  # pylint: disable=consider-using-with
-    hp = predictor.hp
     # Boxes drawn on overlays: those the instances' threshold keeps (an export does not say
     # it: then those scored at least as high as the image's weakest instance).
-    self.min_score = None if hp is None else hp.inference.instance_score_thresh
+    self.min_score = (predictor.hp.inference.instance_score_thresh
+                      if isinstance(predictor, predictor_lib.Predictor) else None)
 
   def load(self, image: image_inputs.InputImage, size: tuple[int, int]) -> _Item:
     """Decodes the image (errors name the file and the image id) and prepares the input."""

@@ -185,9 +185,10 @@ def _train_and_evaluate(hp, workdir, *, evaluate_fn, input_fn, watcher):
                                    for name, picture in pictures.items()})
       logging.info("Evaluation at step %d: %s", step, scalars)
 
-  logging.info("Training from step %d to %d (%s, %d devices, global batch %d in %d "
-               "micro-batch(es) per update)", start_step, hp.total_steps, hp.parallel,
-               jax.device_count(), hp.batch_size, hp.grad_accum_steps)
+  micro = (f" in {hp.grad_accum_steps} micro-batches per update"
+           if hp.grad_accum_steps > 1 else "")
+  logging.info("Training from step %d to %d (%s, %d devices, global batch %d%s)", start_step,
+               hp.total_steps, hp.parallel, jax.device_count(), hp.batch_size, micro)
   loop = _Steps(hp, workdir, step_fn=step_fn, batches=batches, mesh=mesh, writer=writer,
                 manager=manager, report_progress=report_progress,
                 run_evaluation=run_evaluation, watcher=watcher)
