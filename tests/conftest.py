@@ -168,3 +168,19 @@ def cache_dir(tmp_path_factory) -> pathlib.Path:
   if os.environ.get("PYTEST_XDIST_WORKER"):
     base = base.parent  # .../pytest-N/popen-gwK -> .../pytest-N, shared by the workers.
   return base / "reliability_jax_cache"
+
+
+@pytest.fixture(scope="module")
+def user_folder(tmp_path_factory, load_config, plain_synthetic_root, write_initial_checkpoint):
+  """A folder laid out like the repository after the main job (`python train.py`):
+  `configs/` (a link), `runs/synthetic` (a checkpoint of the main job's model at its
+  initialisation) and `data/synthetic` (generated data), where documented commands run as
+  written."""
+  from ciae_jax import hparams  # pylint: disable=g-import-not-at-top
+  folder = tmp_path_factory.mktemp("user")
+  os.symlink(REPO_ROOT / "configs", folder / "configs")
+  config = load_config("synthetic")
+  config.dataset.root = str(plain_synthetic_root(folder / "data" / "synthetic"))
+  hp = hparams.HParams.from_config(config)
+  write_initial_checkpoint(folder / "runs" / "synthetic", hp, hp.total_steps)
+  return folder

@@ -14,9 +14,6 @@ import sys
 
 import numpy as np
 from PIL import Image
-import pytest
-
-from ciae_jax import hparams
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,18 +25,6 @@ def readme_demo_command() -> list[str]:
   blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
   block, = (b for b in blocks if "-m ciae_jax.demo" in b)
   return shlex.split(block.replace("\\\n", " "))
-
-
-@pytest.fixture(scope="module")
-def user_folder(tmp_path_factory, load_config, plain_synthetic_root, write_initial_checkpoint):
-  """A folder laid out like the repository after `python train.py` of the main job."""
-  folder = tmp_path_factory.mktemp("user")
-  os.symlink(REPO_ROOT / "configs", folder / "configs")
-  config = load_config("synthetic")
-  config.dataset.root = str(plain_synthetic_root(folder / "data" / "synthetic"))
-  hp = hparams.HParams.from_config(config)
-  write_initial_checkpoint(folder / "runs" / "synthetic", hp, hp.total_steps)
-  return folder
 
 
 def _run(words, cwd, timeout=600):

@@ -268,20 +268,6 @@ def _doc_commands(section: str) -> list[list[str]]:
   return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def user_folder(tmp_path_factory, load_config, plain_synthetic_root, write_initial_checkpoint):
-  """A folder laid out like the repository after the main job: `configs/` (a link),
-  `runs/synthetic` (a checkpoint of the main job's model at its initialisation) and
-  `data/synthetic` (two val images)."""
-  folder = tmp_path_factory.mktemp("user")
-  os.symlink(REPO_ROOT / "configs", folder / "configs")
-  config = load_config("synthetic")
-  config.dataset.root = str(plain_synthetic_root(folder / "data" / "synthetic"))
-  hp = hparams.HParams.from_config(config)
-  write_initial_checkpoint(folder / "runs" / "synthetic", hp, hp.total_steps)
-  return folder
-
-
 def test_the_documented_commands_run_as_written(user_folder):
   env = xla_flags.env_with_device_count(
       1, JAX_DISABLE_MOST_OPTIMIZATIONS="true", CIAE_JAX_CACHE="0",
