@@ -11,13 +11,15 @@ Layouts on the host side of the switch:
   `[devices, b, ...]` sharded on its leading axis (`P(AXIS_NAME)`); outputs are single copies.
 """
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
+
+from ciae_jax import platforms as platforms_lib
 
 AXIS_NAME = "batch"
 PARALLEL_MODES = ("pmap", "shard_map")
@@ -34,14 +36,27 @@ def make_mesh(devices: Optional[list] = None) -> Mesh:
   return Mesh(np.asarray(devices), (AXIS_NAME,))
 
 
+def _built_for_devices(fn: Callable, parallel: str, mesh: Optional[Mesh],
+                       devices: Optional[list], platforms: Optional[Sequence[str]]) -> Callable:
+  """`fn` traced for `platforms`, by default those of the devices it runs on."""
+  if platforms is None:
+    if parallel == "shard_map" and mesh is not None:
+      devices = list(mesh.devices.flat)
+    platforms = platforms_lib.platforms_of(devices)
+  return platforms_lib.built_for(fn, platforms)
+
+
 def parallelize(fn: Callable[[Any, Any], tuple[Any, Any]], *, parallel: str = "pmap",
                 mesh: Optional[Mesh] = None, devices: Optional[list] = None,
-                donate: bool = True) -> Callable:
+                donate: bool = True, platforms: Optional[Sequence[str]] = None) -> Callable:
   """Wraps the per-device `fn(state, batch)` for data parallelism (see module docstring).
 
   `devices` (pmap) or `mesh` (shard_map) restrict the step to some devices (tests use one).
+  `platforms` (default: those of the devices) choose the fast paths (`ciae_jax.platforms`);
+  name others only to lower the program for them (`.trace(...).lower(lowering_platforms=...)`).
   """
   _check_mode(parallel)
+  fn = _built_for_devices(fn, parallel, mesh, devices, platforms)
   donate_argnums = (0,) if donate else ()
   if parallel == "pmap":
     return jax.pmap(fn, axis_name=AXIS_NAME, devices=devices, donate_argnums=donate_argnums)
@@ -58,15 +73,18 @@ def parallelize(fn: Callable[[Any, Any], tuple[Any, Any]], *, parallel: str = "p
 
 
 def parallelize_map(fn: Callable[[Any, Any], Any], *, parallel: str = "pmap",
-                    mesh: Optional[Mesh] = None, devices: Optional[list] = None) -> Callable:
+                    mesh: Optional[Mesh] = None, devices: Optional[list] = None,
+                    platforms: Optional[Sequence[str]] = None) -> Callable:
   """Wraps a per-device `fn(consts, batch) -> outputs` whose outputs are per example (prediction).
 
   `consts` (e.g. variables and memory) are replicated as `replicate` puts them; `batch` is
   `shard_batch`'s layout; every output has the device's rows `[b, ...]` in front. Host layout of
   the outputs: "pmap" `[local_devices, b, ...]`; "shard_map" a global array `[devices, b, ...]`
   sharded on its leading axis. `local_rows` fetches this process's rows in both modes.
+  `platforms` as in `parallelize`.
   """
   _check_mode(parallel)
+  fn = _built_for_devices(fn, parallel, mesh, devices, platforms)
   if parallel == "pmap":
     return jax.pmap(fn, axis_name=AXIS_NAME, devices=devices)
   mesh = make_mesh(devices) if mesh is None else mesh

@@ -3,10 +3,20 @@
 The method (models, losses, inference) is written in plain JAX and flax. Where a platform is
 measurably faster, or lighter, with a different implementation of the same values, that
 implementation lives in `ciae_jax.fast_paths` and is chosen here, by `switch`, from the
-platform the program is *lowered for*: `jax.lax.platform_dependent` keeps, for a program lowered
-for one platform, only that platform's branch, and an export for several platforms carries each
-platform's branch and picks the one it runs on. Nothing reads the tracing host's default
-backend, so a program exported for `cuda` on a CPU host holds the GPU choices.
+platforms the program is *built for*:
+
+- A program's builder names them with `built_for(fn, platforms)`: `parallel.parallelize` and
+  `parallelize_map` (the platforms of their devices), the evaluation's and the model's jits (the
+  local devices'), `export_lib` (the export's platforms). Traced for one platform, `switch`
+  calls that platform's branch and nothing else is traced, differentiated or compiled; for
+  several, it keeps their branches only.
+- Anywhere else (a user's own `jax.jit` of a model or loss), `switch` is
+  `jax.lax.platform_dependent`: both branches are traced and the lowering keeps the branch of
+  the platform it lowers for. Always right, but it traces every branch, and XLA's quick
+  compilation mode (`jax_disable_most_optimizations`) compiles the kept branch as a conditional.
+
+Nothing reads the tracing host's default backend inside `switch`, so a program exported for
+`cuda` on a CPU host holds the GPU choices.
 
 `FAST_PATHS` is the table: each entry names the platforms a fast path serves, where its
 measurement is recorded, and what it changes. Every fast path has its plain path in the library
@@ -18,8 +28,11 @@ for (`resolve_dtype`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Any, Callable, Iterable, Sequence
+import functools
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 
@@ -86,11 +99,54 @@ FAST_PATHS: dict[str, FastPath] = {
 }
 
 
+# The platforms of the program being traced, set by `built_for` (None: not declared).
+_BUILDING_FOR: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "ciae_jax_building_for", default=None)
+
+
+@contextlib.contextmanager
+def building_for(platforms: Sequence[str] | str) -> Iterator[tuple[str, ...]]:
+  """Within the block, `switch` traces only the branches of `platforms` (lowering names, or
+  "gpu"). Prefer `built_for`, which ties the platforms to one function's trace."""
+  names = _lowering_names(platforms)
+  token = _BUILDING_FOR.set(names)
+  try:
+    yield names
+  finally:
+    _BUILDING_FOR.reset(token)
+
+
+def _lowering_names(platforms: Sequence[str] | str) -> tuple[str, ...]:
+  names = (platforms,) if isinstance(platforms, str) else tuple(platforms)
+  if not names:
+    raise ValueError("a program is built for at least one platform; got none")
+  return tuple(dict.fromkeys(lowering_platform(p) for p in names))
+
+
+def built_for(fn: Callable[..., Any], platforms: Sequence[str] | str) -> Callable[..., Any]:
+  """`fn` whose body is traced `building_for(platforms)`: the function to hand to `jax.jit`,
+  `jax.pmap`, `shard_map` or `jax.export` for programs built for those platforms.
+
+  The platforms belong to this wrapper, a new function object, so jit's trace cache (keyed on
+  the function) never serves a trace for other platforms. Lowering the result for a platform it
+  was not built for runs that program's choices there (correct values, not that platform's
+  fast paths).
+  """
+  names = _lowering_names(platforms)  # Checked now, not at the first trace.
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with building_for(names):
+      return fn(*args, **kwargs)
+  return traced
+
+
 def switch(name: str, *args: Any, fast: Callable[..., Any], plain: Callable[..., Any]) -> Any:
   """`fast(*args)` when lowering for a platform of `FAST_PATHS[name]`, else `plain(*args)`.
 
-  Both must return the same shapes and dtypes; `args` are pytrees of arrays. Under autodiff
-  only the branch of the lowering platform is compiled (residuals included).
+  Both must return the same shapes and dtypes; `args` are pytrees of arrays. Only the branch
+  of the lowering platform is compiled, residuals included (see the module docstring for what
+  is traced).
   """
   return select(*args, plain=plain, **{name: fast})
 
@@ -104,7 +160,13 @@ def select(*args: Any, plain: Callable[..., Any], **fast: Callable[..., Any]) ->
       if platform in branches:
         raise ValueError(f"platform {platform!r} has two fast paths: {sorted(fast)}")
       branches[platform] = fn
-  return jax.lax.platform_dependent(*args, **branches, default=plain)
+  target = _BUILDING_FOR.get()
+  if target is None:
+    return jax.lax.platform_dependent(*args, **branches, default=plain)
+  if len(target) == 1:
+    return branches.get(target[0], plain)(*args)
+  return jax.lax.platform_dependent(
+      *args, **{p: fn for p, fn in branches.items() if p in target}, default=plain)
 
 
 def lowering_platform(platform: str) -> str:

@@ -5,19 +5,22 @@ import importlib.machinery
 import importlib.util
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import xla_flags
 
 # Must be set before JAX initialises its backends: multi-device tests use 8 fake CPU devices.
-# Only the device count flag is set (replaced if given); any other flag in the user's
-# XLA_FLAGS is kept, here and in the subprocesses of the tests (tests/xla_flags.py), so that
-# e.g. `XLA_FLAGS=--xla_cpu_max_isa=AVX2 bash scripts/test.sh` runs every process of the suite
-# with the code XLA generates for an AVX2-only CPU.
+# Only the device count flag is set (replaced if given), and the quick-compile flags of
+# tests/xla_flags.py unless the user set them; any other flag in the user's XLA_FLAGS is kept,
+# here and in the subprocesses of the tests (tests/xla_flags.py), so that e.g.
+# `XLA_FLAGS=--xla_cpu_max_isa=AVX2 bash scripts/test.sh` runs every process of the suite with
+# the code XLA generates for an AVX2-only CPU.
 # The user's flags as given to the first pytest process (xdist workers inherit it), for
 # tests/test_suite_env.py.
 os.environ.setdefault("CIAE_TESTS_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
-os.environ["XLA_FLAGS"] = xla_flags.with_device_count(8)
+os.environ["XLA_FLAGS"] = xla_flags.for_tests(8)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -30,6 +33,24 @@ import pytest  # noqa: E402
 # any test module is imported. Process-local: the subprocesses tests start set their own
 # (JAX_DISABLE_MOST_OPTIMIZATIONS in their environment), or run optimised where they measure.
 jax.config.update("jax_disable_most_optimizations", True)
+
+# A persistent compilation cache shared by the pytest processes of one run (the xdist workers
+# inherit the folder from the controller's environment): tests in different files build the
+# same tiny programs (the train step, the inference), and each compiles once. The process that
+# made the folder removes it at the end (pytest_unconfigure). Subprocesses do not inherit it:
+# those that share programs get conftest's `cache_dir`, and the ones that test the product's
+# own cache keep theirs.
+_SUITE_CACHE_ENV = "CIAE_TESTS_JAX_CACHE"
+_OWNS_SUITE_CACHE = _SUITE_CACHE_ENV not in os.environ
+if _OWNS_SUITE_CACHE:
+  os.environ[_SUITE_CACHE_ENV] = tempfile.mkdtemp(prefix="ciae-tests-jax-cache-")
+jax.config.update("jax_compilation_cache_dir", os.environ[_SUITE_CACHE_ENV])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def pytest_unconfigure(config):  # pylint: disable=unused-argument
+  if _OWNS_SUITE_CACHE:
+    shutil.rmtree(os.environ.pop(_SUITE_CACHE_ENV), ignore_errors=True)
 
 
 class _NoTorchHere(importlib.abc.MetaPathFinder, importlib.abc.Loader):

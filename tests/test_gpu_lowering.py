@@ -71,8 +71,9 @@ def _train_step_text(platform):
            "seg_is_crowd": np.zeros((1, 2, segments), bool),
            "seg_box": np.zeros((1, 2, segments, 4), np.float32),
            "seg_valid": np.zeros((1, 2, segments), bool)}
+  # Built for `platform`, not for this host's CPU devices (the default).
   run = parallel.parallelize(step, parallel="shard_map", donate=False,
-                             mesh=parallel.make_mesh(jax.devices()[:1]))
+                             mesh=parallel.make_mesh(jax.devices()[:1]), platforms=(platform,))
   return run.trace(state, _specs(batch)).lower(lowering_platforms=(platform,)).as_text()
 
 

@@ -26,7 +26,16 @@ def test_this_process_has_8_devices_and_the_users_flags():
   assert jax.device_count() == 8
   flags = os.environ["XLA_FLAGS"]
   assert flags.split().count(f"{xla_flags.DEVICE_COUNT_FLAG}=8") == 1, flags
-  assert flags == xla_flags.with_device_count(8, os.environ["CIAE_TESTS_USER_XLA_FLAGS"])
+  assert flags == xla_flags.for_tests(8, os.environ["CIAE_TESTS_USER_XLA_FLAGS"])
+  user = os.environ["CIAE_TESTS_USER_XLA_FLAGS"].split()
+  assert all(flag in flags.split() for flag in user if "device_count" not in flag)
+
+
+def test_quick_compile_flags_give_way_to_the_users():
+  flag = xla_flags.DEVICE_COUNT_FLAG
+  assert xla_flags.for_tests(2, "").split() == [*xla_flags.QUICK_COMPILE_FLAGS, f"{flag}=2"]
+  users = "--xla_cpu_use_fusion_emitters=true"
+  assert xla_flags.for_tests(2, users).split() == [users, f"{flag}=2"]
 
 
 @pytest.mark.parametrize("name", ["torch", "torchvision"])

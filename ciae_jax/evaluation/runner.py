@@ -30,6 +30,7 @@ import numpy as np
 
 from ciae_jax import files
 from ciae_jax import hparams
+from ciae_jax import platforms
 from ciae_jax import visualize
 from ciae_jax.data import coco
 from ciae_jax.data import dataset as dataset_lib
@@ -45,7 +46,8 @@ from ciae_jax.models import ciae as ciae_model
 
 def make_predict_fn(model: ciae_model.CIAE, hp: hparams.HParams, num_stuff: int) -> Any:
   """`predictor.predict_fn` jitted for one device: `(variables, memory, batch) -> results`."""
-  return jax.jit(predictor_lib.predict_fn(model, hp, num_stuff))
+  return jax.jit(platforms.built_for(predictor_lib.predict_fn(model, hp, num_stuff),
+                                     platforms.platforms_of()))
 
 
 class GroundTruth:

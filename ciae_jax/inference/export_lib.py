@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from ciae_jax import platforms as platforms_lib
 from ciae_jax.data import canvas as canvas_lib
 from ciae_jax.data import categories as categories_lib
 from ciae_jax.inference import predictor as predictor_lib
@@ -137,7 +138,8 @@ def write_export(hp: Any, restored: Any, output: str, *, platforms: Sequence[str
   # The model of the export's platforms (model.dtype="auto" is theirs, not this host's).
   model = ciae_model.build_model(hp.model, restored.categories.num_things,
                                  restored.categories.num_stuff, platforms=tuple(platforms))
-  jitted = jax.jit(_program(model, hp, restored.categories.num_stuff, treedef))
+  jitted = jax.jit(platforms_lib.built_for(
+      _program(model, hp, restored.categories.num_stuff, treedef), platforms))
   os.makedirs(output, exist_ok=True)
   np.savez(os.path.join(output, WEIGHTS), **{f"w{i:05d}": leaf for i, leaf in enumerate(leaves)})
   canvases = canvas_lib.canvases(hp.dataset)

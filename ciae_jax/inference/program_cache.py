@@ -23,6 +23,8 @@ from typing import Any, Callable
 from absl import logging
 import jax
 
+from ciae_jax import platforms
+
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 
 
@@ -56,7 +58,9 @@ def load_or_export(fn: Callable[..., Any], specs: tuple[Any, ...], folder: str,
         return jax.export.deserialize(bytearray(f.read()))
     except Exception as error:  # pylint: disable=broad-except  (a stale or torn file: retrace)
       logging.warning("program cache: %s unreadable (%s); tracing again", path, error)
-  exported = jax.export.export(jax.jit(fn))(*specs)
+  # Exported for the default backend, as `jax.export` does by default.
+  jitted = jax.jit(platforms.built_for(fn, platforms.platforms_of(jax.local_devices()[:1])))
+  exported = jax.export.export(jitted)(*specs)
   try:
     os.makedirs(folder, exist_ok=True)
     temporary = f"{path}.tmp{os.getpid()}"

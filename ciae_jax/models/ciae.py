@@ -156,4 +156,5 @@ INIT_IMAGE_HW = (128, 128)
 def init_variables(model: Any, rng: jax.Array) -> Any:
   """The model's variables at step 0 (jitted `model.init` on a zero image)."""
   images = jnp.zeros((1, *INIT_IMAGE_HW, 3), jnp.float32)  # [1, 128, 128, 3]
-  return jax.jit(lambda r: model.init(r, images))(rng)
+  init = platforms_lib.built_for(lambda r: model.init(r, images), platforms_lib.platforms_of())
+  return jax.jit(init)(rng)
