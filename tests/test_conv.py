@@ -211,7 +211,14 @@ class _Network:
     def loss(p):
       outputs = model.apply({"params": p, **self.rest}, self.images)
       return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(outputs)), outputs
-    (value, outputs), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(self.params)
+    # Forward and backward as two programs: the forward program is the same operations in both
+    # kernel-gradient modes, so its values (the residuals too) are bit for bit equal whatever
+    # XLA fuses; the backward differs only in how kernel gradients are computed. (In one
+    # value_and_grad program the forward's fusion follows its backward consumers, and float32
+    # rounding of the forward then differs between the modes.)
+    (value, outputs), backward = jax.vjp(jax.jit(loss), self.params)
+    cotangent = (jnp.ones_like(value), jax.tree_util.tree_map(jnp.zeros_like, outputs))
+    (grads,) = jax.jit(backward)(cotangent)
     return value, outputs, grads
 
 
@@ -256,7 +263,9 @@ def test_network_gradients_match_xla(network, monkeypatch):
   loss_ref, _, grads_ref = network.reference  # "xla" traced neither (the fixture checks)
   loss, _, grads = network.outputs_and_grads("matmul")
   assert float(loss) == float(loss_ref)
-  checked = _assert_grads_close(grads, grads_ref, 1e-5)
+  # Leaves that are 0 in exact arithmetic (biases before a GroupNorm) hold rounding noise of
+  # ~1e-7 of the largest gradient, which each backward program rounds its own way: the floor.
+  checked = _assert_grads_close(grads, grads_ref, 1e-5, floor=1e-6)
   assert checked >= 20  # the backbone's, FPN's, head's and embedding branch's kernels
   assert len(traced) >= checked and 2 in traced  # every trainable kernel took a matmul path
 
