@@ -10,7 +10,4 @@ python -m pip install -q -e . -r requirements-test.txt
 python -m pip install -q --no-deps panopticapi-lite==0.2.0
 # Lint first (settings in pyproject.toml): seconds, and a failure names file and line.
 python -m ruff check .
-# Three workers on two cores: the suite's tests spend part of their time waiting on the
-# subprocesses they start (train.py, evaluate.py, ...) and on files, which a third one fills.
-# CIAE_TEST_WORKERS sets another count.
-python -m pytest -n "${CIAE_TEST_WORKERS:-3}" tests "$@"
+python -m pytest -n 2 tests "$@"
