@@ -28,11 +28,10 @@ for (`resolve_dtype`).
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import functools
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 
@@ -104,18 +103,6 @@ _BUILDING_FOR: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.Cont
     "ciae_jax_building_for", default=None)
 
 
-@contextlib.contextmanager
-def building_for(platforms: Sequence[str] | str) -> Iterator[tuple[str, ...]]:
-  """Within the block, `switch` traces only the branches of `platforms` (lowering names, or
-  "gpu"). Prefer `built_for`, which ties the platforms to one function's trace."""
-  names = _lowering_names(platforms)
-  token = _BUILDING_FOR.set(names)
-  try:
-    yield names
-  finally:
-    _BUILDING_FOR.reset(token)
-
-
 def _lowering_names(platforms: Sequence[str] | str) -> tuple[str, ...]:
   names = (platforms,) if isinstance(platforms, str) else tuple(platforms)
   if not names:
@@ -124,8 +111,9 @@ def _lowering_names(platforms: Sequence[str] | str) -> tuple[str, ...]:
 
 
 def built_for(fn: Callable[..., Any], platforms: Sequence[str] | str) -> Callable[..., Any]:
-  """`fn` whose body is traced `building_for(platforms)`: the function to hand to `jax.jit`,
-  `jax.pmap`, `shard_map` or `jax.export` for programs built for those platforms.
+  """`fn` whose body is traced with `switch` choosing for `platforms` (lowering names, or
+  "gpu"): the function to hand to `jax.jit`, `jax.pmap`, `shard_map` or `jax.export` for
+  programs built for those platforms.
 
   The platforms belong to this wrapper, a new function object, so jit's trace cache (keyed on
   the function) never serves a trace for other platforms. Lowering the result for a platform it
@@ -136,8 +124,11 @@ def built_for(fn: Callable[..., Any], platforms: Sequence[str] | str) -> Callabl
 
   @functools.wraps(fn)
   def traced(*args, **kwargs):
-    with building_for(names):
+    token = _BUILDING_FOR.set(names)
+    try:
       return fn(*args, **kwargs)
+    finally:
+      _BUILDING_FOR.reset(token)
   return traced
 
 
@@ -210,9 +201,7 @@ def resolve_dtype(dtype: str, platforms: Sequence[str] | str | None = None) -> s
     return dtype
   if platforms is None:
     platforms = platforms_of()
-  elif isinstance(platforms, str):
-    platforms = (platforms,)
-  resolved = {_AUTO_DTYPES[lowering_platform(p)] for p in platforms}
+  resolved = {_AUTO_DTYPES[p] for p in _lowering_names(platforms)}
   if len(resolved) != 1:
     raise ValueError(f"config.model.dtype='auto' means {sorted(resolved)} on platforms "
                      f"{tuple(platforms)}: set model.dtype to one of them, or build for one "
