@@ -135,9 +135,24 @@ def unreplicate(tree: Any, *, parallel: str = "pmap") -> Any:
   """One copy of a replicated tree, fetched to host numpy."""
   _check_mode(parallel)
   if parallel == "pmap":
-    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+    # The shard that holds row 0 of the stacked copies, copied to host: no device program
+    # (`x[0]` would compile a gather for every distinct leaf shape).
+    return jax.tree.map(_first_row, tree)
   # A replicated global array may span hosts: read this process's first copy.
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def _first_row(x: Any) -> np.ndarray:
+  """Row 0 of a per-device stacked array `[devices, ...]` (pmap's layout), as host numpy."""
+  if not isinstance(x, jax.Array):
+    return np.asarray(x)[0]
+  for shard in x.addressable_shards:
+    rows = shard.index[0] if shard.index else slice(None)
+    if (rows.start or 0) == 0:
+      data = np.asarray(shard.data)
+      # A pmap sharding's shard drops the stacked axis; a NamedSharding's keeps it (size 1).
+      return data if data.ndim == x.ndim - 1 else np.asarray(data[0])
+  raise ValueError(f"no local shard holds row 0 of an array of shape {x.shape}")
 
 
 def shard_batch(batch: Any, *, parallel: str = "pmap", mesh: Optional[Mesh] = None) -> Any:

@@ -99,9 +99,9 @@ def _runs(tmp_path):
               input_a=input_a, input_b=input_b, eval_a=eval_a, eval_b=eval_b)
 
 
-def _check_resume_is_bit_exact(runs):
+def _check_resume_is_bit_exact(runs, total_steps=TOTAL_STEPS):
   a, b = runs["final_a"], runs["final_b"]
-  assert int(a.step) == int(b.step) == TOTAL_STEPS
+  assert int(a.step) == int(b.step) == total_steps
   for name in ("params", "opt_state", "memory", "rng", "model_state"):
     flat_a, tree_a = jax.tree_util.tree_flatten_with_path(getattr(a, name))
     flat_b, tree_b = jax.tree_util.tree_flatten_with_path(getattr(b, name))
@@ -110,9 +110,9 @@ def _check_resume_is_bit_exact(runs):
       np.testing.assert_array_equal(x, y, err_msg=f"{name}{jax.tree_util.keystr(path)}")
 
 
-def _check_input_continues_where_the_run_stopped(runs):
+def _check_input_continues_where_the_run_stopped(runs, resumed_at=2):
   assert runs["input_a"].start_steps == [0]
-  assert runs["input_b"].start_steps == [2]
+  assert runs["input_b"].start_steps == [resumed_at]
 
 
 def _check_checkpoints_written_and_kept(runs):

@@ -63,6 +63,8 @@ def init_train_state(hp: hparams.HParams, model: Any, *, num_stuff: int, num_thi
   optimizer, schedule = optim.create(hp.optimizer, params, batch_size=hp.batch_size)
   rows = memory_lib.num_memory(num_stuff, num_things, hp.loss.merge_things)
   memory = memory_lib.init_memory(memory_rng, rows, hp.model.embed_dim)  # [M, D]
-  state = create_train_state(params=params, optimizer=optimizer, memory=memory, rng=state_rng,
-                             model_state=model_state)
+  # One program, not one per distinct leaf shape (the optimizer's zeros, eagerly).
+  create = jax.jit(lambda p, s, m, r: create_train_state(
+      params=p, optimizer=optimizer, memory=m, rng=r, model_state=s))
+  state = create(params, model_state, memory, state_rng)
   return jax.device_get(state), optimizer, schedule
