@@ -276,3 +276,21 @@ def test_importing_the_data_modules_does_not_import_tensorflow():
                           text=True, cwd=pathlib.Path(__file__).parents[1],
                           check=False)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_example_functions_are_traced_without_autograph():
+  # A Python `if` on a tensor inside a loader: AutoGraph would rewrite it into a tf.cond; the
+  # pipeline traces without it (ciae_jax/data/transforms.py), so it fails at trace time.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def load(item):
+    if item > 0:  # A tensor as a Python bool.
+      raise AssertionError("not reached: the comparison above raises in graph mode")
+    return {}
+
+  make_example = pipeline._example_fn(  # pylint: disable=protected-access
+      load, max_segments=4, train=True, size_fn=lambda token, raw: token["size"])
+  tokens = tf.data.Dataset.from_tensors({"item": tf.constant(1, tf.int64), "valid": True,
+                                         "size": tf.constant([8, 8]), "flip": False})
+  with pytest.raises(TypeError, match="as a Python `bool`"):
+    tokens.map(make_example)
