@@ -15,6 +15,7 @@ import jax
 from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ciae_jax import parallel
 from ciae_jax import targets as targets_lib
@@ -114,6 +115,7 @@ def test_bfloat16_outputs_agree_with_float32():
   assert cosine.min() >= EMBEDDING_MIN_COSINE, cosine.min()
 
 
+@pytest.mark.slow
 def test_bfloat16_train_step_keeps_float32_and_agrees():
   """One bfloat16 step vs the float32 losses of the same state and batch (paper composition).
 

@@ -124,6 +124,7 @@ def _tiny_config(root: pathlib.Path) -> ml_collections.ConfigDict:
   return config
 
 
+@pytest.mark.slow
 def test_few_steps_train_evaluate_and_export(coco_sample_root, tmp_path, capsys):
   """Two steps through the real loop, its in-memory evaluation, then the exported files."""
   from ciae_jax import hparams  # pylint: disable=g-import-not-at-top

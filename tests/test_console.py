@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from absl import logging as absl_logging
+import pytest
 
 from ciae_jax import console
 import xla_flags
@@ -46,6 +47,7 @@ def test_the_filter_keeps_our_info_and_everyone_s_warnings():
     absl_logging.set_verbosity(verbosity)
 
 
+@pytest.mark.slow
 def test_a_training_run_prints_no_library_info(tmp_path):
   env = xla_flags.env_with_device_count(1, JAX_DISABLE_MOST_OPTIMIZATIONS="true",
                                         CIAE_JAX_CACHE="0")

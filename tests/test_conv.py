@@ -251,6 +251,7 @@ def _assert_grads_close(grads, grads_ref, tolerance, floor=0.0):
   return checked
 
 
+@pytest.mark.slow
 def test_network_gradients_match_xla(network, monkeypatch):
   """The whole CIAE network: same outputs, parameter gradients within 1e-5 of their scale.
 
@@ -270,6 +271,7 @@ def test_network_gradients_match_xla(network, monkeypatch):
   assert len(traced) >= checked and 2 in traced  # every trainable kernel took a matmul path
 
 
+@pytest.mark.slow
 def test_network_with_tiny_map_matmuls_close_to_xla(network):
   """With the patches' matmul on P6 / P7: outputs and gradients within 1e-3 of their scale.
 

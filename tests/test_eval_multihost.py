@@ -12,6 +12,8 @@ import json
 import re
 import sys
 
+import pytest
+
 from ciae_jax.data import synthetic
 import test_reliability_helpers as rh
 
@@ -55,6 +57,7 @@ def _flat(metrics, prefix="eval"):
   return out
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_as_one(tmp_path, cache_dir):
   dataset, workdir = tmp_path / "synthetic", tmp_path / "run"
   synthetic.generate_synthetic_dataset(dataset, num_train=8, num_val=3, image_size=(128, 128),

@@ -20,6 +20,7 @@ import xla_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
+pytestmark = pytest.mark.slow  # Every test reads the module's training run (~30 s of CPU).
 
 
 def _run(args, env_extra=None, timeout=600):

@@ -292,6 +292,7 @@ def test_the_documented_commands_run_as_written(user_folder):
   assert re.search(r"All\s+\|", outputs[-1]), outputs[-1][-2000:]  # The PQ table.
 
 
+@pytest.mark.slow
 def test_two_processes_write_what_one_process_writes(run, tmp_path):
   """`--coordinator_address ... --num_processes=2`: each process (1 device, 1 image per call)
   predicts its rows of every batch in lockstep; the files equal those of one process with the

@@ -14,6 +14,8 @@ multi-host restart is left out here to keep this file's time down.)
 import re
 import signal
 
+import pytest
+
 from ciae_jax.data import synthetic
 import test_reliability_helpers as rh
 
@@ -27,6 +29,7 @@ def _start_two_processes(dataset, workdir, cache_dir):
           for index in range(2)]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_stop_together(tmp_path, cache_dir):
   dataset, single, multi = tmp_path / "synthetic", tmp_path / "single", tmp_path / "multi"
   # Generated once here rather than by three processes queueing on its lock.

@@ -70,6 +70,7 @@ def _train(argv):
     sys.exit(3)
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_never_saved(tmp_path, cache_dir):
   workdir = tmp_path / "run"
   flags = rh.train_flags(tmp_path / "synthetic", workdir, extra=[

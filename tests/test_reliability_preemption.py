@@ -16,11 +16,14 @@ import re
 import signal
 import time
 
+import pytest
+
 import test_reliability_helpers as rh
 
 KEEP = 2  # B-D keep two checkpoints: old ones are deleted while the run goes on.
 
 
+@pytest.mark.slow
 def test_sigkill_then_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
   chooser = random.Random()
   kill_after, kill_delay = chooser.randint(1, 4), chooser.uniform(0.0, 0.5)

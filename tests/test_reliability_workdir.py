@@ -135,6 +135,7 @@ def test_full_file_system_is_an_error(tmp_path, monkeypatch):
   assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_config_is_an_error(tmp_path):
   config = _config(tmp_path)
   workdir, _ = _workdir_with_checkpoint(tmp_path, config)

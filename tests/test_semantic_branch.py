@@ -202,6 +202,7 @@ def test_ciae_without_stuff_pixels_is_ciae_with_stuff_void():
 # Train step.
 
 
+@pytest.mark.slow
 def test_train_step_with_the_semantic_branch():
   model_hp = hparams.ModelHParams(**helpers.TINY_MODEL, stuff_from="semantic")
   model = ciae.build_model(model_hp, helpers.NUM_THINGS, helpers.NUM_STUFF)

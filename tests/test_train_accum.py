@@ -38,12 +38,17 @@ def _full_batch_update():
   return state, parallel.unreplicate(device_state, parallel="pmap"), metrics
 
 
-@pytest.mark.slow  # Two compilations of the tiny step: ~60-90 s of CPU.
-@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
-def test_accumulated_update_matches_full_batch(mode):
+@pytest.mark.slow  # Three compilations of the tiny step: ~60-90 s of CPU.
+def test_accumulated_update_matches_full_batch():
+  # Both modes in one test: they share the full-batch reference (xdist could otherwise run them
+  # on two workers, each computing it).
   if jax.device_count() < NUM_DEVICES:
     pytest.fail(f"needs {NUM_DEVICES} devices (tests/conftest.py sets XLA_FLAGS)")
-  previous, expected, expected_metrics = _full_batch_update()
+  for mode in ("pmap", "shard_map"):
+    _check_accumulated_update(mode, *_full_batch_update())
+
+
+def _check_accumulated_update(mode, previous, expected, expected_metrics):
   # 2 devices x 2 images, each device's 2 images in 2 micro-batches of 1: the same 4 images.
   run = helpers.step_runner(mode, NUM_DEVICES, PER_DEVICE, grad_accum_steps=ACCUM)
   device_state, metrics = run(previous, 1)

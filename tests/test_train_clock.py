@@ -6,12 +6,14 @@ after step 1 simply had its step counter set to 2 (same arrays, same program).
 """
 import jax
 import numpy as np
+import pytest
 
 from ciae_jax import parallel
 from ciae_jax.training import optim
 import test_train_helpers as helpers
 
 
+@pytest.mark.slow
 def test_a_skipped_step_advances_the_clock_and_nothing_else():
   model = helpers.tiny_model()
   host_state, step_fn = helpers.initial_state(model)

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import xla_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,6 +33,7 @@ def soft_margin(similarity, own, counted, *, scale=4.0):
 """
 
 
+@pytest.mark.slow
 def test_train_py_runs_end_to_end(tmp_path):
   workdir = tmp_path / "run"
   env = xla_flags.env_with_device_count(8)  # Keeps the user's other XLA flags.

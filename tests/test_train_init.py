@@ -5,6 +5,7 @@ The backbone file is a torchvision-layout state dict (`conv1.weight` OIHW, `bn1.
 """
 import jax
 import numpy as np
+import pytest
 
 from ciae_jax import config_lib
 from ciae_jax import hparams
@@ -16,6 +17,7 @@ from ciae_jax.training import train_state as train_state_lib
 import test_train_helpers as helpers
 
 
+@pytest.mark.slow
 def test_initial_state_and_frozen_parts(tmp_path):
   # One test function: pytest-xdist would run a module fixture once per worker.
   setup = _setup(tmp_path)

@@ -7,8 +7,6 @@ replicated `P()` and the batch sharded on its device axis). Each of 3 steps star
 1-device state of the step before, so float32 noise does not compound (tolerances:
 tests/test_train_helpers.py); the replicated outputs must be identical on every device.
 """
-import functools
-
 import jax
 import numpy as np
 import pytest
@@ -20,17 +18,18 @@ NUM_STEPS = 3
 NUM_DEVICES = 8
 
 
-@functools.lru_cache(maxsize=1)
-def _reference():
-  """The 1-device run, computed once per pytest worker for both modes."""
-  return helpers.reference_run(NUM_DEVICES, NUM_STEPS)
-
-
-@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
-def test_parallel_step_matches_one_device(mode):
+@pytest.mark.slow
+def test_parallel_step_matches_one_device():
+  # Both modes in one test: they share the 1-device reference run (xdist could otherwise run
+  # them on two workers, each computing it).
   if jax.device_count() < NUM_DEVICES:
     pytest.fail(f"needs {NUM_DEVICES} devices (tests/conftest.py sets XLA_FLAGS)")
-  states, history = _reference()
+  states, history = helpers.reference_run(NUM_DEVICES, NUM_STEPS)
+  for mode in ("pmap", "shard_map"):
+    _check_mode_matches_one_device(mode, states, history)
+
+
+def _check_mode_matches_one_device(mode, states, history):
   run = helpers.step_runner(mode, NUM_DEVICES, 1)
   for step in range(1, NUM_STEPS + 1):
     device_state, metrics = run(states[step - 1], step)

@@ -1,10 +1,12 @@
 """`profile_first_step` writes a profiler trace of those steps into WORKDIR/profile."""
 import jax
+import pytest
 
 from ciae_jax.training import loop
 import test_train_resume as resume
 
 
+@pytest.mark.slow
 def test_profile_trace_of_the_requested_steps(tmp_path):
   hp = resume._config(tmp_path).replace(total_steps=3, eval_every_steps=0,  # pylint: disable=protected-access
                                         checkpoint_every_steps=3, profile_first_step=2,

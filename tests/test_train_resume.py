@@ -12,6 +12,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from ciae_jax import config_lib
 from ciae_jax import hparams
@@ -75,6 +76,7 @@ class FakeEvaluate:
     return {"All": {"pq": 0.25, "n": 4}, "per_class": {1: {"pq": 0.5}}, "num_images": 4}
 
 
+@pytest.mark.slow
 def test_stop_and_resume(tmp_path):
   # One test function: pytest-xdist would run a module fixture once per worker.
   runs = _runs(tmp_path)

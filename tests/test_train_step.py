@@ -27,6 +27,7 @@ BATCH = 4
 LOSS_TERMS = ("loss", "loss_cls", "loss_reg", "loss_ctr", "loss_cae", "loss_iae", "loss_ciae")
 
 
+@pytest.mark.slow
 def test_train_step_on_one_device():
   # One test function: pytest-xdist would run a module fixture once per worker.
   run = _run()
