@@ -11,7 +11,7 @@ import sys
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOLS = REPO_ROOT / "tools" / "profiling"
 PROBES = ("e2e_fusion", "network_parts", "op_profile", "profile_step", "resize_micro",
-          "trace_time", "xla_flag_sweep")
+          "startup_time", "trace_time", "xla_flag_sweep")
 
 # Each probe's `main(["--help"])` in one fresh interpreter: argparse prints the usage and exits
 # with status 0. `tools/profiling` first on sys.path, as when a probe is run by path.
