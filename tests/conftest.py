@@ -92,16 +92,6 @@ COCO_SAMPLE_ENV = "CIAE_COCO_SAMPLE"
 COCO_SAMPLE_DEFAULT = REPO_ROOT.parent / "shared" / "data" / "coco_panoptic_sample"
 
 
-def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
-  """Tests marked `slow` first, each group in its collected order (a stable sort).
-
-  Under xdist the last tests to start are then short ones, so that one worker does not idle
-  while the other runs a two-minute multi-process test at the end of the suite. The order is
-  the same in every worker (xdist checks that they collect alike).
-  """
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session")
 def coco_sample_root() -> pathlib.Path:
   """The two real COCO val2017 images with their panoptic annotations; skips where absent."""
