@@ -7,7 +7,7 @@ importing this module costs nothing where TF is absent.
 
 The pipeline traces these functions without AutoGraph (seconds saved at every start):
 branch on tensors with `tf.cond` / `tf.where`, never with a Python `if` (which fails
-loudly at trace time, "using a tf.Tensor as a Python bool").
+loudly at trace time: "Using a symbolic `tf.Tensor` as a Python `bool` is not allowed").
 
 Raw example (per image, unbatched):
   image        uint8  [h, w, 3]
